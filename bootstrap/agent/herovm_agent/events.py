@@ -1,0 +1,109 @@
+"""The agent's side of the event protocol (bootstrap/PROTOCOL.md): JSON lines on a virtio-serial port,
+mirrored on the console, replayed to every host that says hello."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+PORT_NAME = "org.herovm.agent.0"
+CONSOLE_PREFIX = "@herovm "
+
+
+def uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def find_port(name: str = PORT_NAME) -> str | None:
+    """The /dev node of the virtio-serial port called `name` (no udev here, so no /dev/virtio-ports)."""
+    for path in glob.glob("/sys/class/virtio-ports/*/name"):
+        try:
+            with open(path) as f:
+                if f.read().strip() == name:
+                    return "/dev/" + path.split("/")[-2]
+        except OSError:
+            continue
+    return None
+
+
+class Events:
+    """Emits events; keeps them all for replay; hands host commands to `on_command`."""
+
+    def __init__(self, port: str | None, console=None) -> None:
+        self._history: list[str] = []
+        self._lock = threading.Lock()
+        self._outbox: queue.Queue[str] = queue.Queue()
+        self._console = console if console is not None else sys.stdout
+        self.on_command: Callable[[dict], None] = lambda cmd: None
+        self._fd: int | None = None
+        if port:
+            try:
+                self._fd = os.open(port, os.O_RDWR)
+            except OSError as e:
+                self._mirror(f"cannot open {port}: {e}")
+        if self._fd is not None:
+            threading.Thread(target=self._writer, name="events-writer", daemon=True).start()
+            threading.Thread(target=self._reader, name="events-reader", daemon=True).start()
+
+    def emit(self, event: str, **fields: object) -> dict:
+        with self._lock:
+            record = {"event": event, "seq": len(self._history), "t": round(uptime(), 3), **fields}
+            line = json.dumps(record, separators=(",", ":"), default=str)
+            self._history.append(line)
+            self._outbox.put(line)
+            self._mirror(line)
+        return record
+
+    def _mirror(self, line: str) -> None:
+        try:
+            self._console.write(CONSOLE_PREFIX + line + "\n")
+            self._console.flush()
+        except (OSError, ValueError):
+            pass
+
+    def replay(self) -> None:
+        with self._lock:
+            for line in self._history:
+                self._outbox.put(line)
+
+    def _writer(self) -> None:
+        # A write to a port whose host side is not connected blocks until the host connects: a thread of its
+        # own keeps that from stalling the boot. Anything lost while a host went away is replayed on hello.
+        while True:
+            data = (self._outbox.get() + "\n").encode()
+            try:
+                while data:
+                    data = data[os.write(self._fd, data):]  # type: ignore[arg-type]
+            except OSError:
+                time.sleep(0.2)
+
+    def _reader(self) -> None:
+        buf = b""
+        while True:
+            try:
+                chunk = os.read(self._fd, 4096)  # type: ignore[arg-type]
+            except OSError:
+                chunk = b""
+            if not chunk:  # no host connected: reads return EOF at once until one is
+                time.sleep(0.1)
+                continue
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                try:
+                    cmd = json.loads(line)
+                except ValueError:
+                    self._mirror(f"ignored command line {line[:80]!r}")
+                    continue
+                if isinstance(cmd, dict):
+                    if cmd.get("op") == "hello":
+                        self.replay()
+                    else:
+                        self.on_command(cmd)

@@ -1,0 +1,193 @@
+"""The boot sequence of a herovm guest, run as PID 1 (bootstrap/PROTOCOL.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import urllib.request
+
+from herovm.heroscript import HeroScriptError, parse, run, validate
+
+from . import VERSION, system
+from .actions import GuestContext, registry
+from .events import Events, find_port
+from .processes import Processes, Services
+
+STATUS_FILE = "/run/herovm/status.json"
+DEFAULT_BOOTSTRAP_LIMIT = 1 << 20
+
+
+class Agent:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.events = Events(find_port())
+        self.events.on_command = self.on_command
+        self.processes = Processes()
+        self.services = Services(self.processes, self.notify)
+        self.context = GuestContext(self.processes, self.services)
+        self.status: dict = {"state": "booting", "actions": [], "agent": VERSION}
+        self._status_lock = threading.Lock()
+
+    def notify(self, event: str, **fields: object) -> None:
+        self.events.emit(event, **fields)
+        if event == "service":
+            self.write_status()
+
+    def write_status(self, **changes: object) -> None:
+        with self._status_lock:
+            self.status.update(changes)
+            self.status["services"] = self.services.snapshot()
+            tmp = STATUS_FILE + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.status, f)
+            os.replace(tmp, STATUS_FILE)
+
+    def step(self, name: str, fn, *args):
+        t = time.monotonic()
+        try:
+            result = fn(*args)
+        except Exception as e:
+            self.events.emit("setup", step=name, ok=False, seconds=round(time.monotonic() - t, 3), error=str(e))
+            raise
+        self.events.emit("setup", step=name, ok=True, seconds=round(time.monotonic() - t, 3))
+        return result
+
+    def fail(self, stage: str, error: str, **fields: object) -> None:
+        self.events.emit("failed", stage=stage, error=error, **fields)
+        self.write_status(state="failed", error=error, stage=stage)
+
+    def boot(self) -> None:
+        try:
+            config = system.read_drive()
+        except Exception as e:  # noqa: BLE001 - reported, then the guest stays up for inspection
+            self.events.emit("boot", nonce=None, agent=VERSION, kernel=os.uname().release, pid=os.getpid())
+            self.fail("drive", str(e))
+            return
+        self.events.emit("boot", nonce=config.get("nonce"), agent=VERSION, kernel=os.uname().release,
+                         pid=os.getpid())
+        try:
+            self.step("network", system.setup_network, config.get("network"))
+            self.step("hostname", system.set_hostname, config.get("hostname") or config.get("name", "herovm"))
+            ssh = config.get("ssh") or {}
+            if ssh.get("host_key"):
+                self.step("ssh", self.start_ssh, ssh)
+        except Exception as e:  # noqa: BLE001
+            self.fail("setup", str(e))
+            return
+        self.run_bootstrap(config)
+
+    def start_ssh(self, ssh: dict) -> None:
+        system.install_ssh_keys(ssh)
+        self.ssh = system.SSHListener(int(ssh.get("port", 22)), self.processes.spawn)
+
+    def run_bootstrap(self, config: dict) -> None:
+        spec = config.get("bootstrap") or {}
+        limits = config.get("limits") or {}
+        try:
+            text, source, digest = fetch_bootstrap(spec, int(limits.get("bootstrap_bytes", DEFAULT_BOOTSTRAP_LIMIT)),
+                                                   float(limits.get("fetch_timeout", 30)))
+        except Exception as e:  # noqa: BLE001
+            self.fail("fetch", str(e))
+            return
+        name = spec.get("name") or "bootstrap.hero"
+        try:
+            playbook = parse(text, path=name, variables=config.get("vars") or None)
+            errors = [p for p in validate(playbook, registry) if p.severity == "error"]
+            if errors:
+                raise HeroScriptError.from_problems(errors) if hasattr(HeroScriptError, "from_problems") \
+                    else ValueError("\n".join(map(str, errors)))
+        except (HeroScriptError, ValueError) as e:
+            self.fail("validate", str(e))
+            return
+        self.events.emit("bootstrap", source=source, actions=len(playbook.actions), sha256=digest)
+        self.write_status(state="bootstrapping")
+
+        def on_start(action, index: int) -> None:
+            self.events.emit("action.start", index=index, action=action.fullname, file=action.file,
+                             line=action.line)
+
+        def on_end(result) -> None:
+            out = result.output or ""
+            if not out and isinstance(result.value, dict):
+                out = str(result.value.get("output", ""))
+            fields = {"index": result.index, "action": result.action.fullname, "line": result.action.line,
+                      "ok": result.ok, "seconds": round(result.seconds, 3), "exit_code": result.exit_code,
+                      "output": out[-4096:]}
+            if result.error:
+                fields["error"] = result.error
+            self.events.emit("action.end", **fields)
+            self.status["actions"].append({k: v for k, v in fields.items() if k != "output"})
+
+        results = run(playbook, registry, self.context, on_start=on_start, on_end=on_end)
+        failed = next((r for r in results if not r.ok), None)
+        if failed:
+            self.fail("action", failed.error or "failed", action=failed.action.fullname, line=failed.action.line,
+                      file=failed.action.file, exit_code=failed.exit_code, output=(failed.output or "")[-4096:])
+            return
+        self.write_status(state="ready")
+        self.events.emit("ready", actions=len(results), seconds=round(time.monotonic() - self.started, 3))
+
+    def on_command(self, cmd: dict) -> None:
+        op = cmd.get("op")
+        if op == "status":
+            self.write_status()
+            self.events.emit("status", status=self.status)
+        elif op == "poweroff":
+            threading.Thread(target=self.poweroff, args=("host asked",), daemon=True).start()
+        else:
+            print(f"herovm-agent: ignored command {op!r}", flush=True)
+
+    def poweroff(self, reason: str) -> None:
+        self.events.emit("shutdown", reason=reason)
+        self.services.stop_all()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(-1, sig)
+            except ProcessLookupError:
+                pass
+            time.sleep(0.3)
+        system.power_off()
+
+
+def fetch_bootstrap(spec: dict, limit: int, timeout: float) -> tuple[str, str, str | None]:
+    """The bootstrap text, where it came from, and its sha256. A URL bootstrap must match its pinned sha256."""
+    if "script" in spec:
+        data = spec["script"].encode()
+        return spec["script"], "drive", hashlib.sha256(data).hexdigest()
+    if "url" not in spec:
+        return "", "none", None
+    url, want = spec["url"], (spec.get("sha256") or "").lower()
+    if not want:
+        raise ValueError(f"bootstrap {url}: no sha256 given; a fetched bootstrap must be pinned")
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        data = resp.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"bootstrap {url}: larger than the limit of {limit} bytes")
+    got = hashlib.sha256(data).hexdigest()
+    if got != want:
+        raise ValueError(f"bootstrap {url}: sha256 {got} does not match the pinned {want}; refusing to run it")
+    return data.decode("utf-8"), "url", got
+
+
+def main() -> None:
+    if os.getpid() == 1:
+        system.mount_basics()
+        os.makedirs("/var/log/herovm", exist_ok=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # ctrl-alt-del
+    agent = Agent()
+    try:
+        agent.boot()
+    except Exception:  # noqa: BLE001 - PID 1 must not die: report and stay up
+        agent.fail("agent", traceback.format_exc(limit=5))
+    while True:  # the reaper, listener and channel threads do the work from here
+        signal.pause() if hasattr(signal, "pause") else time.sleep(3600)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""PID 1's process duties: the one reaper, spawning with exit notification, and supervised services.
+
+Only the reaper calls waitpid. Everything the agent starts goes through `spawn`, which registers the child
+under the same lock the reaper takes before deciding whose child it reaped: a child that exits at once is
+still delivered to its owner. Orphans re-parented to PID 1 are reaped and dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class Processes:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._have_children = threading.Condition(self._lock)
+        self._owned: dict[int, Callable[[int], None] | None] = {}
+        self._status: dict[int, int] = {}
+        self._exited = threading.Condition(self._lock)
+        threading.Thread(target=self._reap, name="reaper", daemon=True).start()
+
+    def spawn(self, args: list[str], on_exit: Callable[[int], None] | None = None, **popen: object) -> subprocess.Popen:
+        """Start a child; `on_exit(returncode)` runs in the reaper thread when it ends."""
+        with self._lock:
+            proc = subprocess.Popen(args, **popen)  # type: ignore[call-overload]
+            self._owned[proc.pid] = on_exit
+            self._have_children.notify()
+        return proc
+
+    def wait(self, proc: subprocess.Popen, timeout: float | None = None) -> int | None:
+        """The child's return code once the reaper has it (None on timeout)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while proc.pid not in self._status:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._exited.wait(left)
+            code = self._status.pop(proc.pid)
+        proc.returncode = code
+        return code
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                with self._lock:
+                    self._have_children.wait(1.0)
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            with self._lock:
+                if pid not in self._owned:
+                    continue  # an orphan: reaped, nothing to tell
+                on_exit = self._owned.pop(pid)
+                if on_exit is None:
+                    self._status[pid] = code
+                    self._exited.notify_all()
+            if on_exit is not None:
+                try:
+                    on_exit(code)
+                except Exception:  # noqa: BLE001 - a callback must never stop the reaper
+                    pass
+
+
+@dataclass
+class Service:
+    name: str
+    cmd: str
+    env: dict[str, str]
+    restart: str  # always | on-failure | never
+    state: str = "starting"
+    pid: int | None = None
+    restarts: int = 0
+    last_exit: int | None = None
+    stopping: bool = field(default=False, repr=False)
+
+
+class Services:
+    """Services started by `!!service.start`, kept running by their restart policy."""
+
+    def __init__(self, processes: Processes, notify: Callable[..., None]) -> None:
+        self._processes = processes
+        self._notify = notify
+        self.services: dict[str, Service] = {}
+        self._lock = threading.Lock()
+
+    def start(self, service: Service) -> None:
+        with self._lock:
+            self.services[service.name] = service
+        self._launch(service)
+
+    def _launch(self, service: Service) -> None:
+        log = open(f"/var/log/herovm/{service.name}.log", "ab")  # noqa: SIM115 - handed to the child
+        try:
+            proc = self._processes.spawn(
+                ["/bin/sh", "-c", service.cmd], on_exit=lambda code: self._exited(service, code),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=service.env, start_new_session=True)
+        finally:
+            log.close()
+        service.pid, service.state = proc.pid, "running"
+        self._notify("service", name=service.name, state="started", pid=proc.pid)
+
+    def _exited(self, service: Service, code: int) -> None:
+        service.last_exit, service.pid = code, None
+        if service.stopping or service.restart == "never" or (service.restart == "on-failure" and code == 0):
+            service.state = "stopped" if service.stopping else "exited"
+            self._notify("service", name=service.name, state=service.state, exit_code=code)
+            return
+        service.restarts += 1
+        service.state = "restarting"
+        self._notify("service", name=service.name, state="restarting", exit_code=code, restarts=service.restarts)
+        delay = min(0.1 * 2 ** min(service.restarts, 6), 5.0)
+        threading.Timer(delay, self._relaunch, args=(service,)).start()
+
+    def _relaunch(self, service: Service) -> None:
+        if not service.stopping:
+            self._launch(service)
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        for s in self.services.values():
+            s.stopping = True
+            if s.pid:
+                _kill_group(s.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(s.pid for s in self.services.values()):
+            time.sleep(0.05)
+        for s in self.services.values():
+            if s.pid:
+                _kill_group(s.pid, signal.SIGKILL)
+
+    def snapshot(self) -> dict[str, dict]:
+        return {s.name: {"state": s.state, "pid": s.pid, "restarts": s.restarts, "last_exit": s.last_exit,
+                         "restart": s.restart} for s in self.services.values()}
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass

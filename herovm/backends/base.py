@@ -1,0 +1,47 @@
+"""The backend interface: everything herovm needs from a hypervisor, and nothing more."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """One machine as the backend sees it: files to boot from, sizes, the SSH forward, and opaque metadata
+    the backend stores with the machine (so the hypervisor stays the source of truth)."""
+
+    name: str
+    cpus: int
+    memory: int  # bytes
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    disk: Path  # the VM's copy-on-write overlay
+    drive: Path  # the config-drive ISO
+    console_log: Path
+    channel: Path  # unix socket of the agent channel
+    ssh_port: int | None  # forwarded from 127.0.0.1:ssh_port to the guest's port 22; None: no network
+    accel: str  # "kvm" | "tcg"
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    state: str  # "running" | "stopped" | "paused" | "crashed" | "other"
+    metadata: dict
+
+
+class Backend(Protocol):
+    name: str
+
+    def define(self, spec: MachineSpec) -> None: ...  # create the machine, not started; error if it exists
+    def start(self, name: str) -> None: ...
+    def destroy(self, name: str) -> None: ...  # power off at once (no error if already off)
+    def undefine(self, name: str) -> None: ...  # remove the definition (stopped first); no error if absent
+    def get(self, name: str) -> Machine | None: ...
+    def list(self) -> list[Machine]: ...  # only herovm's machines
+    def set_metadata(self, name: str, metadata: dict) -> None: ...
+    def close(self) -> None: ...

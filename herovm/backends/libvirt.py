@@ -1,0 +1,182 @@
+"""The libvirt backend: QEMU guests (KVM or TCG) defined from templates/libvirt-domain.xml.j2.
+
+herovm's domains are named `herovm-<name>` and carry their metadata in `<metadata>`, so `herovm ls` asks
+libvirt, not a file of ours, which machines exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from xml.etree import ElementTree
+
+import jinja2
+import libvirt
+
+from .. import resources
+from ..errors import AlreadyExists, BackendUnavailable, HeroVMError, NotFound
+from .base import Machine, MachineSpec
+
+PREFIX = "herovm-"
+NAMESPACE = "urn:herovm:vm:1"
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "running", libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+}
+
+libvirt.registerErrorHandler(lambda *_: None, None)  # libvirt would print every error to stderr itself
+
+
+def default_uri() -> str:
+    if uri := os.environ.get("HEROVM_LIBVIRT_URI"):
+        return uri
+    return "qemu:///system" if os.geteuid() == 0 else "qemu:///session"
+
+
+def render_domain_xml(spec: MachineSpec) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(resources.TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.get_template("libvirt-domain.xml.j2").render(
+        spec=spec, domain_name=PREFIX + spec.name, namespace=NAMESPACE,
+        domain_type="kvm" if spec.accel == "kvm" else "qemu",
+        metadata_json=json.dumps(spec.metadata, sort_keys=True))
+
+
+class LibvirtBackend:
+    name = "libvirt"
+
+    def __init__(self, uri: str | None = None) -> None:
+        self.uri = uri or default_uri()
+        try:
+            self.conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as e:
+            raise BackendUnavailable(
+                f"cannot connect to libvirt at {self.uri}: {e.get_error_message()}",
+                hint="is libvirtd running? start it with `libvirtd -d` (scripts/setup does), "
+                     "or pick another URI with --connect / HEROVM_LIBVIRT_URI") from e
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except libvirt.libvirtError:
+            pass
+
+    def _lookup(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self.conn.lookupByName(PREFIX + name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise _wrap(e, f"looking up {name}") from e
+
+    def _require(self, name: str) -> libvirt.virDomain:
+        dom = self._lookup(name)
+        if dom is None:
+            raise NotFound(f"VM {name} not found in libvirt", hint="see `herovm ls`")
+        return dom
+
+    def define(self, spec: MachineSpec) -> None:
+        if self._lookup(spec.name) is not None:
+            raise AlreadyExists(f"VM {spec.name} already exists", hint=f"remove it with `herovm down {spec.name}`")
+        try:
+            self.conn.defineXMLFlags(render_domain_xml(spec), libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_DOM_EXIST:
+                raise AlreadyExists(f"VM {spec.name} already exists") from e
+            raise _wrap(e, f"defining {spec.name}") from e
+
+    def start(self, name: str) -> None:
+        try:
+            self._require(name).create()
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"starting {name}") from e
+
+    def destroy(self, name: str) -> None:
+        dom = self._lookup(name)
+        if dom is None:
+            return
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() not in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
+                raise _wrap(e, f"stopping {name}") from e
+
+    def undefine(self, name: str) -> None:
+        self.destroy(name)
+        dom = self._lookup(name)
+        if dom is None:
+            return
+        flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        for f in (flags | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM, flags, 0):
+            try:
+                dom.undefineFlags(f)
+                return
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return
+                if e.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
+                    raise _wrap(e, f"removing {name}") from e
+
+    def get(self, name: str) -> Machine | None:
+        dom = self._lookup(name)
+        return self._machine(dom) if dom is not None else None
+
+    def list(self) -> list[Machine]:
+        try:
+            doms = self.conn.listAllDomains()
+        except libvirt.libvirtError as e:
+            raise _wrap(e, "listing domains") from e
+        machines = []
+        for dom in doms:
+            if not dom.name().startswith(PREFIX):
+                continue
+            try:
+                machines.append(self._machine(dom))
+            except libvirt.libvirtError:
+                continue  # vanished while we looked
+        return sorted(machines, key=lambda m: m.name)
+
+    def _machine(self, dom: libvirt.virDomain) -> Machine:
+        state, _ = dom.state()
+        return Machine(dom.name().removeprefix(PREFIX), _STATES.get(state, "other"), self._metadata(dom))
+
+    def _metadata(self, dom: libvirt.virDomain) -> dict:
+        try:
+            xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE)
+        except libvirt.libvirtError:
+            return {}
+        try:
+            return json.loads(ElementTree.fromstring(xml).text or "{}")
+        except (ElementTree.ParseError, ValueError):
+            return {}
+
+    def set_metadata(self, name: str, metadata: dict) -> None:
+        dom = self._require(name)
+        element = ElementTree.Element("vm")
+        element.text = json.dumps(metadata, sort_keys=True)
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if dom.isActive():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        try:
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, ElementTree.tostring(element, "unicode"),
+                            "herovm", NAMESPACE, flags)
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"updating {name}") from e
+
+    def qemu_pid(self, name: str) -> int | None:
+        """The QEMU process of a running machine (for gc and benchmarks), where the driver tells it."""
+        path = f"/run/libvirt/qemu/{PREFIX}{name}.pid"
+        try:
+            return int(open(path).read().strip())
+        except (OSError, ValueError):
+            return None
+
+
+def _wrap(e: libvirt.libvirtError, doing: str) -> HeroVMError:
+    code = e.get_error_code()
+    if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC):
+        return BackendUnavailable(f"libvirt connection lost while {doing}: {e.get_error_message()}",
+                                  hint="is libvirtd running? `libvirtd -d` starts it")
+    return HeroVMError(f"libvirt failed while {doing}: {e.get_error_message()}")

@@ -1,0 +1,103 @@
+"""The host side of the agent protocol (bootstrap/PROTOCOL.md): read events from the agent channel as they
+come, or from the console log after the fact; send commands."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+CONSOLE_PREFIX = "@herovm "
+TERMINAL = ("ready", "failed")
+
+
+class AgentChannel:
+    """A connection to the agent's virtio-serial port (a unix socket on the host)."""
+
+    def __init__(self, path: Path, deadline: float) -> None:
+        self.sock = _connect_unix(path, deadline)
+        self._buf = b""
+        self._seen = -1
+        self.send({"op": "hello"})
+
+    def send(self, command: dict) -> None:
+        self.sock.sendall(json.dumps(command).encode() + b"\n")
+
+    def events(self, deadline: float) -> Iterator[dict]:
+        """Events in order, each once (the agent replays on hello), until `deadline` (then TimeoutError).
+        Yields None-free dicts; a closed channel (the guest stopped) ends the iteration."""
+        while True:
+            while b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                event = _decode(line)
+                if event is None or event.get("seq", -1) <= self._seen:
+                    continue
+                self._seen = event["seq"]
+                yield event
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            ready, _, _ = select.select([self.sock], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return
+            self._buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _connect_unix(path: Path, deadline: float) -> socket.socket:
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(path))
+            return s
+        except (FileNotFoundError, ConnectionRefusedError):
+            s.close()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"agent channel {path} did not appear") from None
+            time.sleep(0.02)
+
+
+def _decode(line: bytes | str) -> dict | None:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
+
+
+def console_events(console_log: Path, nonce: str | None = None) -> list[dict]:
+    """The events of the last boot (the one with `nonce`, if given) as mirrored on the console."""
+    events: list[dict] = []
+    try:
+        text = console_log.read_text(errors="replace")
+    except OSError:
+        return []
+    for line in text.splitlines():
+        idx = line.find(CONSOLE_PREFIX)
+        if idx < 0:
+            continue
+        event = _decode(line[idx + len(CONSOLE_PREFIX):])
+        if event is None:
+            continue
+        if event["event"] == "boot":
+            events = []
+        events.append(event)
+    if nonce is not None and events and events[0].get("event") == "boot" and events[0].get("nonce") != nonce:
+        return []
+    return events
+
+
+def console_tail(console_log: Path, lines: int = 15) -> list[str]:
+    try:
+        text = console_log.read_text(errors="replace")
+    except OSError:
+        return []
+    return [line.rstrip("\r") for line in text.splitlines() if line.strip()][-lines:]

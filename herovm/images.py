@@ -1,0 +1,351 @@
+"""Build and cache guest images from the recipes in `images/*.toml`.
+
+An image is a directory `images/<recipe>/<id>/` holding `vmlinuz`, `initrd.img` (ours: busybox and a few
+modules), `base.qcow2` (ext4 root with the agent) and `manifest.json`. The id hashes the recipe and the
+agent sources, so a changed agent yields a new image while VMs keep the base their overlay was made on.
+Building is two cached steps: the Debian root file system (mmdebstrap, minutes, reused while the recipe is
+unchanged) and the assembly (agent, initramfs, disk: seconds).
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import hashlib
+import io
+import json
+import os
+import py_compile
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import resources, state
+from .errors import ImageError, NotFound
+from .heroscript import parse_size
+from .progress import Progress, Reporter, silent
+
+AGENT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Image:
+    recipe: str
+    id: str
+    path: Path
+    manifest: dict
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / "initrd.img"
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "base.qcow2"
+
+    @property
+    def cmdline(self) -> str:
+        return self.manifest["cmdline"]
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in resources.RECIPES.glob("*.toml"))
+
+
+def load_recipe(name: str) -> dict:
+    path = resources.RECIPES / f"{name}.toml"
+    if not path.is_file():
+        raise NotFound(f"no image recipe {name!r}", hint=f"recipes: {', '.join(recipe_names()) or 'none'}")
+    return tomllib.loads(path.read_text())
+
+
+def _hash_files(paths: Iterable[Path], h: hashlib._Hash) -> None:
+    for p in sorted(paths):
+        h.update(str(p.relative_to(resources.ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
+
+
+def _guest_sources() -> list[Path]:
+    """Every host file that ends up in the image besides Debian's packages."""
+    files = [p for p in resources.AGENT.rglob("*.py")]
+    files += [p for p in resources.HEROSCRIPT.rglob("*.py")]
+    files += [p for p in resources.INITRAMFS.iterdir() if p.is_file()]
+    return [p for p in files if "__pycache__" not in p.parts]
+
+
+def recipe_key(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def image_id(recipe: dict) -> str:
+    h = hashlib.sha256(recipe_key(recipe).encode() + AGENT_VERSION.encode())
+    _hash_files(_guest_sources(), h)
+    return h.hexdigest()[:12]
+
+
+def find(recipe_name: str) -> Image | None:
+    """The cached image for the recipe as it is now, or None."""
+    recipe = load_recipe(recipe_name)
+    path = state.images_dir() / recipe_name / image_id(recipe)
+    return _load(recipe_name, path)
+
+
+def _load(recipe_name: str, path: Path) -> Image | None:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    image = Image(recipe_name, path.name, path, manifest)
+    if not all(p.is_file() for p in (image.kernel, image.initrd, image.disk)):
+        return None
+    return image
+
+
+def list_images() -> list[Image]:
+    found = []
+    root = state.images_dir()
+    for recipe_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(recipe_dir.iterdir()):
+            if image := _load(recipe_dir.name, path):
+                found.append(image)
+    return found
+
+
+def ensure(recipe_name: str = "default", progress: Reporter = silent) -> Image:
+    """The image for the recipe, built first if it is missing or stale."""
+    return find(recipe_name) or build(recipe_name, progress)
+
+
+def remove(recipe_name: str, image_id_: str | None = None) -> list[Path]:
+    """Remove cached images of a recipe (all versions, or one); returns what was removed."""
+    root = state.images_dir() / recipe_name
+    targets = [root / image_id_] if image_id_ else ([root] if root.exists() else [])
+    targets = [t for t in targets if t.exists()]
+    if not targets:
+        raise NotFound(f"no cached image {recipe_name}{'/' + image_id_ if image_id_ else ''}",
+                       hint="see `herovm image ls`")
+    for t in targets:
+        shutil.rmtree(t)
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def host_apt_mirror(suite: str) -> str:
+    """The Debian mirror this host's apt uses for `suite` ($HEROVM_APT_MIRROR overrides)."""
+    if env := os.environ.get("HEROVM_APT_MIRROR"):
+        return env
+    candidates: list[tuple[str, list[str]]] = []
+    for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for stanza in path.read_text().split("\n\n"):
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                if ":" in line and not line.startswith(("#", " ")):
+                    k, v = line.split(":", 1)
+                    fields[k.strip().lower()] = v.strip()
+            if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes") != "no":
+                candidates += [(uri, fields.get("suites", "").split()) for uri in fields.get("uris", "").split()]
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]:
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                parts = [p for p in line.split() if not p.startswith("[")]
+                if len(parts) >= 3 and parts[0] == "deb":
+                    candidates.append((parts[1], [parts[2]]))
+    for uri, suites in candidates:
+        if suite in suites:
+            return uri
+    raise ImageError(f"no apt source for Debian {suite} in this host's apt configuration",
+                     hint="set HEROVM_APT_MIRROR to a Debian mirror URL")
+
+
+def _run(cmd: list[str], what: str, **kw: object) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    except FileNotFoundError as e:
+        raise ImageError(f"{what}: {cmd[0]} is not installed", hint="run scripts/setup") from e
+    except subprocess.CalledProcessError as e:
+        tail = (e.stderr or e.stdout or "").strip().splitlines()[-5:]
+        raise ImageError(f"{what} failed: {' | '.join(tail)}") from e
+
+
+def build_rootfs(recipe_name: str, recipe: dict, progress: Reporter) -> Path:
+    """The Debian root file system as a tar, cached by the recipe."""
+    cache = state.ensure_dir(state.images_dir() / ".rootfs", 0o755)
+    tar = cache / f"{recipe_name}-{recipe_key(recipe)}.tar"
+    if tar.is_file():
+        progress(Progress("image", f"reusing root file system {tar.name}"))
+        return tar
+    mirror = host_apt_mirror(recipe["suite"])
+    progress(Progress("image", f"building Debian {recipe['suite']} root file system with mmdebstrap "
+                               f"({len(recipe['packages'])} packages; about a minute)"))
+    hooks = [
+        # Host keys made by openssh-server's postinst would be shared by every VM: each VM gets its own.
+        'rm -f "$1"/etc/ssh/ssh_host_*',
+        'rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/log/*.log',
+        'echo herovm > "$1"/etc/hostname',
+    ]
+    cmd = ["mmdebstrap", f"--variant={recipe.get('variant', 'apt')}",
+           f"--include={','.join(recipe['packages'])}"]
+    cmd += [f"--dpkgopt=path-exclude={p}" for p in recipe.get("path_excludes", [])]
+    cmd += [f"--dpkgopt=path-include={p}" for p in recipe.get("path_includes", [])]
+    cmd += [f"--customize-hook={h}" for h in hooks]
+    partial = tar.with_suffix(f".{os.getpid()}.partial.tar")  # the extension picks the format
+    cmd += [recipe["suite"], str(partial), mirror]
+    try:
+        _run(cmd, "mmdebstrap", env={**os.environ, "INITRD": "No"})
+        partial.replace(tar)
+    finally:
+        if partial.is_dir():
+            shutil.rmtree(partial)
+        partial.unlink(missing_ok=True)
+    return tar
+
+
+def build(recipe_name: str = "default", progress: Reporter = silent) -> Image:
+    recipe = load_recipe(recipe_name)
+    image_root = state.ensure_dir(state.images_dir() / recipe_name, 0o755)
+    with state.named_lock(f"image-{recipe_name}"):
+        if image := find(recipe_name):  # another process built it while we waited
+            return image
+        rootfs_tar = build_rootfs(recipe_name, recipe, progress)
+        iid = image_id(recipe)
+        work = Path(tempfile.mkdtemp(prefix=f".build-{iid}-", dir=image_root))
+        try:
+            _assemble(recipe_name, recipe, iid, rootfs_tar, work, progress)
+            os.chmod(work, 0o755)
+            final = image_root / iid
+            shutil.rmtree(final, ignore_errors=True)
+            work.rename(final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    image = find(recipe_name)
+    if image is None:
+        raise ImageError(f"image {recipe_name} was built but cannot be read back")
+    progress(Progress("image", f"image {recipe_name}/{image.id} ready ({_mb(image.disk)} MB disk)"))
+    return image
+
+
+def _mb(path: Path) -> int:
+    return path.stat().st_size // (1024 * 1024)
+
+
+def _assemble(recipe_name: str, recipe: dict, iid: str, rootfs_tar: Path, work: Path, progress: Reporter) -> None:
+    root = work / "root"
+    root.mkdir()
+    progress(Progress("image", "unpacking root file system"))
+    _run(["tar", "-xf", str(rootfs_tar), "-C", str(root), "--numeric-owner"], "unpacking the root file system")
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise ImageError(f"recipe {recipe_name} installed no kernel", hint="add linux-image-cloud-amd64")
+    kernel_version = kernels[-1].name.removeprefix("vmlinuz-")
+    shutil.copy2(kernels[-1], work / "vmlinuz")
+
+    progress(Progress("image", f"installing the herovm agent (version {AGENT_VERSION})"))
+    _install_agent(root)
+
+    progress(Progress("image", f"building the initramfs for kernel {kernel_version}"))
+    _build_initramfs(root, kernel_version, work / "initrd.img")
+
+    progress(Progress("image", "making the ext4 root disk"))
+    raw = work / "root.ext4"
+    with open(raw, "wb") as f:
+        f.truncate(parse_size(recipe.get("root_size", "2GB")))
+    _run(["mkfs.ext4", "-q", "-F", "-L", "herovm-root", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+          "-d", str(root), str(raw)], "mkfs.ext4")
+    shutil.rmtree(root)
+    _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / "base.qcow2")], "qemu-img")
+    raw.unlink()
+    for name in ("vmlinuz", "initrd.img", "base.qcow2"):
+        os.chmod(work / name, 0o644)
+
+    files = {name: {"sha256": _sha256(work / name), "bytes": (work / name).stat().st_size}
+             for name in ("vmlinuz", "initrd.img", "base.qcow2")}
+    manifest = {
+        "name": recipe_name,
+        "id": iid,
+        "description": recipe.get("description", ""),
+        "suite": recipe["suite"],
+        "packages": recipe["packages"],
+        "kernel_version": kernel_version,
+        "cmdline": recipe["cmdline"],
+        "root_size": parse_size(recipe.get("root_size", "2GB")),
+        "agent_version": AGENT_VERSION,
+        "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "files": files,
+    }
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _install_agent(root: Path) -> None:
+    """Copy the agent and herovm.heroscript into the guest, precompiled (a fresh overlay would otherwise
+    pay for compiling them at every first boot)."""
+    dest = root / "usr/lib/herovm"
+    pkg = dest / "python"
+    shutil.copytree(resources.AGENT / "herovm_agent", pkg / "herovm_agent",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(resources.HEROSCRIPT, pkg / "herovm/heroscript", ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "herovm/__init__.py").write_text('"""The guest side of herovm: only heroscript lives here."""\n')
+    shutil.copy2(resources.AGENT / "agent.py", dest / "agent.py")
+    for py in pkg.rglob("*.py"):
+        py_compile.compile(str(py), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    sshd_conf = root / "etc/ssh/sshd_config.d/herovm.conf"
+    sshd_conf.write_text((resources.AGENT / "sshd_config").read_text())
+    os.chmod(sshd_conf, 0o644)
+
+
+def _build_initramfs(root: Path, kernel_version: str, out: Path) -> None:
+    modules_dir = root / "usr/lib/modules" / kernel_version
+    order = (resources.INITRAMFS / "modules.order").read_text().split()
+    index = {p.stem: p for p in modules_dir.rglob("*.ko")}
+    missing = [m for m in order if m not in index]
+    if missing:
+        raise ImageError(f"kernel {kernel_version} lacks modules: {', '.join(missing)}")
+    entries: list[tuple[str, int, bytes]] = [
+        ("dev", 0o40755, b""), ("proc", 0o40755, b""), ("sys", 0o40755, b""), ("bin", 0o40755, b""),
+        ("modules", 0o40755, b""), ("newroot", 0o40755, b""),
+        ("init", 0o100755, (resources.INITRAMFS / "init").read_bytes()),
+        ("modules.order", 0o100644, "\n".join(order).encode() + b"\n"),
+        ("bin/busybox", 0o100755, (root / "usr/bin/busybox").read_bytes()),
+    ]
+    entries += [(f"modules/{m}.ko", 0o100644, index[m].read_bytes()) for m in order]
+    out.write_bytes(newc_archive(entries))
+
+
+def newc_archive(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """A cpio archive in the kernel's initramfs format ("newc"), uncompressed: unpacking is faster than
+    decompressing under software emulation, and the archive is small."""
+    buf = io.BytesIO()
+
+    def record(name: str, mode: int, data: bytes, ino: int) -> None:
+        encoded = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+        buf.write(b"070701" + b"".join(b"%08X" % f for f in fields) + encoded)
+        buf.write(b"\0" * (-buf.tell() % 4))
+        buf.write(data)
+        buf.write(b"\0" * (-buf.tell() % 4))
+
+    for ino, (name, mode, data) in enumerate(entries, start=1):
+        record(name, mode, data, ino)
+    record("TRAILER!!!", 0, b"", 0)
+    return buf.getvalue()
+
+
+__all__ = ["Image", "build", "ensure", "find", "list_images", "remove", "recipe_names", "host_apt_mirror",
+           "newc_archive", "gzip"]

@@ -1,0 +1,490 @@
+"""The lifecycle of herovm VMs over a backend: up, exec, cp, stop, start, down, ls, status, logs.
+
+The Manager knows images, keys, the config drive and the agent protocol; the backend knows the hypervisor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from . import accel as accel_mod
+from . import images, state
+from .backends import Backend, MachineSpec, get_backend
+from .errors import (AlreadyExists, BootFailed, GuestError, HeroVMError, InvalidInput, NotFound)
+from .guest import configdrive, keys
+from .guest.events import TERMINAL, AgentChannel, console_events, console_tail
+from .guest.registry import guest_registry
+from .guest.ssh import ExecResult, GuestConnection
+from .heroscript import HeroScriptError, parse, parse_duration, parse_size, validate
+from .progress import Progress, Reporter, silent
+
+GUEST_NET = {"address": "10.0.2.15/24", "gateway": "10.0.2.2", "dns": ["10.0.2.3"], "mtu": 1500}
+DEFAULTS = {"image": "default", "cpus": 1, "memory": "1GB", "disk": "10GB", "timeout": "5m"}
+BOOTSTRAP_LIMIT = 1 << 20
+
+
+@dataclass
+class Bootstrap:
+    """A bootstrap as the guest will get it: inline text, or a URL pinned by sha256."""
+
+    name: str = "bootstrap.hero"
+    script: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+
+    @property
+    def digest(self) -> str | None:
+        return hashlib.sha256(self.script.encode()).hexdigest() if self.script is not None else self.sha256
+
+    def drive_entry(self) -> dict | None:
+        if self.script is not None:
+            return {"script": self.script, "name": self.name}
+        if self.url:
+            return {"url": self.url, "sha256": self.sha256, "name": self.name}
+        return None
+
+
+def load_bootstrap(source: str | os.PathLike | None, sha256: str | None = None, *,
+                   variables: dict[str, str] | None = None) -> Bootstrap:
+    """Read a bootstrap from a file, a URL (needs sha256) or inline text (contains a newline or starts with
+    `!`), and check it against the guest's actions before any VM exists."""
+    if source is None or source == "":
+        return Bootstrap()
+    text = str(source)
+    if text.startswith(("http://", "https://")):
+        if not sha256 or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
+            raise InvalidInput(f"bootstrap URL {text} needs --bootstrap-sha256 with its 64-hex-digit sha256",
+                               hint="compute it with `sha256sum FILE`; herovm never runs unpinned content")
+        return Bootstrap(name=Path(urllib.parse.urlparse(text).path).name or "bootstrap.hero", url=text,
+                         sha256=sha256.lower())
+    if "\n" in text or text.lstrip().startswith("!"):
+        bootstrap = Bootstrap(script=text)
+    else:
+        path = Path(text)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise InvalidInput(f"cannot read bootstrap {path}: {e.strerror}", hint="give a .hero file or a URL") from e
+        if len(data) > BOOTSTRAP_LIMIT:
+            raise InvalidInput(f"bootstrap {path} is larger than {BOOTSTRAP_LIMIT} bytes")
+        bootstrap = Bootstrap(name=path.name, script=data.decode("utf-8", "replace"))
+    if sha256 and bootstrap.digest != sha256.lower():
+        raise InvalidInput(f"bootstrap sha256 is {bootstrap.digest}, not the {sha256} given")
+    check_bootstrap(bootstrap.script or "", bootstrap.name, variables)
+    return bootstrap
+
+
+def check_bootstrap(script: str, name: str, variables: dict[str, str] | None) -> None:
+    try:
+        playbook = parse(script, path=name, variables=variables or None)
+    except HeroScriptError as e:
+        raise InvalidInput(f"bootstrap does not parse: {e}") from e
+    errors = [p for p in validate(playbook, guest_registry()) if p.severity == "error"]
+    if errors:
+        raise InvalidInput("bootstrap is invalid:\n" + "\n".join(str(p) for p in errors))
+
+
+@dataclass
+class BootReport:
+    """What the agent said during one boot."""
+
+    events: list[dict] = field(default_factory=list)
+
+    @property
+    def outcome(self) -> str | None:
+        return next((e["event"] for e in reversed(self.events) if e["event"] in TERMINAL), None)
+
+    def first(self, kind: str) -> dict | None:
+        return next((e for e in self.events if e["event"] == kind), None)
+
+    def actions(self) -> list[dict]:
+        return [e for e in self.events if e["event"] == "action.end"]
+
+
+class VM:
+    """A handle on one VM: exec, cp, and its facts. Keeps one SSH connection for all its calls."""
+
+    def __init__(self, manager: Manager, name: str, meta: dict) -> None:
+        self.manager = manager
+        self.name = name
+        self.meta = meta
+        self._conn: GuestConnection | None = None
+
+    @property
+    def ssh_port(self) -> int | None:
+        return self.meta.get("ssh_port")
+
+    def connection(self, deadline_s: float = 30.0) -> GuestConnection:
+        if self._conn is None or not self._conn.connected:
+            vmdir = state.VMDir(self.name)
+            if not self.ssh_port:
+                raise GuestError(f"VM {self.name} has no network, so no SSH", hint="create it with a network")
+            host_key = self.meta.get("host_key") or ""
+            self._conn = GuestConnection(port=self.ssh_port, client_key=vmdir.client_key, host_key=host_key)
+            self._conn.connect(deadline_s)
+        return self._conn
+
+    def exec(self, command: Sequence[str] | str, *, env: dict[str, str] | None = None, cwd: str | None = None,
+             timeout: float | None = None, stdin: bytes | BinaryIO | None = None,
+             on_stdout: Callable[[bytes], None] | None = None,
+             on_stderr: Callable[[bytes], None] | None = None) -> ExecResult:
+        self.manager.require_running(self.name)
+        return self.connection().exec(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
+                                      on_stdout=on_stdout, on_stderr=on_stderr)
+
+    def put(self, local: str | os.PathLike, remote: str) -> None:
+        self.manager.require_running(self.name)
+        self.connection().put(local, remote)
+
+    def get(self, remote: str, local: str | os.PathLike) -> None:
+        self.manager.require_running(self.name)
+        self.connection().get(remote, local)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Manager:
+    """with herovm.Manager() as m: vm = m.up("box", bootstrap="setup.hero"); vm.exec(["uname", "-a"])"""
+
+    def __init__(self, backend: Backend | str = "libvirt", *, uri: str | None = None,
+                 progress: Reporter = silent) -> None:
+        if isinstance(backend, str):
+            backend = get_backend(backend, **({"uri": uri} if uri else {}))
+        self.backend = backend
+        self.progress = progress
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Manager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------- up
+
+    def up(self, name: str, *, image: str = "default", cpus: int = 1, memory: str | int = "1GB",
+           disk: str | int = "10GB", bootstrap: str | os.PathLike | None = None,
+           bootstrap_sha256: str | None = None, variables: dict[str, str] | None = None,
+           timeout: str | float = "5m", accel: str | None = None, network: bool = True) -> VM:
+        """Create and boot a VM, returning once its bootstrap has run and it answers exec.
+        An existing running VM with the same settings is returned as it is."""
+        state.validate_name(name)
+        memory_b = _size(memory, "memory", minimum=128 << 20)
+        disk_b = _size(disk, "disk", minimum=1 << 30)
+        if not isinstance(cpus, int) or not 1 <= cpus <= 64:
+            raise InvalidInput(f"cpus {cpus!r} must be a whole number from 1 to 64")
+        timeout_s = _duration(timeout, "timeout")
+        boot = load_bootstrap(bootstrap, bootstrap_sha256, variables=variables)
+        choice = accel_mod.choose(accel)
+        settings = {"image": image, "cpus": cpus, "memory": memory_b, "disk": disk_b, "accel": choice.accel,
+                    "bootstrap": boot.digest, "network": network, "vars": dict(sorted((variables or {}).items()))}
+        vmdir = state.VMDir(name)
+        with vmdir.lock():
+            existing = self.backend.get(name)
+            if existing is not None:
+                if existing.metadata.get("settings") == settings and existing.state == "running":
+                    self.progress(Progress("up", f"{name} is already up with these settings"))
+                    return VM(self, name, existing.metadata)
+                raise AlreadyExists(f"VM {name} already exists ({existing.state}) with other settings",
+                                    hint=f"pick another name or remove it with `herovm down {name}`")
+            img = images.ensure(image, self.progress)
+            self._create(vmdir, img, settings, boot, variables or {})
+            try:
+                meta = self._boot(vmdir, timeout_s)
+            except KeyboardInterrupt:
+                self.progress(Progress("up", f"interrupted: removing {name}"))
+                self._remove(name)
+                raise
+        return VM(self, name, meta)
+
+    def _create(self, vmdir: state.VMDir, img: images.Image, settings: dict, boot: Bootstrap,
+                variables: dict[str, str]) -> None:
+        name = vmdir.name
+        if vmdir.exists():  # left by a crashed herovm: libvirt has no such VM, so it is garbage
+            vmdir.remove()
+        try:
+            vmdir.create()
+            client_pub = keys.generate_keypair(vmdir.client_key, comment=f"herovm-client@{name}")
+            host_pub = keys.generate_keypair(vmdir.host_key, comment=f"herovm-host@{name}")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(img.disk),
+                            str(vmdir.disk), str(max(settings["disk"], img.manifest.get("root_size", 0)))],
+                           check=True, capture_output=True, text=True)
+            with state.named_lock("ports"):
+                port = None
+                if settings["network"]:
+                    port = state.allocate_port({m.metadata.get("ssh_port") for m in self.backend.list()} - {None})
+                meta = {"name": name, "settings": settings, "image": img.recipe, "image_id": img.id,
+                        "ssh_port": port, "host_key": host_pub, "client_key": client_pub,
+                        "bootstrap": boot.url or boot.name if boot.drive_entry() else None,
+                        "created": _now(), "backend": self.backend.name}
+                vmdir.write_meta({**meta, "bootstrap_entry": boot.drive_entry(), "vars": variables})
+                spec = self._spec(vmdir, img, meta)
+                self.progress(Progress("define", f"defining {name} ({settings['accel']}, "
+                                                 f"{settings['memory'] >> 20} MiB, port {port})"))
+                self.backend.define(spec)
+        except BaseException as e:
+            self._remove(name)
+            if isinstance(e, subprocess.CalledProcessError):
+                raise HeroVMError(f"cannot create the disk of {name}: {e.stderr.strip()}") from e
+            raise
+
+    def _spec(self, vmdir: state.VMDir, img: images.Image, meta: dict) -> MachineSpec:
+        s = meta["settings"]
+        return MachineSpec(name=vmdir.name, cpus=s["cpus"], memory=s["memory"], kernel=img.kernel,
+                           initrd=img.initrd, cmdline=img.cmdline, disk=vmdir.disk, drive=vmdir.drive,
+                           console_log=vmdir.console_log, channel=vmdir.agent_socket,
+                           ssh_port=meta["ssh_port"], accel=s["accel"], metadata=meta)
+
+    def _write_drive(self, vmdir: state.VMDir, meta: dict) -> str:
+        local = vmdir.read_meta()
+        nonce = secrets.token_hex(16)
+        configdrive.write(vmdir.drive, {
+            "name": vmdir.name, "hostname": vmdir.name, "nonce": nonce,
+            "network": GUEST_NET if meta.get("ssh_port") else None,
+            "ssh": {"host_key": vmdir.host_key.read_text(), "authorized_keys": [meta["client_key"]], "port": 22},
+            "bootstrap": local.get("bootstrap_entry"), "vars": local.get("vars") or {},
+            "limits": {"bootstrap_bytes": BOOTSTRAP_LIMIT, "fetch_timeout": 30},
+        })
+        return nonce
+
+    def _boot(self, vmdir: state.VMDir, timeout_s: float) -> dict:
+        """Start the machine with a fresh config drive and follow the agent until ready or failed."""
+        name = vmdir.name
+        machine = self.backend.get(name)
+        if machine is None:
+            raise NotFound(f"VM {name} not found")
+        meta = machine.metadata
+        nonce = self._write_drive(vmdir, meta)
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        vmdir.agent_socket.unlink(missing_ok=True)
+        self.progress(Progress("boot", f"starting {name}"))
+        self.backend.start(name)
+        report = self._follow(vmdir, nonce, deadline, t0)
+        meta = {**meta, "last_boot": {"nonce": nonce, "started": _now(), "outcome": report.outcome,
+                                      "seconds": round(time.monotonic() - t0, 3)}}
+        self.backend.set_metadata(name, meta)
+        if report.outcome == "ready":
+            return meta
+        failed = next((e for e in reversed(report.events) if e["event"] == "failed"), {})
+        if failed.get("stage") == "action":
+            raise BootFailed(f"bootstrap of {name} failed at {failed.get('file')}:{failed.get('line')} "
+                             f"({failed.get('action')}): {failed.get('error')}",
+                             hint=f"the VM is kept for inspection: `herovm ssh {name}`, then `herovm down {name}`",
+                             action=failed.get("action"), line=failed.get("line"), output=failed.get("output", ""))
+        raise BootFailed(f"{name} did not become ready: {failed.get('error') or 'no answer'}",
+                         hint=f"the VM is kept for inspection (`herovm logs {name} --console`); "
+                              f"remove it with `herovm down {name}`", stage=failed.get("stage"))
+
+    def _follow(self, vmdir: state.VMDir, nonce: str, deadline: float, t0: float) -> BootReport:
+        report = BootReport()
+        name = vmdir.name
+        try:
+            channel = AgentChannel(vmdir.agent_socket, deadline)
+        except TimeoutError:
+            self._fail_unanswered(name, vmdir, "its agent channel never appeared")
+        try:
+            for event in channel.events(deadline):
+                if event["event"] == "boot" and event.get("nonce") != nonce:
+                    report.events.clear()
+                    continue
+                report.events.append(event)
+                self.progress(Progress("agent", describe_event(event),
+                                       {**event, "host_seconds": round(time.monotonic() - t0, 3)}))
+                if event["event"] in TERMINAL:
+                    return report
+        except TimeoutError:
+            self._fail_unanswered(name, vmdir, f"no ready after {deadline - t0:.0f}s")
+        finally:
+            channel.close()
+        self._fail_unanswered(name, vmdir, "the guest stopped before it was ready")
+        return report  # not reached
+
+    def _fail_unanswered(self, name: str, vmdir: state.VMDir, why: str) -> None:
+        machine = self.backend.get(name)
+        tail = console_tail(vmdir.console_log)
+        raise BootFailed(f"{name}: {why} (state {machine.state if machine else 'gone'}); "
+                         f"last console line: {tail[-1] if tail else '(none)'}",
+                         hint=f"see `herovm logs {name} --console`; remove it with `herovm down {name}`",
+                         console=tail)
+
+    # ----------------------------------------------------------------------------- other verbs
+
+    def get(self, name: str) -> VM:
+        state.validate_name(name)
+        machine = self.backend.get(name)
+        if machine is None:
+            raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
+        return VM(self, name, machine.metadata)
+
+    def require_running(self, name: str) -> None:
+        machine = self.backend.get(name)
+        if machine is None:
+            raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
+        if machine.state != "running":
+            raise GuestError(f"VM {name} is {machine.state}", hint=f"start it with `herovm start {name}`")
+
+    def stop(self, name: str, timeout: float = 20.0) -> None:
+        """Power the guest off through its agent (services get TERM), or hard after `timeout`."""
+        vmdir = state.VMDir(name)
+        with vmdir.lock():
+            machine = self.backend.get(name)
+            if machine is None:
+                raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
+            if machine.state == "stopped":
+                return
+            self.progress(Progress("stop", f"stopping {name}"))
+            deadline = time.monotonic() + timeout
+            try:
+                channel = AgentChannel(vmdir.agent_socket, time.monotonic() + 2)
+                channel.send({"op": "poweroff"})
+                channel.close()
+                while time.monotonic() < deadline:
+                    m = self.backend.get(name)
+                    if m is None or m.state == "stopped":
+                        return
+                    time.sleep(0.1)
+            except (TimeoutError, OSError):
+                pass
+            self.progress(Progress("stop", f"{name} did not power off in {timeout:g}s: stopping it hard"))
+            self.backend.destroy(name)
+
+    def start(self, name: str, timeout: str | float = "5m") -> VM:
+        vmdir = state.VMDir(name)
+        with vmdir.lock():
+            machine = self.backend.get(name)
+            if machine is None:
+                raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
+            if machine.state == "running":
+                return VM(self, name, machine.metadata)
+            meta = self._boot(vmdir, _duration(timeout, "timeout"))
+        return VM(self, name, meta)
+
+    def down(self, name: str) -> None:
+        """Remove the VM: its domain, disk, drive, keys and state. Nothing is left."""
+        state.validate_name(name)
+        vmdir = state.VMDir(name)
+        with vmdir.lock():
+            if self.backend.get(name) is None and not vmdir.exists():
+                raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
+            self._remove(name)
+
+    def _remove(self, name: str) -> None:
+        self.progress(Progress("down", f"removing {name}"))
+        self.backend.undefine(name)
+        state.VMDir(name).remove()
+
+    def down_all(self) -> list[str]:
+        names = sorted({m.name for m in self.backend.list()} | set(state.list_vm_dirs()))
+        for name in names:
+            self.down(name)
+        return names
+
+    def ls(self) -> list[dict]:
+        rows = []
+        for m in self.backend.list():
+            s = m.metadata.get("settings", {})
+            rows.append({"name": m.name, "state": m.state, "image": m.metadata.get("image"),
+                         "accel": s.get("accel"), "cpus": s.get("cpus"), "memory": s.get("memory"),
+                         "ssh_port": m.metadata.get("ssh_port"),
+                         "ready": (m.metadata.get("last_boot") or {}).get("outcome") == "ready"})
+        known = {r["name"] for r in rows}
+        for orphan in state.list_vm_dirs():
+            if orphan not in known:
+                rows.append({"name": orphan, "state": "orphaned", "image": None, "accel": None, "cpus": None,
+                             "memory": None, "ssh_port": None, "ready": False})
+        return sorted(rows, key=lambda r: r["name"])
+
+    def status(self, name: str) -> dict:
+        vm = self.get(name)
+        machine = self.backend.get(name)
+        vmdir = state.VMDir(name)
+        last = vm.meta.get("last_boot") or {}
+        events = console_events(vmdir.console_log, last.get("nonce"))
+        report = BootReport(events)
+        return {
+            "name": name, "state": machine.state if machine else "gone", "backend": self.backend.name,
+            "image": vm.meta.get("image"), "image_id": vm.meta.get("image_id"),
+            "settings": vm.meta.get("settings"), "ssh_port": vm.ssh_port, "bootstrap": vm.meta.get("bootstrap"),
+            "created": vm.meta.get("created"), "last_boot": last,
+            "agent": report.outcome or ("booting" if events else "unknown"),
+            "steps": [{k: e.get(k) for k in ("index", "action", "line", "ok", "seconds", "exit_code", "error")}
+                      for e in report.actions()],
+            "failure": next((e for e in reversed(events) if e["event"] == "failed"), None),
+        }
+
+    def logs(self, name: str, console: bool = False) -> Path | list[dict]:
+        vm = self.get(name)
+        vmdir = state.VMDir(name)
+        if console:
+            return vmdir.console_log
+        return console_events(vmdir.console_log, (vm.meta.get("last_boot") or {}).get("nonce"))
+
+
+def describe_event(e: dict) -> str:
+    kind = e["event"]
+    if kind == "action.start":
+        return f"[{e['index'] + 1}] {e['action']} (line {e['line']}) ..."
+    if kind == "action.end":
+        result = "ok" if e["ok"] else f"FAILED: {e.get('error')}"
+        return f"[{e['index'] + 1}] {e['action']} {result} in {e['seconds']:.2f}s"
+    if kind == "setup":
+        return f"setup {e['step']} {'ok' if e['ok'] else 'FAILED: ' + str(e.get('error'))}"
+    if kind == "boot":
+        return f"agent {e.get('agent')} started at {e['t']:.2f}s (kernel {e.get('kernel')})"
+    if kind == "bootstrap":
+        return f"bootstrap from {e['source']}: {e['actions']} actions"
+    if kind == "ready":
+        return f"ready at {e['t']:.2f}s guest time"
+    if kind == "failed":
+        where = f" at line {e['line']} ({e.get('action')})" if e.get("line") else ""
+        return f"FAILED in {e['stage']}{where}: {e.get('error')}"
+    return json.dumps(e)
+
+
+def _size(value: str | int, what: str, minimum: int) -> int:
+    if isinstance(value, int):
+        n = value
+    else:
+        try:
+            n = parse_size(str(value))
+        except ValueError as e:
+            raise InvalidInput(f"{what}: {e}", hint="e.g. 1GB or 512MB") from e
+    if n < minimum:
+        raise InvalidInput(f"{what} {value} is below the minimum of {minimum >> 20} MiB")
+    return n
+
+
+def _duration(value: str | float, what: str) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return parse_duration(str(value))
+    except ValueError as e:
+        raise InvalidInput(f"{what}: {e}", hint="e.g. 30s or 5m") from e
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,158 @@
+"""Where herovm keeps things on the host: image cache, per-VM directories, locks and forwarded ports.
+
+libvirt is the source of truth for which VMs exist; a VM directory holds what libvirt cannot: the SSH keys,
+the overlay disk, the config drive, the console log and the agent socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import InvalidInput
+
+NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+NAME_RULE = "1-40 characters: lower-case letters, digits and '-', starting and ending with a letter or digit"
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it is a valid VM name; it becomes a path, a hostname and a libvirt domain name."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        shown = name if isinstance(name, str) and len(name) <= 60 and name.isprintable() else repr(name)[:60]
+        raise InvalidInput(f"invalid VM name {shown!r}", hint=f"use {NAME_RULE}, e.g. box1")
+    return name
+
+
+def home() -> Path:
+    """herovm's data directory: $HEROVM_HOME, else /var/lib/herovm for root, else ~/.local/share/herovm."""
+    if env := os.environ.get("HEROVM_HOME"):
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/herovm")
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "herovm"
+
+
+def ensure_dir(path: Path, mode: int) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, mode)
+    return path
+
+
+def images_dir() -> Path:
+    # QEMU (as libvirt-qemu under qemu:///system) must traverse to the image files, hence 0755.
+    return ensure_dir(home() / "images", 0o755)
+
+
+def vms_dir() -> Path:
+    root = ensure_dir(home(), 0o711)
+    return ensure_dir(root / "vms", 0o711)
+
+
+class VMDir:
+    """The per-VM directory. The VM's own top directory is traversable (0711) so QEMU can reach its disk,
+    drive, socket and log; the keys live in `secrets/` (0700, files 0600)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = validate_name(name)
+        self.path = vms_dir() / name
+
+    @property
+    def secrets(self) -> Path:
+        return self.path / "secrets"
+
+    @property
+    def client_key(self) -> Path:
+        return self.secrets / "id_ed25519"
+
+    @property
+    def host_key(self) -> Path:
+        return self.secrets / "ssh_host_ed25519_key"
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "disk.qcow2"
+
+    @property
+    def drive(self) -> Path:
+        return self.path / "config.iso"
+
+    @property
+    def console_log(self) -> Path:
+        return self.path / "console.log"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.path / "agent.sock"
+
+    @property
+    def events_log(self) -> Path:
+        return self.path / "events.jsonl"
+
+    @property
+    def meta_file(self) -> Path:
+        return self.path / "vm.json"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def create(self) -> None:
+        ensure_dir(self.path, 0o711)
+        ensure_dir(self.secrets, 0o700)
+
+    def read_meta(self) -> dict:
+        try:
+            return json.loads(self.meta_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write_meta(self, meta: dict) -> None:
+        tmp = self.meta_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.chmod(tmp, 0o600)
+        tmp.replace(self.meta_file)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """An exclusive lock on this VM name, held across create/boot/remove by one herovm process."""
+        with named_lock(f"vm-{self.name}"):
+            yield
+
+
+@contextlib.contextmanager
+def named_lock(name: str) -> Iterator[None]:
+    locks = ensure_dir(home() / "locks", 0o700)
+    fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def list_vm_dirs() -> list[str]:
+    root = home() / "vms"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_RE.match(p.name))
+
+
+def allocate_port(taken: set[int]) -> int:
+    """A free TCP port on 127.0.0.1 that no other herovm VM has recorded. Call under the `ports` lock and
+    record the port before releasing it, so concurrent `up`s never share one."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            return port
+    raise InvalidInput("no free port on 127.0.0.1", hint="free some ports or stop other VMs")
