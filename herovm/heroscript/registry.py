@@ -1,0 +1,317 @@
+"""Action handlers: declaring them (Registry), checking a playbook (validate), running it (run)."""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import HeroScriptError, Problem
+from .model import Action, Playbook
+from .values import READERS
+
+PARAM_TYPES = tuple(READERS)
+
+
+@dataclass
+class Param:
+    """A declared parameter. `default` may be typed (1024, False) or text ("1GB")."""
+
+    name: str
+    type: str = "str"
+    required: bool = False
+    default: Any = None
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if self.type not in READERS:
+            raise ValueError(f"parameter {self.name!r}: unknown type {self.type!r}; use one of {PARAM_TYPES}")
+        if isinstance(self.default, str) and self.type != "str":
+            self.default = READERS[self.type](self.default)
+
+
+@dataclass
+class Call:
+    """What a handler receives."""
+
+    action: Action
+    values: dict[str, Any]
+    args: list[str]
+    context: Any = None
+
+
+@dataclass
+class ActionSpec:
+    fullname: str
+    handler: Callable[[Call], Any]
+    help: str = ""
+    example: str = ""
+    params: list[Param] = field(default_factory=list)
+    args: bool = False
+    check: Callable[[Call], None] | None = None
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+class Registry:
+    """Handlers by `actor.name`."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, ActionSpec] = {}
+
+    def action(
+        self,
+        fullname: str,
+        *,
+        help: str = "",
+        example: str = "",
+        params: Iterable[Param] = (),
+        args: bool = False,
+        check: Callable[[Call], None] | None = None,
+    ) -> Callable[[Callable[[Call], Any]], Callable[[Call], Any]]:
+        """Decorator registering a handler. `check(call)` may raise ValueError to reject values early."""
+
+        def deco(fn: Callable[[Call], Any]) -> Callable[[Call], Any]:
+            self.add(fullname, fn, help=help, example=example, params=params, args=args, check=check)
+            return fn
+
+        return deco
+
+    def add(
+        self,
+        fullname: str,
+        handler: Callable[[Call], Any],
+        *,
+        help: str = "",
+        example: str = "",
+        params: Iterable[Param] = (),
+        args: bool = False,
+        check: Callable[[Call], None] | None = None,
+    ) -> ActionSpec:
+        if fullname.count(".") != 1:
+            raise ValueError(f"action name {fullname!r} must be actor.name")
+        if fullname in self._specs:
+            raise ValueError(f"action {fullname!r} is already registered")
+        plist = list(params)
+        names = [p.name for p in plist]
+        if len(set(names)) != len(names):
+            raise ValueError(f"action {fullname!r}: a parameter is declared twice")
+        spec = ActionSpec(fullname, handler, help, example, plist, args, check)
+        self._specs[fullname] = spec
+        return spec
+
+    def get(self, fullname: str) -> ActionSpec | None:
+        return self._specs.get(fullname)
+
+    def __contains__(self, fullname: object) -> bool:
+        return fullname in self._specs
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def specs(self) -> list[ActionSpec]:
+        return [self._specs[n] for n in sorted(self._specs)]
+
+    def copy(self) -> Registry:
+        new = Registry()
+        new._specs = dict(self._specs)
+        return new
+
+    def merge(self, *others: Registry) -> Registry:
+        """A new registry with this one's actions and the others'; a name in two of them is an error."""
+        new = self.copy()
+        for other in others:
+            for name, spec in other._specs.items():
+                if name in new._specs and new._specs[name] is not spec:
+                    raise ValueError(f"action {name!r} is registered twice")
+                new._specs[name] = spec
+        return new
+
+
+class ActionFailed(Exception):
+    """Raised by a handler to report a failure."""
+
+    def __init__(self, message: str, exit_code: int | None = None, output: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.output = output
+
+
+@dataclass
+class ActionResult:
+    action: Action
+    index: int
+    ok: bool
+    seconds: float
+    value: Any = None
+    error: str | None = None
+    exit_code: int | None = None
+    output: str = ""
+
+
+def _close(word: str, options: Iterable[str]) -> list[str]:
+    return difflib.get_close_matches(word, list(options), n=3, cutoff=0.6)
+
+
+def repeated_key_warnings(playbook: Playbook) -> list[Problem]:
+    """A warning per repeated key (the last value wins), at the earlier occurrence."""
+    out: list[Problem] = []
+    for action in playbook.actions:
+        for key, line, col in action.params.repeated:
+            last_line, last_col = action.params.position(key)
+            out.append(
+                Problem(
+                    action.file,
+                    line,
+                    col,
+                    f"{action.fullname}: parameter '{key}' is given again at {last_line}:{last_col}; "
+                    "the last value wins",
+                    hint="remove one of them",
+                    severity="warning",
+                )
+            )
+    return out
+
+
+def _typed_values(action: Action, spec: ActionSpec, problems: list[Problem]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    params = action.params
+    for p in spec.params:
+        if p.name not in params:
+            if p.required:
+                problems.append(
+                    Problem(
+                        action.file,
+                        action.line,
+                        action.col,
+                        f"{action.fullname}: missing parameter '{p.name}'",
+                        hint=f"add {p.name}:VALUE" + (f" ({p.help})" if p.help else ""),
+                    )
+                )
+            values[p.name] = list(p.default) if isinstance(p.default, list) else p.default
+            continue
+        raw = params[p.name]
+        if p.type == "bool" and raw.strip() == "":
+            values[p.name] = p.default
+            continue
+        try:
+            values[p.name] = READERS[p.type](raw)
+        except ValueError as exc:
+            line, col = params.position(p.name)
+            problems.append(Problem(action.file, line, col, f"{p.name}: {exc}"))
+    return values
+
+
+def _check_action(action: Action, registry: Registry, problems: list[Problem]) -> dict[str, Any] | None:
+    spec = registry.get(action.fullname)
+    if spec is None:
+        close = _close(action.fullname, registry.names())
+        problems.append(
+            Problem(
+                action.file,
+                action.line,
+                action.col,
+                f"unknown action '{action.fullname}'",
+                hint=f"did you mean {' or '.join(close)}?"
+                if close
+                else "see the list of actions in the docs",
+            )
+        )
+        return None
+    declared = [p.name for p in spec.params]
+    for key in action.params:
+        if key not in declared:
+            line, col = action.params.position(key)
+            close = _close(key, declared)
+            if close:
+                hint = f"did you mean {' or '.join(close)}?"
+            elif declared:
+                hint = f"{action.fullname} takes: {', '.join(declared)}"
+            else:
+                hint = f"{action.fullname} takes no parameters"
+            problems.append(
+                Problem(action.file, line, col, f"{action.fullname}: unknown parameter '{key}'", hint=hint)
+            )
+    if action.args and not spec.args:
+        line, col = action.arg_position(0)
+        problems.append(
+            Problem(
+                action.file,
+                line,
+                col,
+                f"{action.fullname}: takes no bare arguments, got {' '.join(repr(a) for a in action.args)}",
+                hint="write parameters as name:value",
+            )
+        )
+    before = len(problems)
+    values = _typed_values(action, spec, problems)
+    if spec.check is not None and len(problems) == before:
+        try:
+            spec.check(Call(action, values, list(action.args)))
+        except HeroScriptError as exc:
+            problems.extend(exc.problems)
+        except ValueError as exc:
+            problems.append(Problem(action.file, action.line, action.col, f"{action.fullname}: {exc}"))
+    return values
+
+
+def validate(playbook: Playbook, registry: Registry) -> list[Problem]:
+    """Every problem of every action (errors and warnings), in file order; nothing is run."""
+    problems: list[Problem] = []
+    for action in playbook.actions:
+        _check_action(action, registry, problems)
+    problems.extend(repeated_key_warnings(playbook))
+    problems.sort(key=lambda p: (p.file, p.line, p.col))
+    return problems
+
+
+def run(
+    playbook: Playbook,
+    registry: Registry,
+    context: Any = None,
+    *,
+    on_start: Callable[[Action, int], Any] | None = None,
+    on_end: Callable[[ActionResult], Any] | None = None,
+    keep_going: bool = False,
+) -> list[ActionResult]:
+    """Validate everything, then run the actions in file order; stop at the first failure unless
+    keep_going. Raises HeroScriptError listing every error if validation fails (nothing is run)."""
+    problems: list[Problem] = []
+    prepared: list[tuple[Action, ActionSpec, dict[str, Any]]] = []
+    for action in playbook.actions:
+        values = _check_action(action, registry, problems)
+        spec = registry.get(action.fullname)
+        if values is not None and spec is not None:
+            prepared.append((action, spec, values))
+    errors = sorted((p for p in problems if p.is_error), key=lambda p: (p.file, p.line, p.col))
+    if errors:
+        raise HeroScriptError.from_problems(errors)
+    results: list[ActionResult] = []
+    for index, (action, spec, values) in enumerate(prepared):
+        if on_start is not None:
+            on_start(action, index)
+        call = Call(action, values, list(action.args), context)
+        t0 = time.perf_counter()
+        try:
+            value = spec.handler(call)
+        except ActionFailed as exc:
+            result = ActionResult(
+                action, index, False, time.perf_counter() - t0, None, exc.message, exc.exit_code, exc.output
+            )
+        except Exception as exc:  # any handler bug is a failure of that action, not of the runner
+            result = ActionResult(action, index, False, time.perf_counter() - t0, None, str(exc) or repr(exc))
+        else:
+            result = ActionResult(action, index, True, time.perf_counter() - t0, value)
+        results.append(result)
+        if on_end is not None:
+            on_end(result)
+        if not result.ok and not keep_going:
+            break
+    return results
