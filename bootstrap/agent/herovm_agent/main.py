@@ -20,6 +20,8 @@ from .events import Events, find_port
 from .processes import Processes, Services
 
 STATUS_FILE = "/run/herovm/status.json"
+DONE_FILE = "/var/lib/herovm/bootstrap.done"
+AGAIN_ON_REBOOT = ("env.set", "service.start")
 DEFAULT_BOOTSTRAP_LIMIT = 1 << 20
 
 
@@ -105,6 +107,10 @@ class Agent:
         except (HeroScriptError, ValueError) as e:
             self.fail("validate", str(e))
             return
+        if digest and _read(DONE_FILE) == digest:
+            # This disk already ran this bootstrap: a later boot only brings back its environment and services.
+            playbook.actions[:] = [a for a in playbook.actions if a.fullname in AGAIN_ON_REBOOT]
+            source = "done"
         self.events.emit("bootstrap", source=source, actions=len(playbook.actions), sha256=digest)
         self.write_status(state="bootstrapping")
 
@@ -130,6 +136,10 @@ class Agent:
             self.fail("action", failed.error or "failed", action=failed.action.fullname, line=failed.action.line,
                       file=failed.action.file, exit_code=failed.exit_code, output=(failed.output or "")[-4096:])
             return
+        if digest:
+            os.makedirs(os.path.dirname(DONE_FILE), exist_ok=True)
+            with open(DONE_FILE, "w") as f:
+                f.write(digest)
         self.write_status(state="ready")
         self.events.emit("ready", actions=len(results), seconds=round(time.monotonic() - self.started, 3))
 
@@ -153,6 +163,14 @@ class Agent:
                 pass
             time.sleep(0.3)
         system.power_off()
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def fetch_bootstrap(spec: dict, limit: int, timeout: float) -> tuple[str, str, str | None]:

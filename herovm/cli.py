@@ -1,0 +1,416 @@
+"""The `herovm` command: a thin typer shell over herovm.Manager. No logic of its own beyond rendering.
+
+Exit codes: 0 ok; `exec` passes the remote command's code through (124 on --timeout) and keeps 255 for
+herovm's own failures; other commands exit with the error's code (2 bad input, 3 not found, 4 exists,
+5 libvirt unavailable, 6 image, 7 boot failed, 130 interrupted, 255 other).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from . import __version__
+from .errors import HeroVMError, InvalidInput
+from .progress import Progress
+
+app = typer.Typer(help="herovm: real, isolated Linux sandboxes in seconds.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+image_app = typer.Typer(help="Build, list and remove guest images.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+
+_options: dict[str, object] = {}
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")]
+
+
+@app.callback()
+def _global(connect: Annotated[str | None, typer.Option(
+        "--connect", "-c", envvar="HEROVM_LIBVIRT_URI", help="libvirt URI (default: qemu:///system as root, "
+        "qemu:///session otherwise)")] = None,
+        version: Annotated[bool, typer.Option("--version", help="print the version")] = False) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+    _options["uri"] = connect
+
+
+def _manager(json_out: bool = False):
+    from .manager import Manager
+
+    return Manager(uri=_options.get("uri"), progress=_reporter(json_out))  # type: ignore[arg-type]
+
+
+def _reporter(json_out: bool):
+    started = time.monotonic()
+    tty = sys.stderr.isatty()
+
+    def report(p: Progress) -> None:
+        if json_out:
+            if tty:
+                return
+            print(json.dumps({"progress": p.stage, "message": p.message}), file=sys.stderr, flush=True)
+            return
+        stamp = f"{time.monotonic() - started:6.2f}s"
+        if tty:
+            sys.stderr.write(f"\r\033[2m{stamp}\033[0m {p.message}\033[K\n")
+        else:
+            sys.stderr.write(f"{stamp} {p.message}\n")
+        sys.stderr.flush()
+
+    return report
+
+
+def _fail(e: HeroVMError, json_out: bool = False, code: int | None = None) -> NoReturn:
+    if json_out:
+        typer.echo(json.dumps(e.to_json(), default=str))
+    else:
+        typer.echo(f"herovm: error: {e.message}", err=True)
+        if e.hint:
+            typer.echo(f"  hint: {e.hint}", err=True)
+    raise typer.Exit(code if code is not None else e.exit_code)
+
+
+def _kv(items: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"{what} {item!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _print_json(obj: object) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@app.command()
+def up(name: str,
+       image: Annotated[str, typer.Option(help="image recipe")] = "default",
+       cpus: Annotated[int, typer.Option(help="virtual CPUs")] = 1,
+       memory: Annotated[str, typer.Option(help="memory, e.g. 1GB")] = "1GB",
+       disk: Annotated[str, typer.Option(help="disk size, e.g. 10GB")] = "10GB",
+       bootstrap: Annotated[str | None, typer.Option(help="HeroScript bootstrap: a file or a URL")] = None,
+       bootstrap_sha256: Annotated[str | None, typer.Option(help="sha256 the bootstrap must have")] = None,
+       var: Annotated[list[str] | None, typer.Option(help="K=V substituted into the bootstrap")] = None,
+       timeout: Annotated[str, typer.Option(help="how long to wait for ready, e.g. 5m")] = "5m",
+       accel: Annotated[str, typer.Option(help="kvm, tcg or auto")] = "auto",
+       json_out: JsonOpt = False) -> None:
+    """Create and boot a VM; return when its bootstrap has run and it answers exec."""
+    try:
+        with _manager(json_out) as m:
+            vm = m.up(name, image=image, cpus=cpus, memory=memory, disk=disk, bootstrap=bootstrap,
+                      bootstrap_sha256=bootstrap_sha256, variables=_kv(var, "--var"), timeout=timeout,
+                      accel=accel)
+            status = m.status(vm.name)
+    except HeroVMError as e:
+        _fail(e, json_out)
+    except KeyboardInterrupt:
+        typer.echo("herovm: interrupted; the half-made VM was removed", err=True)
+        raise typer.Exit(130) from None
+    if json_out:
+        _print_json(status)
+    else:
+        took = (status.get("last_boot") or {}).get("seconds")
+        typer.echo(f"{name} is ready{f' in {took:.1f}s' if took else ''}: herovm exec {name} -- CMD, "
+                   f"herovm ssh {name}")
+
+
+@app.command()
+def down(name: Annotated[str | None, typer.Argument()] = None,
+         all_: Annotated[bool, typer.Option("--all", help="remove every herovm VM")] = False,
+         force: Annotated[bool, typer.Option("--force", help="no error if the VM does not exist")] = False,
+         json_out: JsonOpt = False) -> None:
+    """Remove a VM: its domain, disk, keys and state. Nothing is left."""
+    from .errors import NotFound
+
+    if not name and not all_:
+        _fail(InvalidInput("name a VM or give --all"), json_out)
+    try:
+        with _manager(json_out) as m:
+            removed = m.down_all() if all_ else ([m.down(name) or name] if name else [])
+    except NotFound as e:
+        if not force:
+            _fail(e, json_out)
+        removed = []
+    except HeroVMError as e:
+        _fail(e, json_out)
+    if json_out:
+        _print_json({"removed": removed})
+    elif all_:
+        typer.echo(f"removed {len(removed)} VM(s)" + (f": {', '.join(removed)}" if removed else ""))
+
+
+@app.command(name="exec")
+def exec_(name: str,
+          command: Annotated[list[str], typer.Argument(help="the command and its arguments (after --)")],
+          timeout: Annotated[str | None, typer.Option(help="kill the command after this long, e.g. 30s")] = None,
+          env: Annotated[list[str] | None, typer.Option(help="K=V for the command")] = None,
+          cwd: Annotated[str | None, typer.Option(help="working directory in the guest")] = None,
+          interactive: Annotated[bool, typer.Option("-i", "--interactive", help="pass stdin through")] = False
+          ) -> None:
+    """Run a command in the VM over SSH; exit with its exit code (255: herovm failed)."""
+    from .manager import _duration
+
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+
+    def write(stream):
+        def w(data: bytes) -> None:
+            stream.write(data)
+            stream.flush()
+        return w
+
+    try:
+        with _manager() as m:
+            vm = m.get(name)
+            result = vm.exec(command if len(command) > 1 else command[0], env=_kv(env, "--env"), cwd=cwd,
+                             timeout=_duration(timeout, "timeout") if timeout else None,
+                             stdin=sys.stdin.buffer if interactive else None,
+                             on_stdout=write(out), on_stderr=write(err))
+            vm.close()
+    except HeroVMError as e:
+        _fail(e, code=255)
+    if result.timed_out:
+        typer.echo(f"herovm: {name}: command timed out after {timeout}", err=True)
+    raise typer.Exit(result.exit_code if 0 <= result.exit_code < 255 or result.timed_out else 255)
+
+
+@app.command()
+def ssh(name: str) -> None:
+    """An interactive shell in the VM."""
+    try:
+        with _manager() as m:
+            code = m.get(name).connection().shell()
+    except HeroVMError as e:
+        _fail(e, code=255)
+    raise typer.Exit(code)
+
+
+@app.command()
+def cp(src: str, dst: str) -> None:
+    """Copy files or directories: NAME:/path on either side."""
+    def split(arg: str) -> tuple[str | None, str]:
+        head, sep, tail = arg.partition(":")
+        if sep and head and "/" not in head:
+            return head, tail
+        return None, arg
+
+    (src_vm, src_path), (dst_vm, dst_path) = split(src), split(dst)
+    try:
+        if (src_vm is None) == (dst_vm is None):
+            raise InvalidInput("exactly one side of cp must be NAME:/path", hint="herovm cp ./f box:/tmp/f")
+        with _manager() as m:
+            if dst_vm:
+                with m.get(dst_vm) as vm:
+                    vm.put(src_path, dst_path)
+            else:
+                with m.get(src_vm) as vm:  # type: ignore[arg-type]
+                    vm.get(src_path, dst_path)
+    except HeroVMError as e:
+        _fail(e)
+
+
+@app.command(name="ls")
+def ls_(json_out: JsonOpt = False) -> None:
+    """List herovm's VMs."""
+    try:
+        with _manager(json_out) as m:
+            rows = m.ls()
+    except HeroVMError as e:
+        _fail(e, json_out)
+    if json_out:
+        _print_json(rows)
+        return
+    if not rows:
+        typer.echo("no VMs (create one with `herovm up NAME`)")
+        return
+    typer.echo(f"{'NAME':<20} {'STATE':<10} {'READY':<6} {'IMAGE':<10} {'ACCEL':<6} {'CPUS':>4} {'MEMORY':>8} SSH")
+    for r in rows:
+        mem = f"{r['memory'] >> 20}M" if r["memory"] else "-"
+        port = f"127.0.0.1:{r['ssh_port']}" if r["ssh_port"] else "-"
+        typer.echo(f"{r['name']:<20} {r['state']:<10} {'yes' if r['ready'] else 'no':<6} {r['image'] or '-':<10} "
+                   f"{r['accel'] or '-':<6} {r['cpus'] or '-':>4} {mem:>8} {port}")
+
+
+@app.command()
+def status(name: str, json_out: JsonOpt = False) -> None:
+    """State, settings and the bootstrap steps of a VM."""
+    try:
+        with _manager(json_out) as m:
+            st = m.status(name)
+    except HeroVMError as e:
+        _fail(e, json_out)
+    if json_out:
+        _print_json(st)
+        return
+    s = st["settings"] or {}
+    typer.echo(f"{st['name']}: {st['state']}, agent {st['agent']}")
+    typer.echo(f"  image {st['image']}/{st['image_id']}, {s.get('accel')}, {s.get('cpus')} CPU, "
+               f"{(s.get('memory') or 0) >> 20} MiB, disk {(s.get('disk') or 0) >> 30} GiB")
+    if st["ssh_port"]:
+        typer.echo(f"  ssh 127.0.0.1:{st['ssh_port']}")
+    if st["bootstrap"]:
+        typer.echo(f"  bootstrap {st['bootstrap']}")
+    for step in st["steps"]:
+        mark = "ok" if step["ok"] else f"FAILED ({step.get('error')})"
+        typer.echo(f"  [{step['index'] + 1}] line {step['line']:<4} {step['action']:<16} {mark} {step['seconds']:.2f}s")
+    if st["failure"]:
+        f = st["failure"]
+        typer.echo(f"  failed in {f.get('stage')}: {f.get('error')}")
+        if f.get("output"):
+            typer.echo("  output:\n" + "\n".join("    " + line for line in f["output"].splitlines()[-20:]))
+
+
+@app.command()
+def logs(name: str,
+         console: Annotated[bool, typer.Option("--console", help="the raw serial console")] = False,
+         follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing as it grows")] = False) -> None:
+    """The agent's events of the last boot (or the raw console with --console)."""
+    from . import state
+    from .manager import describe_event
+
+    try:
+        with _manager() as m:
+            m.get(name)
+    except HeroVMError as e:
+        _fail(e)
+    path = state.VMDir(name).console_log
+    marker = "@herovm "
+    with open(path, errors="replace") if path.exists() else open(os.devnull) as f:
+        while True:
+            line = f.readline()
+            if not line:
+                if not follow:
+                    return
+                time.sleep(0.2)
+                continue
+            if console:
+                sys.stdout.write(line)
+            elif marker in line:
+                try:
+                    event = json.loads(line[line.index(marker) + len(marker):])
+                except ValueError:
+                    continue
+                typer.echo(f"{event.get('t', 0):8.2f}s {describe_event(event)}")
+                if event.get("event") == "action.end" and event.get("output"):
+                    typer.echo("\n".join("          | " + x for x in event["output"].rstrip().splitlines()[-20:]))
+            sys.stdout.flush()
+
+
+@app.command()
+def stop(name: str, timeout: Annotated[float, typer.Option(help="seconds before a hard stop")] = 20.0) -> None:
+    """Power a VM off, keeping its disk."""
+    try:
+        with _manager() as m:
+            m.stop(name, timeout)
+    except HeroVMError as e:
+        _fail(e)
+
+
+@app.command()
+def start(name: str, timeout: Annotated[str, typer.Option()] = "5m", json_out: JsonOpt = False) -> None:
+    """Boot a stopped VM again (its bootstrap does not run twice; its services start again)."""
+    try:
+        with _manager(json_out) as m:
+            m.start(name, timeout)
+            st = m.status(name)
+    except HeroVMError as e:
+        _fail(e, json_out)
+    if json_out:
+        _print_json(st)
+    else:
+        typer.echo(f"{name} is ready")
+
+
+@app.command()
+def doctor(json_out: JsonOpt = False) -> None:
+    """Check what herovm needs on this host and say how to fix what is missing."""
+    from .doctor import run_checks
+
+    checks = run_checks(_options.get("uri"))  # type: ignore[arg-type]
+    if json_out:
+        _print_json([c.__dict__ for c in checks])
+    else:
+        for c in checks:
+            mark = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}[c.status]
+            typer.echo(f"[{mark}] {c.name}: {c.detail}")
+            if c.fix and c.status != "ok":
+                typer.echo(f"       fix: {c.fix}")
+    raise typer.Exit(1 if any(c.status == "fail" for c in checks) else 0)
+
+
+@image_app.command("build")
+def image_build(recipe: Annotated[str, typer.Argument()] = "default",
+                force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False) -> None:
+    """Build an image from images/RECIPE.toml (cached: built once, reused)."""
+    from . import images
+
+    report = _reporter(False)
+    try:
+        img = images.find(recipe) if not force else None
+        if img is None:
+            img = images.build(recipe, report)
+    except HeroVMError as e:
+        _fail(e)
+    typer.echo(f"{recipe}/{img.id}: {img.path}")
+
+
+@image_app.command("ls")
+def image_ls(json_out: JsonOpt = False) -> None:
+    """List cached images."""
+    from . import images
+
+    rows = [{"recipe": i.recipe, "id": i.id, "path": str(i.path), "built": i.manifest.get("built"),
+             "kernel": i.manifest.get("kernel_version"),
+             "bytes": sum(f["bytes"] for f in i.manifest.get("files", {}).values())} for i in images.list_images()]
+    if json_out:
+        _print_json(rows)
+        return
+    for r in rows:
+        typer.echo(f"{r['recipe']:<12} {r['id']:<14} {r['bytes'] >> 20:>6} MiB  {r['built']}  kernel {r['kernel']}")
+    if not rows:
+        typer.echo("no images cached (herovm image build, or herovm up builds the default)")
+
+
+@image_app.command("rm")
+def image_rm(recipe: str, image_id: Annotated[str | None, typer.Argument()] = None) -> None:
+    """Remove cached images of a recipe."""
+    from . import images
+
+    try:
+        for path in images.remove(recipe, image_id):
+            typer.echo(f"removed {path}")
+    except HeroVMError as e:
+        _fail(e)
+
+
+def _script_app() -> typer.Typer:
+    from .cli_script import make_app
+
+    def registry():
+        from .guest.registry import guest_registry
+
+        return guest_registry().copy()
+
+    return make_app(registry)
+
+
+app.add_typer(_script_app(), name="script", help="Check, parse and format HeroScript files.")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

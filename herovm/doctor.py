@@ -1,0 +1,67 @@
+"""`herovm doctor`: what herovm found on this host, why it chose what it chose, and how to fix the rest."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+from . import accel, images
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+    fix: str = ""
+
+
+def _tool(name: str, package: str, why: str) -> Check:
+    path = shutil.which(name)
+    if path:
+        return Check(name, "ok", f"{path} ({why})")
+    return Check(name, "fail", f"not found ({why})", f"apt-get install {package}  (or run scripts/setup)")
+
+
+def run_checks(uri: str | None = None) -> list[Check]:
+    from .backends.libvirt import default_uri
+
+    checks = [
+        _tool("qemu-system-x86_64", "qemu-system-x86", "runs the guests"),
+        _tool("qemu-img", "qemu-utils", "makes the copy-on-write disks"),
+        _tool("mmdebstrap", "mmdebstrap", "builds images"),
+        _tool("mkfs.ext4", "e2fsprogs", "builds images"),
+    ]
+    uri = uri or default_uri()
+    try:
+        import libvirt
+
+        conn = libvirt.open(uri)
+        checks.append(Check("libvirt", "ok", f"connected to {uri} (libvirt {conn.getLibVersion() // 1000000}."
+                                             f"{conn.getLibVersion() // 1000 % 1000}, {conn.getType()})"))
+        conn.close()
+    except Exception as e:  # noqa: BLE001 - any failure here is the diagnosis
+        fix = "start it: libvirtd -d && virtlogd -d (scripts/setup does this)" if uri.startswith("qemu:///system") \
+            else "check the URI given with --connect / HEROVM_LIBVIRT_URI"
+        checks.append(Check("libvirt", "fail", f"cannot connect to {uri}: {e}", fix))
+    choice = accel.detect()
+    checks.append(Check("accelerator", "ok" if choice.accel == "kvm" else "warn",
+                        f"{choice.accel}: {'; '.join(choice.reasons)}",
+                        "" if choice.accel == "kvm" else "guests run under software emulation (TCG): slower but "
+                        "correct; use a host with VMX/SVM for KVM"))
+    try:
+        image = images.find("default")
+        checks.append(Check("image", "ok" if image else "warn",
+                            f"default/{image.id} at {image.path}" if image else "default image not built yet",
+                            "" if image else "herovm image build (or the first herovm up builds it)"))
+    except Exception as e:  # noqa: BLE001
+        checks.append(Check("image", "fail", str(e)))
+    ch = shutil.which("cloud-hypervisor")
+    checks.append(Check("cloud-hypervisor", "ok" if ch and choice.accel == "kvm" else "warn",
+                        f"{ch or 'not installed'}; it needs working KVM ({'yes' if choice.accel == 'kvm' else 'no'})",
+                        "" if ch else "not packaged for Debian 12; only the libvirt backend can run here"))
+    if os.geteuid() != 0:
+        checks.append(Check("user", "warn", "not root: qemu:///session, user-mode networking only",
+                            "run as root for qemu:///system"))
+    return checks
