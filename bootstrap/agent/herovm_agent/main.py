@@ -21,7 +21,7 @@ from .processes import Processes, Services
 
 STATUS_FILE = "/run/herovm/status.json"
 DONE_FILE = "/var/lib/herovm/bootstrap.done"
-AGAIN_ON_REBOOT = ("env.set", "service.start")
+AGAIN_ON_REBOOT = ("env.set", "service.start", "system.hostname")
 DEFAULT_BOOTSTRAP_LIMIT = 1 << 20
 
 
@@ -119,11 +119,11 @@ class Agent:
                              line=action.line)
 
         def on_end(result) -> None:
-            out = result.output or ""
-            if not out and isinstance(result.value, dict):
-                out = str(result.value.get("output", ""))
+            value = result.value if isinstance(result.value, dict) else {}
+            out = result.output or str(value.get("output", ""))
+            exit_code = result.exit_code if result.exit_code is not None else value.get("exit_code")
             fields = {"index": result.index, "action": result.action.fullname, "line": result.action.line,
-                      "ok": result.ok, "seconds": round(result.seconds, 3), "exit_code": result.exit_code,
+                      "ok": result.ok, "seconds": round(result.seconds, 3), "exit_code": exit_code,
                       "output": out[-4096:]}
             if result.error:
                 fields["error"] = result.error
