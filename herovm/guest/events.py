@@ -33,7 +33,7 @@ class AgentChannel:
             while b"\n" in self._buf:
                 line, self._buf = self._buf.split(b"\n", 1)
                 event = _decode(line)
-                if event is None or event.get("seq", -1) <= self._seen:
+                if event is None or not isinstance(event.get("seq"), int) or event["seq"] <= self._seen:
                     continue
                 self._seen = event["seq"]
                 yield event

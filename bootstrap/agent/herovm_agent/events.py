@@ -3,7 +3,6 @@ mirrored on the console, replayed to every host that says hello."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import queue
@@ -23,11 +22,15 @@ def uptime() -> float:
 
 def find_port(name: str = PORT_NAME) -> str | None:
     """The /dev node of the virtio-serial port called `name` (no udev here, so no /dev/virtio-ports)."""
-    for path in glob.glob("/sys/class/virtio-ports/*/name"):
+    try:
+        ports = os.listdir("/sys/class/virtio-ports")
+    except OSError:
+        return None
+    for port in ports:
         try:
-            with open(path) as f:
+            with open(f"/sys/class/virtio-ports/{port}/name") as f:
                 if f.read().strip() == name:
-                    return "/dev/" + path.split("/")[-2]
+                    return "/dev/" + port
         except OSError:
             continue
     return None

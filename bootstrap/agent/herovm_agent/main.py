@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import sys
 import threading
 import time
-import traceback
-import urllib.request
-
-from herovm.heroscript import HeroScriptError, parse, run, validate
 
 from . import VERSION, system
-from .actions import GuestContext, registry
 from .events import Events, find_port
 from .processes import Processes, Services
+
+# Imports that cost tenths of a second under emulation (HeroScript, hashlib, urllib) happen where they
+# are first needed: an empty bootstrap never pays for them, and the first event goes out sooner.
 
 STATUS_FILE = "/run/herovm/status.json"
 DONE_FILE = "/var/lib/herovm/bootstrap.done"
@@ -32,7 +29,6 @@ class Agent:
         self.events.on_command = self.on_command
         self.processes = Processes()
         self.services = Services(self.processes, self.notify)
-        self.context = GuestContext(self.processes, self.services)
         self.status: dict = {"state": "booting", "actions": [], "agent": VERSION}
         self._status_lock = threading.Lock()
 
@@ -97,6 +93,12 @@ class Agent:
         except Exception as e:  # noqa: BLE001
             self.fail("fetch", str(e))
             return
+        if not text.strip():
+            return self.finish(digest, source, 0)
+        from herovm.heroscript import HeroScriptError, parse, run, validate
+
+        from .actions import GuestContext, registry
+
         name = spec.get("name") or "bootstrap.hero"
         try:
             playbook = parse(text, path=name, variables=config.get("vars") or None)
@@ -130,18 +132,24 @@ class Agent:
             self.events.emit("action.end", **fields)
             self.status["actions"].append({k: v for k, v in fields.items() if k != "output"})
 
-        results = run(playbook, registry, self.context, on_start=on_start, on_end=on_end)
+        context = GuestContext(self.processes, self.services)
+        results = run(playbook, registry, context, on_start=on_start, on_end=on_end)
         failed = next((r for r in results if not r.ok), None)
         if failed:
             self.fail("action", failed.error or "failed", action=failed.action.fullname, line=failed.action.line,
                       file=failed.action.file, exit_code=failed.exit_code, output=(failed.output or "")[-4096:])
             return
+        self.finish(digest, source, len(results))
+
+    def finish(self, digest: str | None, source: str, actions: int) -> None:
+        if source == "none":
+            self.events.emit("bootstrap", source=source, actions=0, sha256=None)
         if digest:
             os.makedirs(os.path.dirname(DONE_FILE), exist_ok=True)
             with open(DONE_FILE, "w") as f:
                 f.write(digest)
         self.write_status(state="ready")
-        self.events.emit("ready", actions=len(results), seconds=round(time.monotonic() - self.started, 3))
+        self.events.emit("ready", actions=actions, seconds=round(time.monotonic() - self.started, 3))
 
     def on_command(self, cmd: dict) -> None:
         op = cmd.get("op")
@@ -175,11 +183,14 @@ def _read(path: str) -> str | None:
 
 def fetch_bootstrap(spec: dict, limit: int, timeout: float) -> tuple[str, str, str | None]:
     """The bootstrap text, where it came from, and its sha256. A URL bootstrap must match its pinned sha256."""
-    if "script" in spec:
-        data = spec["script"].encode()
-        return spec["script"], "drive", hashlib.sha256(data).hexdigest()
-    if "url" not in spec:
+    if "url" not in spec and not spec.get("script"):
         return "", "none", None
+    import hashlib
+
+    if "script" in spec:
+        return spec["script"], "drive", hashlib.sha256(spec["script"].encode()).hexdigest()
+    import urllib.request
+
     url, want = spec["url"], (spec.get("sha256") or "").lower()
     if not want:
         raise ValueError(f"bootstrap {url}: no sha256 given; a fetched bootstrap must be pinned")
@@ -202,6 +213,8 @@ def main() -> None:
     try:
         agent.boot()
     except Exception:  # noqa: BLE001 - PID 1 must not die: report and stay up
+        import traceback
+
         agent.fail("agent", traceback.format_exc(limit=5))
     while True:  # the reaper, listener and channel threads do the work from here
         signal.pause() if hasattr(signal, "pause") else time.sleep(3600)

@@ -1,0 +1,150 @@
+"""herovm.guest.configdrive: the per-boot ISO, checked with pycdlib and with the guest agent's own reader."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pycdlib
+import pytest
+
+from herovm import resources
+from herovm.guest import configdrive
+
+CONFIG = {
+    "name": "cd1",
+    "hostname": "cd1",
+    "nonce": "00ff" * 8,
+    "network": {"address": "10.0.2.15/24", "gateway": "10.0.2.2", "dns": ["10.0.2.3"], "mtu": 1500},
+    "ssh": {
+        "host_key": "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n",
+        "authorized_keys": ["ssh-ed25519 AAAA test"],
+        "port": 22,
+    },
+    "bootstrap": {"script": "!!file.write path:/x content:'héllo ✓'\n", "name": "setup.hero"},
+    "vars": {"A": "1"},
+    "limits": {"bootstrap_bytes": 1 << 20, "fetch_timeout": 30},
+}
+
+
+@pytest.fixture
+def agent_system():
+    """The guest agent's herovm_agent.system, imported from bootstrap/agent as the guest has it."""
+    path = str(resources.AGENT)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    from herovm_agent import system
+
+    return system
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    drive = tmp_path / "config.iso"
+    configdrive.write(drive, CONFIG)
+    assert configdrive.read(drive) == {"v": configdrive.PROTOCOL_VERSION, **CONFIG}
+
+
+def test_file_is_private_and_written_atomically(tmp_path: Path) -> None:
+    drive = tmp_path / "config.iso"
+    configdrive.write(drive, {"a": 1})
+    assert stat.S_IMODE(drive.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.iso"]  # no .tmp left
+
+
+def test_rewrite_replaces_the_content(tmp_path: Path) -> None:
+    drive = tmp_path / "config.iso"
+    configdrive.write(drive, {"nonce": "first", "padding": "x" * 5000})
+    configdrive.write(drive, {"nonce": "second"})
+    assert configdrive.read(drive) == {"v": 1, "nonce": "second"}
+
+
+def test_write_keeps_mode_0600_over_an_existing_world_readable_file(tmp_path: Path) -> None:
+    drive = tmp_path / "config.iso"
+    drive.write_text("old")
+    os.chmod(drive, 0o644)
+    configdrive.write(drive, {"a": 1})
+    assert stat.S_IMODE(drive.stat().st_mode) == 0o600
+
+
+def test_config_carries_the_protocol_version(tmp_path: Path) -> None:
+    drive = tmp_path / "config.iso"
+    configdrive.write(drive, {"name": "x"})
+    assert configdrive.read(drive) == {"v": 1, "name": "x"}
+
+
+def test_label_in_the_primary_volume_descriptor(tmp_path: Path) -> None:
+    drive = tmp_path / "config.iso"
+    configdrive.write(drive, CONFIG)
+    with open(drive, "rb") as f:
+        f.seek(32768)
+        pvd = f.read(2048)
+    assert pvd[:6] == b"\x01CD001"  # type 1 = primary volume descriptor, standard identifier
+    assert pvd[40:72] == configdrive.LABEL.encode().ljust(32, b" ")
+
+
+def test_every_tree_names_config_json(tmp_path: Path) -> None:
+    """The guest mounts the ISO with the kernel's isofs (Rock Ridge first, then Joliet): every view must
+    hold the file under its expected name and the same bytes."""
+    drive = tmp_path / "config.iso"
+    configdrive.write(drive, CONFIG)
+    iso = pycdlib.PyCdlib()
+    iso.open(str(drive))
+    try:
+        assert iso.has_rock_ridge()
+        assert iso.has_joliet()
+        contents = {}
+        for kind, path in (
+            ("iso_path", "/CONFIG.JSON;1"),
+            ("rr_path", "/config.json"),
+            ("joliet_path", "/config.json"),
+        ):
+            out = io.BytesIO()
+            iso.get_file_from_iso_fp(out, **{kind: path})
+            contents[kind] = out.getvalue()
+        assert iso.pvd.volume_identifier.rstrip(b" ") == b"HEROVM"
+    finally:
+        iso.close()
+    assert len(set(contents.values())) == 1
+    assert json.loads(contents["rr_path"])["bootstrap"]["script"] == CONFIG["bootstrap"]["script"]
+
+
+def test_the_guest_agent_knows_the_same_label(agent_system) -> None:
+    assert configdrive.LABEL.encode() == agent_system.DRIVE_LABEL
+
+
+def test_guest_find_drive_recognises_the_host_drive(tmp_path: Path, agent_system, monkeypatch) -> None:
+    """Run the guest's own PVD check (system.find_drive) on a drive the host wrote.
+
+    find_drive lists /sys/block and opens /dev/<name>. Scanning the host's real disks would tell us nothing,
+    so only that one listing is replaced: it names the drive through a relative path under /dev, and
+    find_drive then opens and parses the real file itself."""
+    drive = tmp_path / "config.iso"
+    other = tmp_path / "other.iso"
+    configdrive.write(drive, CONFIG)
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, vol_ident="NOTHEROVM")
+    with open(other, "wb") as f:
+        iso.write_fp(f)
+    iso.close()
+    plain = tmp_path / "plain.img"
+    plain.write_bytes(b"\0" * 40000)
+
+    def via_dev(p: Path) -> str:
+        return os.path.relpath(p, "/dev")
+
+    real_listdir = os.listdir
+    entries: list[str] = []
+
+    def listdir(path="."):
+        return list(entries) if path == "/sys/block" else real_listdir(path)
+
+    monkeypatch.setattr(agent_system.os, "listdir", listdir)
+    entries[:] = [via_dev(plain), via_dev(other), "loop0", "ram0"]
+    assert agent_system.find_drive() is None
+    entries[:] = [via_dev(plain), via_dev(other), via_dev(drive)]
+    found = agent_system.find_drive()
+    assert found is not None and Path(found).resolve() == drive.resolve()
