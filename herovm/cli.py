@@ -30,14 +30,18 @@ _options: dict[str, object] = {}
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(connect: Annotated[str | None, typer.Option(
         "--connect", "-c", envvar="HEROVM_LIBVIRT_URI", help="libvirt URI (default: qemu:///system as root, "
         "qemu:///session otherwise)")] = None,
-        version: Annotated[bool, typer.Option("--version", help="print the version")] = False) -> None:
-    if version:
-        typer.echo(__version__)
-        raise typer.Exit()
+        version: Annotated[bool, typer.Option("--version", help="print the version", callback=_print_version,
+                                              is_eager=True)] = False) -> None:
     _options["uri"] = connect
 
 

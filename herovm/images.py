@@ -10,15 +10,14 @@ unchanged) and the assembly (agent, initramfs, disk: seconds).
 from __future__ import annotations
 
 import datetime
-import gzip
 import hashlib
 import io
 import json
 import os
 import py_compile
+import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import tomllib
 from collections.abc import Iterable
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import resources, state
-from .errors import ImageError, NotFound
+from .errors import ImageError, InvalidInput, NotFound
 from .heroscript import parse_size
 from .progress import Progress, Reporter, silent
 
@@ -61,8 +60,19 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in resources.RECIPES.glob("*.toml"))
 
 
+RECIPE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+IMAGE_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+def _check_recipe_name(name: str) -> str:
+    """Recipe names become paths under images/ and the cache: nothing else may get through."""
+    if not isinstance(name, str) or not RECIPE_RE.match(name):
+        raise InvalidInput(f"invalid image name {name!r}", hint=f"recipes: {', '.join(recipe_names()) or 'none'}")
+    return name
+
+
 def load_recipe(name: str) -> dict:
-    path = resources.RECIPES / f"{name}.toml"
+    path = resources.RECIPES / f"{_check_recipe_name(name)}.toml"
     if not path.is_file():
         raise NotFound(f"no image recipe {name!r}", hint=f"recipes: {', '.join(recipe_names()) or 'none'}")
     return tomllib.loads(path.read_text())
@@ -126,7 +136,9 @@ def ensure(recipe_name: str = "default", progress: Reporter = silent) -> Image:
 
 def remove(recipe_name: str, image_id_: str | None = None) -> list[Path]:
     """Remove cached images of a recipe (all versions, or one); returns what was removed."""
-    root = state.images_dir() / recipe_name
+    root = state.images_dir() / _check_recipe_name(recipe_name)
+    if image_id_ is not None and not IMAGE_ID_RE.match(image_id_):
+        raise InvalidInput(f"invalid image id {image_id_!r}", hint="see `herovm image ls`")
     targets = [root / image_id_] if image_id_ else ([root] if root.exists() else [])
     targets = [t for t in targets if t.exists()]
     if not targets:
@@ -157,7 +169,7 @@ def host_apt_mirror(suite: str) -> str:
     for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]:
         if path.is_file():
             for line in path.read_text().splitlines():
-                parts = [p for p in line.split() if not p.startswith("[")]
+                parts = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()
                 if len(parts) >= 3 and parts[0] == "deb":
                     candidates.append((parts[1], [parts[2]]))
     for uri, suites in candidates:
@@ -348,4 +360,4 @@ def newc_archive(entries: list[tuple[str, int, bytes]]) -> bytes:
 
 
 __all__ = ["Image", "build", "ensure", "find", "list_images", "remove", "recipe_names", "host_apt_mirror",
-           "newc_archive", "gzip"]
+           "newc_archive"]

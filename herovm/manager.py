@@ -193,7 +193,7 @@ class Manager:
         state.validate_name(name)
         memory_b = _size(memory, "memory", minimum=128 << 20)
         disk_b = _size(disk, "disk", minimum=1 << 30)
-        if not isinstance(cpus, int) or not 1 <= cpus <= 64:
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 64:
             raise InvalidInput(f"cpus {cpus!r} must be a whole number from 1 to 64")
         timeout_s = _duration(timeout, "timeout")
         boot = load_bootstrap(bootstrap, bootstrap_sha256, variables=variables)
@@ -224,6 +224,7 @@ class Manager:
         name = vmdir.name
         if vmdir.exists():  # left by a crashed herovm: libvirt has no such VM, so it is garbage
             vmdir.remove()
+        defined = False
         try:
             vmdir.create()
             client_pub = keys.generate_keypair(vmdir.client_key, comment=f"herovm-client@{name}")
@@ -244,8 +245,12 @@ class Manager:
                 self.progress(Progress("define", f"defining {name} ({settings['accel']}, "
                                                  f"{settings['memory'] >> 20} MiB, port {port})"))
                 self.backend.define(spec)
+                defined = True
         except BaseException as e:
-            self._remove(name)
+            # Only what this call made is removed: a domain someone else defined meanwhile stays.
+            if defined:
+                self.backend.undefine(name)
+            vmdir.remove()
             if isinstance(e, subprocess.CalledProcessError):
                 raise HeroVMError(f"cannot create the disk of {name}: {e.stderr.strip()}") from e
             raise
@@ -305,6 +310,9 @@ class Manager:
             channel = AgentChannel(vmdir.agent_socket, deadline)
         except TimeoutError:
             self._fail_unanswered(name, vmdir, "its agent channel never appeared")
+        except OSError as e:  # e.g. a socket path over the 107-byte limit under a deep HEROVM_HOME
+            raise HeroVMError(f"cannot open the agent channel of {name}: {e}",
+                              hint="use a shorter HEROVM_HOME") from e
         try:
             for event in channel.events(deadline):
                 if event["event"] == "boot" and event.get("nonce") != nonce:
@@ -478,12 +486,16 @@ def _size(value: str | int, what: str, minimum: int) -> int:
 
 
 def _duration(value: str | float, what: str) -> float:
-    if isinstance(value, int | float):
-        return float(value)
-    try:
-        return parse_duration(str(value))
-    except ValueError as e:
-        raise InvalidInput(f"{what}: {e}", hint="e.g. 30s or 5m") from e
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        try:
+            seconds = parse_duration(str(value))
+        except ValueError as e:
+            raise InvalidInput(f"{what}: {e}", hint="e.g. 30s or 5m") from e
+    if seconds <= 0:
+        raise InvalidInput(f"{what} must be longer than zero", hint="e.g. 30s or 5m")
+    return seconds
 
 
 def _now() -> str:

@@ -34,10 +34,6 @@ def error_lines(result) -> list[str]:
     return result.stderr.splitlines()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: --version is not eager: without a command typer says 'Missing command.' and exits 2",
-)
 def test_version() -> None:
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0

@@ -335,11 +335,6 @@ def test_up_refuses_an_existing_vm_and_leaves_it_alone(manager: Manager, backend
 
 
 @needs_qemu_img
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a define that fails because the domain appeared meanwhile "
-    "makes _create undefine that other domain",
-)
 def test_define_race_does_not_remove_the_other_domain(
     manager: Manager, backend, monkeypatch, tmp_path: Path
 ) -> None:
