@@ -14,7 +14,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Manager", "VM", "HeroVMError", "BootFailed", "NotFound", "InvalidInput", "AlreadyExists", "GuestError"]
+__all__ = [
+    "Manager",
+    "VM",
+    "HeroVMError",
+    "BootFailed",
+    "NotFound",
+    "InvalidInput",
+    "AlreadyExists",
+    "GuestError",
+]
 
 if TYPE_CHECKING:
     from .errors import AlreadyExists, BootFailed, GuestError, HeroVMError, InvalidInput, NotFound

@@ -26,14 +26,22 @@ def detect(root: Path = Path("/")) -> AccelChoice:
     reasons = []
     kvm = root / "dev/kvm"
     if not kvm.exists():
-        return AccelChoice("tcg", ["/dev/kvm does not exist: no hardware virtualization offered to this host"])
+        return AccelChoice(
+            "tcg", ["/dev/kvm does not exist: no hardware virtualization offered to this host"]
+        )
     if not os.access(kvm, os.R_OK | os.W_OK):
-        return AccelChoice("tcg", ["/dev/kvm exists but this user cannot open it (add yourself to group kvm)"])
+        return AccelChoice(
+            "tcg", ["/dev/kvm exists but this user cannot open it (add yourself to group kvm)"]
+        )
     if (root / "sys/module/kvm_pvm").exists():
-        return AccelChoice("tcg", ["/dev/kvm is backed by kvm_pvm (PVM): ordinary guest kernels hang under it"])
+        return AccelChoice(
+            "tcg", ["/dev/kvm is backed by kvm_pvm (PVM): ordinary guest kernels hang under it"]
+        )
     try:
-        flags = next((line for line in (root / "proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), "").split()
+        flags = next(
+            (line for line in (root / "proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
+            "",
+        ).split()
     except OSError:
         flags = []
     if "vmx" not in flags and "svm" not in flags:

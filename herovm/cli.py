@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
@@ -21,8 +19,12 @@ from . import __version__
 from .errors import HeroVMError, InvalidInput
 from .progress import Progress
 
-app = typer.Typer(help="herovm: real, isolated Linux sandboxes in seconds.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="herovm: real, isolated Linux sandboxes in seconds.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 image_app = typer.Typer(help="Build, list and remove guest images.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
 
@@ -37,11 +39,20 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _global(connect: Annotated[str | None, typer.Option(
-        "--connect", "-c", envvar="HEROVM_LIBVIRT_URI", help="libvirt URI (default: qemu:///system as root, "
-        "qemu:///session otherwise)")] = None,
-        version: Annotated[bool, typer.Option("--version", help="print the version", callback=_print_version,
-                                              is_eager=True)] = False) -> None:
+def _global(
+    connect: Annotated[
+        str | None,
+        typer.Option(
+            "--connect",
+            "-c",
+            envvar="HEROVM_LIBVIRT_URI",
+            help="libvirt URI (default: qemu:///system as root, qemu:///session otherwise)",
+        ),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", help="print the version", callback=_print_version, is_eager=True)
+    ] = False,
+) -> None:
     _options["uri"] = connect
 
 
@@ -96,23 +107,34 @@ def _print_json(obj: object) -> None:
 
 
 @app.command()
-def up(name: str,
-       image: Annotated[str, typer.Option(help="image recipe")] = "default",
-       cpus: Annotated[int, typer.Option(help="virtual CPUs")] = 1,
-       memory: Annotated[str, typer.Option(help="memory, e.g. 1GB")] = "1GB",
-       disk: Annotated[str, typer.Option(help="disk size, e.g. 10GB")] = "10GB",
-       bootstrap: Annotated[str | None, typer.Option(help="HeroScript bootstrap: a file or a URL")] = None,
-       bootstrap_sha256: Annotated[str | None, typer.Option(help="sha256 the bootstrap must have")] = None,
-       var: Annotated[list[str] | None, typer.Option(help="K=V substituted into the bootstrap")] = None,
-       timeout: Annotated[str, typer.Option(help="how long to wait for ready, e.g. 5m")] = "5m",
-       accel: Annotated[str, typer.Option(help="kvm, tcg or auto")] = "auto",
-       json_out: JsonOpt = False) -> None:
+def up(
+    name: str,
+    image: Annotated[str, typer.Option(help="image recipe")] = "default",
+    cpus: Annotated[int, typer.Option(help="virtual CPUs")] = 1,
+    memory: Annotated[str, typer.Option(help="memory, e.g. 1GB")] = "1GB",
+    disk: Annotated[str, typer.Option(help="disk size, e.g. 10GB")] = "10GB",
+    bootstrap: Annotated[str | None, typer.Option(help="HeroScript bootstrap: a file or a URL")] = None,
+    bootstrap_sha256: Annotated[str | None, typer.Option(help="sha256 the bootstrap must have")] = None,
+    var: Annotated[list[str] | None, typer.Option(help="K=V substituted into the bootstrap")] = None,
+    timeout: Annotated[str, typer.Option(help="how long to wait for ready, e.g. 5m")] = "5m",
+    accel: Annotated[str, typer.Option(help="kvm, tcg or auto")] = "auto",
+    json_out: JsonOpt = False,
+) -> None:
     """Create and boot a VM; return when its bootstrap has run and it answers exec."""
     try:
         with _manager(json_out) as m:
-            vm = m.up(name, image=image, cpus=cpus, memory=memory, disk=disk, bootstrap=bootstrap,
-                      bootstrap_sha256=bootstrap_sha256, variables=_kv(var, "--var"), timeout=timeout,
-                      accel=accel)
+            vm = m.up(
+                name,
+                image=image,
+                cpus=cpus,
+                memory=memory,
+                disk=disk,
+                bootstrap=bootstrap,
+                bootstrap_sha256=bootstrap_sha256,
+                variables=_kv(var, "--var"),
+                timeout=timeout,
+                accel=accel,
+            )
             status = m.status(vm.name)
     except HeroVMError as e:
         _fail(e, json_out)
@@ -123,15 +145,19 @@ def up(name: str,
         _print_json(status)
     else:
         took = (status.get("last_boot") or {}).get("seconds")
-        typer.echo(f"{name} is ready{f' in {took:.1f}s' if took else ''}: herovm exec {name} -- CMD, "
-                   f"herovm ssh {name}")
+        typer.echo(
+            f"{name} is ready{f' in {took:.1f}s' if took else ''}: herovm exec {name} -- CMD, "
+            f"herovm ssh {name}"
+        )
 
 
 @app.command()
-def down(name: Annotated[str | None, typer.Argument()] = None,
-         all_: Annotated[bool, typer.Option("--all", help="remove every herovm VM")] = False,
-         force: Annotated[bool, typer.Option("--force", help="no error if the VM does not exist")] = False,
-         json_out: JsonOpt = False) -> None:
+def down(
+    name: Annotated[str | None, typer.Argument()] = None,
+    all_: Annotated[bool, typer.Option("--all", help="remove every herovm VM")] = False,
+    force: Annotated[bool, typer.Option("--force", help="no error if the VM does not exist")] = False,
+    json_out: JsonOpt = False,
+) -> None:
     """Remove a VM: its domain, disk, keys and state. Nothing is left."""
     from .errors import NotFound
 
@@ -153,13 +179,14 @@ def down(name: Annotated[str | None, typer.Argument()] = None,
 
 
 @app.command(name="exec")
-def exec_(name: str,
-          command: Annotated[list[str], typer.Argument(help="the command and its arguments (after --)")],
-          timeout: Annotated[str | None, typer.Option(help="kill the command after this long, e.g. 30s")] = None,
-          env: Annotated[list[str] | None, typer.Option(help="K=V for the command")] = None,
-          cwd: Annotated[str | None, typer.Option(help="working directory in the guest")] = None,
-          interactive: Annotated[bool, typer.Option("-i", "--interactive", help="pass stdin through")] = False
-          ) -> None:
+def exec_(
+    name: str,
+    command: Annotated[list[str], typer.Argument(help="the command and its arguments (after --)")],
+    timeout: Annotated[str | None, typer.Option(help="kill the command after this long, e.g. 30s")] = None,
+    env: Annotated[list[str] | None, typer.Option(help="K=V for the command")] = None,
+    cwd: Annotated[str | None, typer.Option(help="working directory in the guest")] = None,
+    interactive: Annotated[bool, typer.Option("-i", "--interactive", help="pass stdin through")] = False,
+) -> None:
     """Run a command in the VM over SSH; exit with its exit code (255: herovm failed)."""
     from .manager import _duration
 
@@ -169,15 +196,21 @@ def exec_(name: str,
         def w(data: bytes) -> None:
             stream.write(data)
             stream.flush()
+
         return w
 
     try:
         with _manager() as m:
             vm = m.get(name)
-            result = vm.exec(command if len(command) > 1 else command[0], env=_kv(env, "--env"), cwd=cwd,
-                             timeout=_duration(timeout, "timeout") if timeout else None,
-                             stdin=sys.stdin.buffer if interactive else None,
-                             on_stdout=write(out), on_stderr=write(err))
+            result = vm.exec(
+                command if len(command) > 1 else command[0],
+                env=_kv(env, "--env"),
+                cwd=cwd,
+                timeout=_duration(timeout, "timeout") if timeout else None,
+                stdin=sys.stdin.buffer if interactive else None,
+                on_stdout=write(out),
+                on_stderr=write(err),
+            )
             vm.close()
     except HeroVMError as e:
         _fail(e, code=255)
@@ -200,6 +233,7 @@ def ssh(name: str) -> None:
 @app.command()
 def cp(src: str, dst: str) -> None:
     """Copy files or directories: NAME:/path on either side."""
+
     def split(arg: str) -> tuple[str | None, str]:
         head, sep, tail = arg.partition(":")
         if sep and head and "/" not in head:
@@ -235,12 +269,16 @@ def ls_(json_out: JsonOpt = False) -> None:
     if not rows:
         typer.echo("no VMs (create one with `herovm up NAME`)")
         return
-    typer.echo(f"{'NAME':<20} {'STATE':<10} {'READY':<6} {'IMAGE':<10} {'ACCEL':<6} {'CPUS':>4} {'MEMORY':>8} SSH")
+    typer.echo(
+        f"{'NAME':<20} {'STATE':<10} {'READY':<6} {'IMAGE':<10} {'ACCEL':<6} {'CPUS':>4} {'MEMORY':>8} SSH"
+    )
     for r in rows:
         mem = f"{r['memory'] >> 20}M" if r["memory"] else "-"
         port = f"127.0.0.1:{r['ssh_port']}" if r["ssh_port"] else "-"
-        typer.echo(f"{r['name']:<20} {r['state']:<10} {'yes' if r['ready'] else 'no':<6} {r['image'] or '-':<10} "
-                   f"{r['accel'] or '-':<6} {r['cpus'] or '-':>4} {mem:>8} {port}")
+        typer.echo(
+            f"{r['name']:<20} {r['state']:<10} {'yes' if r['ready'] else 'no':<6} {r['image'] or '-':<10} "
+            f"{r['accel'] or '-':<6} {r['cpus'] or '-':>4} {mem:>8} {port}"
+        )
 
 
 @app.command()
@@ -256,15 +294,20 @@ def status(name: str, json_out: JsonOpt = False) -> None:
         return
     s = st["settings"] or {}
     typer.echo(f"{st['name']}: {st['state']}, agent {st['agent']}")
-    typer.echo(f"  image {st['image']}/{st['image_id']}, {s.get('accel')}, {s.get('cpus')} CPU, "
-               f"{(s.get('memory') or 0) >> 20} MiB, disk {(s.get('disk') or 0) >> 30} GiB")
+    typer.echo(
+        f"  image {st['image']}/{st['image_id']}, {s.get('accel')}, {s.get('cpus')} CPU, "
+        f"{(s.get('memory') or 0) >> 20} MiB, disk {(s.get('disk') or 0) >> 30} GiB"
+    )
     if st["ssh_port"]:
         typer.echo(f"  ssh 127.0.0.1:{st['ssh_port']}")
     if st["bootstrap"]:
         typer.echo(f"  bootstrap {st['bootstrap']}")
     for step in st["steps"]:
         mark = "ok" if step["ok"] else f"FAILED ({step.get('error')})"
-        typer.echo(f"  [{step['index'] + 1}] line {step['line']:<4} {step['action']:<16} {mark} {step['seconds']:.2f}s")
+        typer.echo(
+            f"  [{step['index'] + 1}] line {step['line']:<4} {step['action']:<16} {mark} "
+            f"{step['seconds']:.2f}s"
+        )
     if st["failure"]:
         f = st["failure"]
         typer.echo(f"  failed in {f.get('stage')}: {f.get('error')}")
@@ -273,9 +316,11 @@ def status(name: str, json_out: JsonOpt = False) -> None:
 
 
 @app.command()
-def logs(name: str,
-         console: Annotated[bool, typer.Option("--console", help="the raw serial console")] = False,
-         follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing as it grows")] = False) -> None:
+def logs(
+    name: str,
+    console: Annotated[bool, typer.Option("--console", help="the raw serial console")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing as it grows")] = False,
+) -> None:
     """The agent's events of the last boot (or the raw console with --console)."""
     from . import state
     from .manager import describe_event
@@ -299,17 +344,21 @@ def logs(name: str,
                 sys.stdout.write(line)
             elif marker in line:
                 try:
-                    event = json.loads(line[line.index(marker) + len(marker):])
+                    event = json.loads(line[line.index(marker) + len(marker) :])
                 except ValueError:
                     continue
                 typer.echo(f"{event.get('t', 0):8.2f}s {describe_event(event)}")
                 if event.get("event") == "action.end" and event.get("output"):
-                    typer.echo("\n".join("          | " + x for x in event["output"].rstrip().splitlines()[-20:]))
+                    typer.echo(
+                        "\n".join("          | " + x for x in event["output"].rstrip().splitlines()[-20:])
+                    )
             sys.stdout.flush()
 
 
 @app.command()
-def stop(name: str, timeout: Annotated[float, typer.Option(help="seconds before a hard stop")] = 20.0) -> None:
+def stop(
+    name: str, timeout: Annotated[float, typer.Option(help="seconds before a hard stop")] = 20.0
+) -> None:
     """Power a VM off, keeping its disk."""
     try:
         with _manager() as m:
@@ -351,8 +400,10 @@ def doctor(json_out: JsonOpt = False) -> None:
 
 
 @image_app.command("build")
-def image_build(recipe: Annotated[str, typer.Argument()] = "default",
-                force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False) -> None:
+def image_build(
+    recipe: Annotated[str, typer.Argument()] = "default",
+    force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
+) -> None:
     """Build an image from images/RECIPE.toml (cached: built once, reused)."""
     from . import images
 
@@ -371,14 +422,24 @@ def image_ls(json_out: JsonOpt = False) -> None:
     """List cached images."""
     from . import images
 
-    rows = [{"recipe": i.recipe, "id": i.id, "path": str(i.path), "built": i.manifest.get("built"),
-             "kernel": i.manifest.get("kernel_version"),
-             "bytes": sum(f["bytes"] for f in i.manifest.get("files", {}).values())} for i in images.list_images()]
+    rows = [
+        {
+            "recipe": i.recipe,
+            "id": i.id,
+            "path": str(i.path),
+            "built": i.manifest.get("built"),
+            "kernel": i.manifest.get("kernel_version"),
+            "bytes": sum(f["bytes"] for f in i.manifest.get("files", {}).values()),
+        }
+        for i in images.list_images()
+    ]
     if json_out:
         _print_json(rows)
         return
     for r in rows:
-        typer.echo(f"{r['recipe']:<12} {r['id']:<14} {r['bytes'] >> 20:>6} MiB  {r['built']}  kernel {r['kernel']}")
+        typer.echo(
+            f"{r['recipe']:<12} {r['id']:<14} {r['bytes'] >> 20:>6} MiB  {r['built']}  kernel {r['kernel']}"
+        )
     if not rows:
         typer.echo("no images cached (herovm image build, or herovm up builds the default)")
 

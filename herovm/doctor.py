@@ -38,30 +38,62 @@ def run_checks(uri: str | None = None) -> list[Check]:
         import libvirt
 
         conn = libvirt.open(uri)
-        checks.append(Check("libvirt", "ok", f"connected to {uri} (libvirt {conn.getLibVersion() // 1000000}."
-                                             f"{conn.getLibVersion() // 1000 % 1000}, {conn.getType()})"))
+        checks.append(
+            Check(
+                "libvirt",
+                "ok",
+                f"connected to {uri} (libvirt {conn.getLibVersion() // 1000000}."
+                f"{conn.getLibVersion() // 1000 % 1000}, {conn.getType()})",
+            )
+        )
         conn.close()
     except Exception as e:  # noqa: BLE001 - any failure here is the diagnosis
-        fix = "start it: libvirtd -d && virtlogd -d (scripts/setup does this)" if uri.startswith("qemu:///system") \
+        fix = (
+            "start it: libvirtd -d && virtlogd -d (scripts/setup does this)"
+            if uri.startswith("qemu:///system")
             else "check the URI given with --connect / HEROVM_LIBVIRT_URI"
+        )
         checks.append(Check("libvirt", "fail", f"cannot connect to {uri}: {e}", fix))
     choice = accel.detect()
-    checks.append(Check("accelerator", "ok" if choice.accel == "kvm" else "warn",
-                        f"{choice.accel}: {'; '.join(choice.reasons)}",
-                        "" if choice.accel == "kvm" else "guests run under software emulation (TCG): slower but "
-                        "correct; use a host with VMX/SVM for KVM"))
+    checks.append(
+        Check(
+            "accelerator",
+            "ok" if choice.accel == "kvm" else "warn",
+            f"{choice.accel}: {'; '.join(choice.reasons)}",
+            ""
+            if choice.accel == "kvm"
+            else "guests run under software emulation (TCG): slower but "
+            "correct; use a host with VMX/SVM for KVM",
+        )
+    )
     try:
         image = images.find("default")
-        checks.append(Check("image", "ok" if image else "warn",
-                            f"default/{image.id} at {image.path}" if image else "default image not built yet",
-                            "" if image else "herovm image build (or the first herovm up builds it)"))
+        checks.append(
+            Check(
+                "image",
+                "ok" if image else "warn",
+                f"default/{image.id} at {image.path}" if image else "default image not built yet",
+                "" if image else "herovm image build (or the first herovm up builds it)",
+            )
+        )
     except Exception as e:  # noqa: BLE001
         checks.append(Check("image", "fail", str(e)))
     ch = shutil.which("cloud-hypervisor")
-    checks.append(Check("cloud-hypervisor", "ok" if ch and choice.accel == "kvm" else "warn",
-                        f"{ch or 'not installed'}; it needs working KVM ({'yes' if choice.accel == 'kvm' else 'no'})",
-                        "" if ch else "not packaged for Debian 12; only the libvirt backend can run here"))
+    checks.append(
+        Check(
+            "cloud-hypervisor",
+            "ok" if ch and choice.accel == "kvm" else "warn",
+            f"{ch or 'not installed'}; it needs working KVM ({'yes' if choice.accel == 'kvm' else 'no'})",
+            "" if ch else "not packaged for Debian 12; only the libvirt backend can run here",
+        )
+    )
     if os.geteuid() != 0:
-        checks.append(Check("user", "warn", "not root: qemu:///session, user-mode networking only",
-                            "run as root for qemu:///system"))
+        checks.append(
+            Check(
+                "user",
+                "warn",
+                "not root: qemu:///session, user-mode networking only",
+                "run as root for qemu:///system",
+            )
+        )
     return checks

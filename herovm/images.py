@@ -67,7 +67,9 @@ IMAGE_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 def _check_recipe_name(name: str) -> str:
     """Recipe names become paths under images/ and the cache: nothing else may get through."""
     if not isinstance(name, str) or not RECIPE_RE.match(name):
-        raise InvalidInput(f"invalid image name {name!r}", hint=f"recipes: {', '.join(recipe_names()) or 'none'}")
+        raise InvalidInput(
+            f"invalid image name {name!r}", hint=f"recipes: {', '.join(recipe_names()) or 'none'}"
+        )
     return name
 
 
@@ -142,8 +144,10 @@ def remove(recipe_name: str, image_id_: str | None = None) -> list[Path]:
     targets = [root / image_id_] if image_id_ else ([root] if root.exists() else [])
     targets = [t for t in targets if t.exists()]
     if not targets:
-        raise NotFound(f"no cached image {recipe_name}{'/' + image_id_ if image_id_ else ''}",
-                       hint="see `herovm image ls`")
+        raise NotFound(
+            f"no cached image {recipe_name}{'/' + image_id_ if image_id_ else ''}",
+            hint="see `herovm image ls`",
+        )
     for t in targets:
         shutil.rmtree(t)
     return targets
@@ -165,7 +169,9 @@ def host_apt_mirror(suite: str) -> str:
                     k, v = line.split(":", 1)
                     fields[k.strip().lower()] = v.strip()
             if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes") != "no":
-                candidates += [(uri, fields.get("suites", "").split()) for uri in fields.get("uris", "").split()]
+                candidates += [
+                    (uri, fields.get("suites", "").split()) for uri in fields.get("uris", "").split()
+                ]
     for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]:
         if path.is_file():
             for line in path.read_text().splitlines():
@@ -175,8 +181,10 @@ def host_apt_mirror(suite: str) -> str:
     for uri, suites in candidates:
         if suite in suites:
             return uri
-    raise ImageError(f"no apt source for Debian {suite} in this host's apt configuration",
-                     hint="set HEROVM_APT_MIRROR to a Debian mirror URL")
+    raise ImageError(
+        f"no apt source for Debian {suite} in this host's apt configuration",
+        hint="set HEROVM_APT_MIRROR to a Debian mirror URL",
+    )
 
 
 def _run(cmd: list[str], what: str, **kw: object) -> subprocess.CompletedProcess:
@@ -197,16 +205,24 @@ def build_rootfs(recipe_name: str, recipe: dict, progress: Reporter) -> Path:
         progress(Progress("image", f"reusing root file system {tar.name}"))
         return tar
     mirror = host_apt_mirror(recipe["suite"])
-    progress(Progress("image", f"building Debian {recipe['suite']} root file system with mmdebstrap "
-                               f"({len(recipe['packages'])} packages; about a minute)"))
+    progress(
+        Progress(
+            "image",
+            f"building Debian {recipe['suite']} root file system with mmdebstrap "
+            f"({len(recipe['packages'])} packages; about a minute)",
+        )
+    )
     hooks = [
         # Host keys made by openssh-server's postinst would be shared by every VM: each VM gets its own.
         'rm -f "$1"/etc/ssh/ssh_host_*',
         'rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/log/*.log',
         'echo herovm > "$1"/etc/hostname',
     ]
-    cmd = ["mmdebstrap", f"--variant={recipe.get('variant', 'apt')}",
-           f"--include={','.join(recipe['packages'])}"]
+    cmd = [
+        "mmdebstrap",
+        f"--variant={recipe.get('variant', 'apt')}",
+        f"--include={','.join(recipe['packages'])}",
+    ]
     cmd += [f"--dpkgopt=path-exclude={p}" for p in recipe.get("path_excludes", [])]
     cmd += [f"--dpkgopt=path-include={p}" for p in recipe.get("path_includes", [])]
     cmd += [f"--customize-hook={h}" for h in hooks]
@@ -250,11 +266,15 @@ def _mb(path: Path) -> int:
     return path.stat().st_size // (1024 * 1024)
 
 
-def _assemble(recipe_name: str, recipe: dict, iid: str, rootfs_tar: Path, work: Path, progress: Reporter) -> None:
+def _assemble(
+    recipe_name: str, recipe: dict, iid: str, rootfs_tar: Path, work: Path, progress: Reporter
+) -> None:
     root = work / "root"
     root.mkdir()
     progress(Progress("image", "unpacking root file system"))
-    _run(["tar", "-xf", str(rootfs_tar), "-C", str(root), "--numeric-owner"], "unpacking the root file system")
+    _run(
+        ["tar", "-xf", str(rootfs_tar), "-C", str(root), "--numeric-owner"], "unpacking the root file system"
+    )
     kernels = sorted((root / "boot").glob("vmlinuz-*"))
     if not kernels:
         raise ImageError(f"recipe {recipe_name} installed no kernel", hint="add linux-image-cloud-amd64")
@@ -271,16 +291,31 @@ def _assemble(recipe_name: str, recipe: dict, iid: str, rootfs_tar: Path, work: 
     raw = work / "root.ext4"
     with open(raw, "wb") as f:
         f.truncate(parse_size(recipe.get("root_size", "2GB")))
-    _run(["mkfs.ext4", "-q", "-F", "-L", "herovm-root", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-          "-d", str(root), str(raw)], "mkfs.ext4")
+    _run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            "herovm-root",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            "-d",
+            str(root),
+            str(raw),
+        ],
+        "mkfs.ext4",
+    )
     shutil.rmtree(root)
     _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / "base.qcow2")], "qemu-img")
     raw.unlink()
     for name in ("vmlinuz", "initrd.img", "base.qcow2"):
         os.chmod(work / name, 0o644)
 
-    files = {name: {"sha256": _sha256(work / name), "bytes": (work / name).stat().st_size}
-             for name in ("vmlinuz", "initrd.img", "base.qcow2")}
+    files = {
+        name: {"sha256": _sha256(work / name), "bytes": (work / name).stat().st_size}
+        for name in ("vmlinuz", "initrd.img", "base.qcow2")
+    }
     manifest = {
         "name": recipe_name,
         "id": iid,
@@ -310,13 +345,18 @@ def _install_agent(root: Path) -> None:
     pay for compiling them at every first boot)."""
     dest = root / "usr/lib/herovm"
     pkg = dest / "python"
-    shutil.copytree(resources.AGENT / "herovm_agent", pkg / "herovm_agent",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(resources.HEROSCRIPT, pkg / "herovm/heroscript", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        resources.AGENT / "herovm_agent", pkg / "herovm_agent", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copytree(
+        resources.HEROSCRIPT, pkg / "herovm/heroscript", ignore=shutil.ignore_patterns("__pycache__")
+    )
     (pkg / "herovm/__init__.py").write_text('"""The guest side of herovm: only heroscript lives here."""\n')
     shutil.copy2(resources.AGENT / "agent.py", dest / "agent.py")
     for py in pkg.rglob("*.py"):
-        py_compile.compile(str(py), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        py_compile.compile(
+            str(py), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH
+        )
     sshd_conf = root / "etc/ssh/sshd_config.d/herovm.conf"
     sshd_conf.write_text((resources.AGENT / "sshd_config").read_text())
     os.chmod(sshd_conf, 0o644)
@@ -330,8 +370,12 @@ def _build_initramfs(root: Path, kernel_version: str, out: Path) -> None:
     if missing:
         raise ImageError(f"kernel {kernel_version} lacks modules: {', '.join(missing)}")
     entries: list[tuple[str, int, bytes]] = [
-        ("dev", 0o40755, b""), ("proc", 0o40755, b""), ("sys", 0o40755, b""), ("bin", 0o40755, b""),
-        ("modules", 0o40755, b""), ("newroot", 0o40755, b""),
+        ("dev", 0o40755, b""),
+        ("proc", 0o40755, b""),
+        ("sys", 0o40755, b""),
+        ("bin", 0o40755, b""),
+        ("modules", 0o40755, b""),
+        ("newroot", 0o40755, b""),
         ("init", 0o100755, (resources.INITRAMFS / "init").read_bytes()),
         ("modules.order", 0o100644, "\n".join(order).encode() + b"\n"),
         ("bin/busybox", 0o100755, (root / "usr/bin/busybox").read_bytes()),
@@ -359,5 +403,14 @@ def newc_archive(entries: list[tuple[str, int, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["Image", "build", "ensure", "find", "list_images", "remove", "recipe_names", "host_apt_mirror",
-           "newc_archive"]
+__all__ = [
+    "Image",
+    "build",
+    "ensure",
+    "find",
+    "list_images",
+    "remove",
+    "recipe_names",
+    "host_apt_mirror",
+    "newc_archive",
+]

@@ -21,7 +21,7 @@ from typing import BinaryIO
 from . import accel as accel_mod
 from . import images, state
 from .backends import Backend, MachineSpec, get_backend
-from .errors import (AlreadyExists, BootFailed, GuestError, HeroVMError, InvalidInput, NotFound)
+from .errors import AlreadyExists, BootFailed, GuestError, HeroVMError, InvalidInput, NotFound
 from .guest import configdrive, keys
 from .guest.events import TERMINAL, AgentChannel, console_events, console_tail
 from .guest.registry import guest_registry
@@ -55,8 +55,9 @@ class Bootstrap:
         return None
 
 
-def load_bootstrap(source: str | os.PathLike | None, sha256: str | None = None, *,
-                   variables: dict[str, str] | None = None) -> Bootstrap:
+def load_bootstrap(
+    source: str | os.PathLike | None, sha256: str | None = None, *, variables: dict[str, str] | None = None
+) -> Bootstrap:
     """Read a bootstrap from a file, a URL (needs sha256) or inline text (contains a newline or starts with
     `!`), and check it against the guest's actions before any VM exists."""
     if source is None or source == "":
@@ -64,10 +65,15 @@ def load_bootstrap(source: str | os.PathLike | None, sha256: str | None = None, 
     text = str(source)
     if text.startswith(("http://", "https://")):
         if not sha256 or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
-            raise InvalidInput(f"bootstrap URL {text} needs --bootstrap-sha256 with its 64-hex-digit sha256",
-                               hint="compute it with `sha256sum FILE`; herovm never runs unpinned content")
-        return Bootstrap(name=Path(urllib.parse.urlparse(text).path).name or "bootstrap.hero", url=text,
-                         sha256=sha256.lower())
+            raise InvalidInput(
+                f"bootstrap URL {text} needs --bootstrap-sha256 with its 64-hex-digit sha256",
+                hint="compute it with `sha256sum FILE`; herovm never runs unpinned content",
+            )
+        return Bootstrap(
+            name=Path(urllib.parse.urlparse(text).path).name or "bootstrap.hero",
+            url=text,
+            sha256=sha256.lower(),
+        )
     if "\n" in text or text.lstrip().startswith("!"):
         bootstrap = Bootstrap(script=text)
     else:
@@ -75,7 +81,9 @@ def load_bootstrap(source: str | os.PathLike | None, sha256: str | None = None, 
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise InvalidInput(f"cannot read bootstrap {path}: {e.strerror}", hint="give a .hero file or a URL") from e
+            raise InvalidInput(
+                f"cannot read bootstrap {path}: {e.strerror}", hint="give a .hero file or a URL"
+            ) from e
         if len(data) > BOOTSTRAP_LIMIT:
             raise InvalidInput(f"bootstrap {path} is larger than {BOOTSTRAP_LIMIT} bytes")
         bootstrap = Bootstrap(name=path.name, script=data.decode("utf-8", "replace"))
@@ -135,13 +143,21 @@ class VM:
             self._conn.connect(deadline_s)
         return self._conn
 
-    def exec(self, command: Sequence[str] | str, *, env: dict[str, str] | None = None, cwd: str | None = None,
-             timeout: float | None = None, stdin: bytes | BinaryIO | None = None,
-             on_stdout: Callable[[bytes], None] | None = None,
-             on_stderr: Callable[[bytes], None] | None = None) -> ExecResult:
+    def exec(
+        self,
+        command: Sequence[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | BinaryIO | None = None,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+    ) -> ExecResult:
         self.manager.require_running(self.name)
-        return self.connection().exec(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
-                                      on_stdout=on_stdout, on_stderr=on_stderr)
+        return self.connection().exec(
+            command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr
+        )
 
     def put(self, local: str | os.PathLike, remote: str) -> None:
         self.manager.require_running(self.name)
@@ -166,8 +182,9 @@ class VM:
 class Manager:
     """with herovm.Manager() as m: vm = m.up("box", bootstrap="setup.hero"); vm.exec(["uname", "-a"])"""
 
-    def __init__(self, backend: Backend | str = "libvirt", *, uri: str | None = None,
-                 progress: Reporter = silent) -> None:
+    def __init__(
+        self, backend: Backend | str = "libvirt", *, uri: str | None = None, progress: Reporter = silent
+    ) -> None:
         if isinstance(backend, str):
             backend = get_backend(backend, **({"uri": uri} if uri else {}))
         self.backend = backend
@@ -184,10 +201,21 @@ class Manager:
 
     # ------------------------------------------------------------------------------------------- up
 
-    def up(self, name: str, *, image: str = "default", cpus: int = 1, memory: str | int = "1GB",
-           disk: str | int = "10GB", bootstrap: str | os.PathLike | None = None,
-           bootstrap_sha256: str | None = None, variables: dict[str, str] | None = None,
-           timeout: str | float = "5m", accel: str | None = None, network: bool = True) -> VM:
+    def up(
+        self,
+        name: str,
+        *,
+        image: str = "default",
+        cpus: int = 1,
+        memory: str | int = "1GB",
+        disk: str | int = "10GB",
+        bootstrap: str | os.PathLike | None = None,
+        bootstrap_sha256: str | None = None,
+        variables: dict[str, str] | None = None,
+        timeout: str | float = "5m",
+        accel: str | None = None,
+        network: bool = True,
+    ) -> VM:
         """Create and boot a VM, returning once its bootstrap has run and it answers exec.
         An existing running VM with the same settings is returned as it is."""
         state.validate_name(name)
@@ -198,8 +226,16 @@ class Manager:
         timeout_s = _duration(timeout, "timeout")
         boot = load_bootstrap(bootstrap, bootstrap_sha256, variables=variables)
         choice = accel_mod.choose(accel)
-        settings = {"image": image, "cpus": cpus, "memory": memory_b, "disk": disk_b, "accel": choice.accel,
-                    "bootstrap": boot.digest, "network": network, "vars": dict(sorted((variables or {}).items()))}
+        settings = {
+            "image": image,
+            "cpus": cpus,
+            "memory": memory_b,
+            "disk": disk_b,
+            "accel": choice.accel,
+            "bootstrap": boot.digest,
+            "network": network,
+            "vars": dict(sorted((variables or {}).items())),
+        }
         vmdir = state.VMDir(name)
         with vmdir.lock():
             existing = self.backend.get(name)
@@ -207,8 +243,10 @@ class Manager:
                 if existing.metadata.get("settings") == settings and existing.state == "running":
                     self.progress(Progress("up", f"{name} is already up with these settings"))
                     return VM(self, name, existing.metadata)
-                raise AlreadyExists(f"VM {name} already exists ({existing.state}) with other settings",
-                                    hint=f"pick another name or remove it with `herovm down {name}`")
+                raise AlreadyExists(
+                    f"VM {name} already exists ({existing.state}) with other settings",
+                    hint=f"pick another name or remove it with `herovm down {name}`",
+                )
             img = images.ensure(image, self.progress)
             self._create(vmdir, img, settings, boot, variables or {})
             try:
@@ -219,8 +257,14 @@ class Manager:
                 raise
         return VM(self, name, meta)
 
-    def _create(self, vmdir: state.VMDir, img: images.Image, settings: dict, boot: Bootstrap,
-                variables: dict[str, str]) -> None:
+    def _create(
+        self,
+        vmdir: state.VMDir,
+        img: images.Image,
+        settings: dict,
+        boot: Bootstrap,
+        variables: dict[str, str],
+    ) -> None:
         name = vmdir.name
         if vmdir.exists():  # left by a crashed herovm: libvirt has no such VM, so it is garbage
             vmdir.remove()
@@ -229,21 +273,50 @@ class Manager:
             vmdir.create()
             client_pub = keys.generate_keypair(vmdir.client_key, comment=f"herovm-client@{name}")
             host_pub = keys.generate_keypair(vmdir.host_key, comment=f"herovm-host@{name}")
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(img.disk),
-                            str(vmdir.disk), str(max(settings["disk"], img.manifest.get("root_size", 0)))],
-                           check=True, capture_output=True, text=True)
+            subprocess.run(
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "qcow2",
+                    "-b",
+                    str(img.disk),
+                    str(vmdir.disk),
+                    str(max(settings["disk"], img.manifest.get("root_size", 0))),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             with state.named_lock("ports"):
                 port = None
                 if settings["network"]:
-                    port = state.allocate_port({m.metadata.get("ssh_port") for m in self.backend.list()} - {None})
-                meta = {"name": name, "settings": settings, "image": img.recipe, "image_id": img.id,
-                        "ssh_port": port, "host_key": host_pub, "client_key": client_pub,
-                        "bootstrap": boot.url or boot.name if boot.drive_entry() else None,
-                        "created": _now(), "backend": self.backend.name}
+                    port = state.allocate_port(
+                        {m.metadata.get("ssh_port") for m in self.backend.list()} - {None}
+                    )
+                meta = {
+                    "name": name,
+                    "settings": settings,
+                    "image": img.recipe,
+                    "image_id": img.id,
+                    "ssh_port": port,
+                    "host_key": host_pub,
+                    "client_key": client_pub,
+                    "bootstrap": boot.url or boot.name if boot.drive_entry() else None,
+                    "created": _now(),
+                    "backend": self.backend.name,
+                }
                 vmdir.write_meta({**meta, "bootstrap_entry": boot.drive_entry(), "vars": variables})
                 spec = self._spec(vmdir, img, meta)
-                self.progress(Progress("define", f"defining {name} ({settings['accel']}, "
-                                                 f"{settings['memory'] >> 20} MiB, port {port})"))
+                self.progress(
+                    Progress(
+                        "define",
+                        f"defining {name} ({settings['accel']}, {settings['memory'] >> 20} MiB, port {port})",
+                    )
+                )
                 self.backend.define(spec)
                 defined = True
         except BaseException as e:
@@ -257,21 +330,42 @@ class Manager:
 
     def _spec(self, vmdir: state.VMDir, img: images.Image, meta: dict) -> MachineSpec:
         s = meta["settings"]
-        return MachineSpec(name=vmdir.name, cpus=s["cpus"], memory=s["memory"], kernel=img.kernel,
-                           initrd=img.initrd, cmdline=img.cmdline, disk=vmdir.disk, drive=vmdir.drive,
-                           console_log=vmdir.console_log, channel=vmdir.agent_socket,
-                           ssh_port=meta["ssh_port"], accel=s["accel"], metadata=meta)
+        return MachineSpec(
+            name=vmdir.name,
+            cpus=s["cpus"],
+            memory=s["memory"],
+            kernel=img.kernel,
+            initrd=img.initrd,
+            cmdline=img.cmdline,
+            disk=vmdir.disk,
+            drive=vmdir.drive,
+            console_log=vmdir.console_log,
+            channel=vmdir.agent_socket,
+            ssh_port=meta["ssh_port"],
+            accel=s["accel"],
+            metadata=meta,
+        )
 
     def _write_drive(self, vmdir: state.VMDir, meta: dict) -> str:
         local = vmdir.read_meta()
         nonce = secrets.token_hex(16)
-        configdrive.write(vmdir.drive, {
-            "name": vmdir.name, "hostname": vmdir.name, "nonce": nonce,
-            "network": GUEST_NET if meta.get("ssh_port") else None,
-            "ssh": {"host_key": vmdir.host_key.read_text(), "authorized_keys": [meta["client_key"]], "port": 22},
-            "bootstrap": local.get("bootstrap_entry"), "vars": local.get("vars") or {},
-            "limits": {"bootstrap_bytes": BOOTSTRAP_LIMIT, "fetch_timeout": 30},
-        })
+        configdrive.write(
+            vmdir.drive,
+            {
+                "name": vmdir.name,
+                "hostname": vmdir.name,
+                "nonce": nonce,
+                "network": GUEST_NET if meta.get("ssh_port") else None,
+                "ssh": {
+                    "host_key": vmdir.host_key.read_text(),
+                    "authorized_keys": [meta["client_key"]],
+                    "port": 22,
+                },
+                "bootstrap": local.get("bootstrap_entry"),
+                "vars": local.get("vars") or {},
+                "limits": {"bootstrap_bytes": BOOTSTRAP_LIMIT, "fetch_timeout": 30},
+            },
+        )
         return nonce
 
     def _boot(self, vmdir: state.VMDir, timeout_s: float) -> dict:
@@ -288,20 +382,34 @@ class Manager:
         self.progress(Progress("boot", f"starting {name}"))
         self.backend.start(name)
         report = self._follow(vmdir, nonce, deadline, t0)
-        meta = {**meta, "last_boot": {"nonce": nonce, "started": _now(), "outcome": report.outcome,
-                                      "seconds": round(time.monotonic() - t0, 3)}}
+        meta = {
+            **meta,
+            "last_boot": {
+                "nonce": nonce,
+                "started": _now(),
+                "outcome": report.outcome,
+                "seconds": round(time.monotonic() - t0, 3),
+            },
+        }
         self.backend.set_metadata(name, meta)
         if report.outcome == "ready":
             return meta
         failed = next((e for e in reversed(report.events) if e["event"] == "failed"), {})
         if failed.get("stage") == "action":
-            raise BootFailed(f"bootstrap of {name} failed at {failed.get('file')}:{failed.get('line')} "
-                             f"({failed.get('action')}): {failed.get('error')}",
-                             hint=f"the VM is kept for inspection: `herovm ssh {name}`, then `herovm down {name}`",
-                             action=failed.get("action"), line=failed.get("line"), output=failed.get("output", ""))
-        raise BootFailed(f"{name} did not become ready: {failed.get('error') or 'no answer'}",
-                         hint=f"the VM is kept for inspection (`herovm logs {name} --console`); "
-                              f"remove it with `herovm down {name}`", stage=failed.get("stage"))
+            raise BootFailed(
+                f"bootstrap of {name} failed at {failed.get('file')}:{failed.get('line')} "
+                f"({failed.get('action')}): {failed.get('error')}",
+                hint=f"the VM is kept for inspection: `herovm ssh {name}`, then `herovm down {name}`",
+                action=failed.get("action"),
+                line=failed.get("line"),
+                output=failed.get("output", ""),
+            )
+        raise BootFailed(
+            f"{name} did not become ready: {failed.get('error') or 'no answer'}",
+            hint=f"the VM is kept for inspection (`herovm logs {name} --console`); "
+            f"remove it with `herovm down {name}`",
+            stage=failed.get("stage"),
+        )
 
     def _follow(self, vmdir: state.VMDir, nonce: str, deadline: float, t0: float) -> BootReport:
         report = BootReport()
@@ -311,16 +419,22 @@ class Manager:
         except TimeoutError:
             self._fail_unanswered(name, vmdir, "its agent channel never appeared")
         except OSError as e:  # e.g. a socket path over the 107-byte limit under a deep HEROVM_HOME
-            raise HeroVMError(f"cannot open the agent channel of {name}: {e}",
-                              hint="use a shorter HEROVM_HOME") from e
+            raise HeroVMError(
+                f"cannot open the agent channel of {name}: {e}", hint="use a shorter HEROVM_HOME"
+            ) from e
         try:
             for event in channel.events(deadline):
                 if event["event"] == "boot" and event.get("nonce") != nonce:
                     report.events.clear()
                     continue
                 report.events.append(event)
-                self.progress(Progress("agent", describe_event(event),
-                                       {**event, "host_seconds": round(time.monotonic() - t0, 3)}))
+                self.progress(
+                    Progress(
+                        "agent",
+                        describe_event(event),
+                        {**event, "host_seconds": round(time.monotonic() - t0, 3)},
+                    )
+                )
                 if event["event"] in TERMINAL:
                     return report
         except TimeoutError:
@@ -333,10 +447,12 @@ class Manager:
     def _fail_unanswered(self, name: str, vmdir: state.VMDir, why: str) -> None:
         machine = self.backend.get(name)
         tail = console_tail(vmdir.console_log)
-        raise BootFailed(f"{name}: {why} (state {machine.state if machine else 'gone'}); "
-                         f"last console line: {tail[-1] if tail else '(none)'}",
-                         hint=f"see `herovm logs {name} --console`; remove it with `herovm down {name}`",
-                         console=tail)
+        raise BootFailed(
+            f"{name}: {why} (state {machine.state if machine else 'gone'}); "
+            f"last console line: {tail[-1] if tail else '(none)'}",
+            hint=f"see `herovm logs {name} --console`; remove it with `herovm down {name}`",
+            console=tail,
+        )
 
     # ----------------------------------------------------------------------------- other verbs
 
@@ -414,15 +530,33 @@ class Manager:
         rows = []
         for m in self.backend.list():
             s = m.metadata.get("settings", {})
-            rows.append({"name": m.name, "state": m.state, "image": m.metadata.get("image"),
-                         "accel": s.get("accel"), "cpus": s.get("cpus"), "memory": s.get("memory"),
-                         "ssh_port": m.metadata.get("ssh_port"),
-                         "ready": (m.metadata.get("last_boot") or {}).get("outcome") == "ready"})
+            rows.append(
+                {
+                    "name": m.name,
+                    "state": m.state,
+                    "image": m.metadata.get("image"),
+                    "accel": s.get("accel"),
+                    "cpus": s.get("cpus"),
+                    "memory": s.get("memory"),
+                    "ssh_port": m.metadata.get("ssh_port"),
+                    "ready": (m.metadata.get("last_boot") or {}).get("outcome") == "ready",
+                }
+            )
         known = {r["name"] for r in rows}
         for orphan in state.list_vm_dirs():
             if orphan not in known:
-                rows.append({"name": orphan, "state": "orphaned", "image": None, "accel": None, "cpus": None,
-                             "memory": None, "ssh_port": None, "ready": False})
+                rows.append(
+                    {
+                        "name": orphan,
+                        "state": "orphaned",
+                        "image": None,
+                        "accel": None,
+                        "cpus": None,
+                        "memory": None,
+                        "ssh_port": None,
+                        "ready": False,
+                    }
+                )
         return sorted(rows, key=lambda r: r["name"])
 
     def status(self, name: str) -> dict:
@@ -433,13 +567,21 @@ class Manager:
         events = console_events(vmdir.console_log, last.get("nonce"))
         report = BootReport(events)
         return {
-            "name": name, "state": machine.state if machine else "gone", "backend": self.backend.name,
-            "image": vm.meta.get("image"), "image_id": vm.meta.get("image_id"),
-            "settings": vm.meta.get("settings"), "ssh_port": vm.ssh_port, "bootstrap": vm.meta.get("bootstrap"),
-            "created": vm.meta.get("created"), "last_boot": last,
+            "name": name,
+            "state": machine.state if machine else "gone",
+            "backend": self.backend.name,
+            "image": vm.meta.get("image"),
+            "image_id": vm.meta.get("image_id"),
+            "settings": vm.meta.get("settings"),
+            "ssh_port": vm.ssh_port,
+            "bootstrap": vm.meta.get("bootstrap"),
+            "created": vm.meta.get("created"),
+            "last_boot": last,
             "agent": report.outcome or ("booting" if events else "unknown"),
-            "steps": [{k: e.get(k) for k in ("index", "action", "line", "ok", "seconds", "exit_code", "error")}
-                      for e in report.actions()],
+            "steps": [
+                {k: e.get(k) for k in ("index", "action", "line", "ok", "seconds", "exit_code", "error")}
+                for e in report.actions()
+            ],
             "failure": next((e for e in reversed(events) if e["event"] == "failed"), None),
         }
 

@@ -63,10 +63,16 @@ def boot_once(name: str, bootstrap: str | None) -> dict:
         m.down(name)
         down = time.monotonic() - t
     s = marks["start"]
-    return {"up_total": marks["exec_answered"] - t_up, "first_event": marks["first_event"] - s,
-            "ready": marks["ready"] - s, "exec_answers": marks["exec_answered"] - s,
-            "guest_agent_start": marks["guest_boot"], "guest_ready": marks["guest_ready"],
-            "first_exec_connect": first_exec, "down": down}
+    return {
+        "up_total": marks["exec_answered"] - t_up,
+        "first_event": marks["first_event"] - s,
+        "ready": marks["ready"] - s,
+        "exec_answers": marks["exec_answered"] - s,
+        "guest_agent_start": marks["guest_boot"],
+        "guest_ready": marks["guest_ready"],
+        "first_exec_connect": first_exec,
+        "down": down,
+    }
 
 
 def exec_latency(name: str, n: int) -> dict:
@@ -90,12 +96,21 @@ def exec_latency(name: str, n: int) -> dict:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    mem = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))) // 1024
-    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_mib": mem, "kernel": platform.release(),
-            "qemu": qemu, "accel": accel.detect().accel, "accel_reason": "; ".join(accel.detect().reasons)}
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem = int(next(line.split()[1] for line in meminfo if line.startswith("MemTotal"))) // 1024
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout
+    qemu = qemu.splitlines()[0]
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_mib": mem,
+        "kernel": platform.release(),
+        "qemu": qemu,
+        "accel": accel.detect().accel,
+        "accel_reason": "; ".join(accel.detect().reasons),
+    }
 
 
 def main() -> None:
@@ -111,43 +126,66 @@ def main() -> None:
         for kind, boot in (("empty", None), ("test", str(TEST_BOOTSTRAP))):
             r = boot_once(f"bench-{run}-{kind}-{i}", boot)
             results[kind].append(r)
-            print(f"{kind:5} boot {i + 1}: first event {r['first_event']:.2f}s, ready {r['ready']:.2f}s, "
-                  f"exec answers {r['exec_answers']:.2f}s, down {r['down']:.2f}s", file=sys.stderr)
+            print(
+                f"{kind:5} boot {i + 1}: first event {r['first_event']:.2f}s, ready {r['ready']:.2f}s, "
+                f"exec answers {r['exec_answers']:.2f}s, down {r['down']:.2f}s",
+                file=sys.stderr,
+            )
     lat = exec_latency(f"bench-{run}-exec", args.execs)
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in results.items()}
     info = machine()
     files = image.manifest["files"]
-    summary = {"machine": info, "image": {"id": image.id, "bytes": {k: v["bytes"] for k, v in files.items()}},
-               "boots": args.boots, "median": med,
-               "exec": {k: {"p50": pct(v, 50), "p95": pct(v, 95), "n": len(v)} for k, v in lat.items()},
-               "date": time.strftime("%Y-%m-%d")}
+    summary = {
+        "machine": info,
+        "image": {"id": image.id, "bytes": {k: v["bytes"] for k, v in files.items()}},
+        "boots": args.boots,
+        "median": med,
+        "exec": {k: {"p50": pct(v, 50), "p95": pct(v, 95), "n": len(v)} for k, v in lat.items()},
+        "date": time.strftime("%Y-%m-%d"),
+    }
     print(json.dumps(summary, indent=2))
     write_markdown(Path(args.out), summary)
 
 
+def latency_row(label: str, r: dict) -> str:
+    return f"| {label} | {r['p50'] * 1000:.0f} ms | {r['p95'] * 1000:.0f} ms | {r['n']} |"
+
+
 def write_markdown(path: Path, s: dict) -> None:
     m, med, ex = s["machine"], s["median"], s["exec"]
-    rows = [("domain start to the agent's first event", "first_event"), ("domain start to `ready`", "ready"),
-            ("domain start to `exec` answering", "exec_answers"), ("`herovm up` call to `exec` answering", "up_total"),
-            ("guest uptime when the agent starts", "guest_agent_start"), ("guest uptime at `ready`", "guest_ready"),
-            ("`down`", "down")]
+    rows = [
+        ("domain start to the agent's first event", "first_event"),
+        ("domain start to `ready`", "ready"),
+        ("domain start to `exec` answering", "exec_answers"),
+        ("`herovm up` call to `exec` answering", "up_total"),
+        ("guest uptime when the agent starts", "guest_agent_start"),
+        ("guest uptime at `ready`", "guest_ready"),
+        ("`down`", "down"),
+    ]
     size = s["image"]["bytes"]
     lines = [
-        "# herovm benchmarks", "",
-        f"Measured {s['date']} by `scripts/bench.py` on {m['cpu']}, {m['cores']} cores, {m['memory_mib']} MiB, "
+        "# herovm benchmarks",
+        "",
+        f"Measured {s['date']} by `scripts/bench.py` on {m['cpu']}, {m['cores']} cores, "
+        f"{m['memory_mib']} MiB, "
         f"kernel {m['kernel']}, {m['qemu']}; accelerator **{m['accel']}** ({m['accel_reason']}). "
-        f"Median of {s['boots']} boots each, alternating.", "",
-        "| | empty bootstrap | test bootstrap (8 actions) |", "| --- | ---: | ---: |",
-        *[f"| {label} | {med['empty'][key]:.2f} s | {med['test'][key]:.2f} s |" for label, key in rows], "",
-        "| exec of `true` | p50 | p95 | runs |", "| --- | ---: | ---: | ---: |",
-        f"| Python API, kept connection | {ex['api']['p50'] * 1000:.0f} ms | {ex['api']['p95'] * 1000:.0f} ms | "
-        f"{ex['api']['n']} |",
-        f"| CLI (`herovm exec NAME -- true`) | {ex['cli']['p50'] * 1000:.0f} ms | {ex['cli']['p95'] * 1000:.0f} ms | "
-        f"{ex['cli']['n']} |", "",
+        f"Median of {s['boots']} boots each, alternating.",
+        "",
+        "| | empty bootstrap | test bootstrap (8 actions) |",
+        "| --- | ---: | ---: |",
+        *[f"| {label} | {med['empty'][key]:.2f} s | {med['test'][key]:.2f} s |" for label, key in rows],
+        "",
+        "| exec of `true` | p50 | p95 | runs |",
+        "| --- | ---: | ---: | ---: |",
+        latency_row("Python API, kept connection", ex["api"]),
+        latency_row("CLI (`herovm exec NAME -- true`)", ex["cli"]),
+        "",
         f"Image `default/{s['image']['id']}`: base disk {size['base.qcow2'] / 2**20:.0f} MiB (qcow2), kernel "
-        f"{size['vmlinuz'] / 2**20:.1f} MiB, initramfs {size['initrd.img'] / 2**20:.1f} MiB.", "",
+        f"{size['vmlinuz'] / 2**20:.1f} MiB, initramfs {size['initrd.img'] / 2**20:.1f} MiB.",
+        "",
         "Reference points on the same machine under TCG, same kernel: a busybox initramfs reaches `/init` in "
-        "3.7 s; a Debian image with cloud-init answers SSH at 44.6 s and finishes cloud-init at 58.5 s.", "",
+        "3.7 s; a Debian image with cloud-init answers SSH at 44.6 s and finishes cloud-init at 58.5 s.",
+        "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))

@@ -6,6 +6,7 @@ libvirt, not a file of ours, which machines exist.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from xml.etree import ElementTree
@@ -20,9 +21,12 @@ from .base import Machine, MachineSpec
 PREFIX = "herovm-"
 NAMESPACE = "urn:herovm:vm:1"
 _STATES = {
-    libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_BLOCKED: "running",
-    libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "running", libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "running",
+    libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
 }
 
@@ -36,12 +40,19 @@ def default_uri() -> str:
 
 
 def render_domain_xml(spec: MachineSpec) -> str:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(resources.TEMPLATES), autoescape=True,
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(resources.TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
     return env.get_template("libvirt-domain.xml.j2").render(
-        spec=spec, domain_name=PREFIX + spec.name, namespace=NAMESPACE,
+        spec=spec,
+        domain_name=PREFIX + spec.name,
+        namespace=NAMESPACE,
         domain_type="kvm" if spec.accel == "kvm" else "qemu",
-        metadata_json=json.dumps(spec.metadata, sort_keys=True))
+        metadata_json=json.dumps(spec.metadata, sort_keys=True),
+    )
 
 
 class LibvirtBackend:
@@ -55,13 +66,12 @@ class LibvirtBackend:
             raise BackendUnavailable(
                 f"cannot connect to libvirt at {self.uri}: {e.get_error_message()}",
                 hint="is libvirtd running? start it with `libvirtd -d` (scripts/setup does), "
-                     "or pick another URI with --connect / HEROVM_LIBVIRT_URI") from e
+                "or pick another URI with --connect / HEROVM_LIBVIRT_URI",
+            ) from e
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
-        except libvirt.libvirtError:
-            pass
 
     def _lookup(self, name: str) -> libvirt.virDomain | None:
         try:
@@ -79,7 +89,9 @@ class LibvirtBackend:
 
     def define(self, spec: MachineSpec) -> None:
         if self._lookup(spec.name) is not None:
-            raise AlreadyExists(f"VM {spec.name} already exists", hint=f"remove it with `herovm down {spec.name}`")
+            raise AlreadyExists(
+                f"VM {spec.name} already exists", hint=f"remove it with `herovm down {spec.name}`"
+            )
         try:
             self.conn.defineXMLFlags(render_domain_xml(spec), libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
         except libvirt.libvirtError as e:
@@ -160,8 +172,13 @@ class LibvirtBackend:
         if dom.isActive():
             flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
         try:
-            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, ElementTree.tostring(element, "unicode"),
-                            "herovm", NAMESPACE, flags)
+            dom.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                ElementTree.tostring(element, "unicode"),
+                "herovm",
+                NAMESPACE,
+                flags,
+            )
         except libvirt.libvirtError as e:
             raise _wrap(e, f"updating {name}") from e
 
@@ -177,6 +194,8 @@ class LibvirtBackend:
 def _wrap(e: libvirt.libvirtError, doing: str) -> HeroVMError:
     code = e.get_error_code()
     if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC):
-        return BackendUnavailable(f"libvirt connection lost while {doing}: {e.get_error_message()}",
-                                  hint="is libvirtd running? `libvirtd -d` starts it")
+        return BackendUnavailable(
+            f"libvirt connection lost while {doing}: {e.get_error_message()}",
+            hint="is libvirtd running? `libvirtd -d` starts it",
+        )
     return HeroVMError(f"libvirt failed while {doing}: {e.get_error_message()}")

@@ -1,4 +1,4 @@
-"""The per-boot config drive: an ISO9660 volume labelled HEROVM holding config.json (bootstrap/PROTOCOL.md)."""
+"""The per-boot config drive: an ISO9660 volume labelled HEROVM with config.json (bootstrap/PROTOCOL.md)."""
 
 from __future__ import annotations
 

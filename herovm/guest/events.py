@@ -84,7 +84,7 @@ def console_events(console_log: Path, nonce: str | None = None) -> list[dict]:
         idx = line.find(CONSOLE_PREFIX)
         if idx < 0:
             continue
-        event = _decode(line[idx + len(CONSOLE_PREFIX):])
+        event = _decode(line[idx + len(CONSOLE_PREFIX) :])
         if event is None:
             continue
         if event["event"] == "boot":

@@ -37,8 +37,12 @@ def test_full_bootstrap_effects_and_events(vm_factory, unique_name, recorder):
     first = int(sh("cat /run/ticker"))
     time.sleep(2.5)
     assert int(sh("cat /run/ticker")) > first, "the supervised service keeps running"
-    assert sh("test ! -e /usr/bin/cloud-init && ! dpkg -l 'cloud-init*' 2>/dev/null | grep -q ^ii && echo none"
-              ).strip() == "none"
+    assert (
+        sh(
+            "test ! -e /usr/bin/cloud-init && ! dpkg -l 'cloud-init*' 2>/dev/null | grep -q ^ii && echo none"
+        ).strip()
+        == "none"
+    )
     assert sh("cat /proc/1/comm").strip() == "python3", "the agent is PID 1"
 
     # Every step's event came over the channel, in order, for this boot.
@@ -48,8 +52,16 @@ def test_full_bootstrap_effects_and_events(vm_factory, unique_name, recorder):
     assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
     starts = [e for e in events if e["event"] == "action.start"]
     ends = [e for e in events if e["event"] == "action.end"]
-    assert [e["action"] for e in ends] == ["file.write", "file.write", "dir.create", "env.set", "cmd.run",
-                                           "user.add", "service.start", "system.hostname"]
+    assert [e["action"] for e in ends] == [
+        "file.write",
+        "file.write",
+        "dir.create",
+        "env.set",
+        "cmd.run",
+        "user.add",
+        "service.start",
+        "system.hostname",
+    ]
     assert [e["line"] for e in starts] == [e["line"] for e in ends] == [2, 4, 9, 11, 13, 15, 17, 20]
     assert all(e["ok"] for e in ends)
     cmd_end = ends[4]
@@ -62,9 +74,11 @@ def test_full_bootstrap_effects_and_events(vm_factory, unique_name, recorder):
 
 def test_failing_action_reports_line_and_output_and_keeps_guest(vm_factory, unique_name):
     name = unique_name("fail")
-    script = ("!!file.write path:/root/before content:'x'\n\n"
-              "!!cmd.run cmd:'echo about to fail; echo oops >&2; exit 7'\n\n"
-              "!!file.write path:/root/after content:'never'\n")
+    script = (
+        "!!file.write path:/root/before content:'x'\n\n"
+        "!!cmd.run cmd:'echo about to fail; echo oops >&2; exit 7'\n\n"
+        "!!file.write path:/root/after content:'never'\n"
+    )
     with pytest.raises(BootFailed) as info:
         vm_factory(name, bootstrap=script)
     err = info.value

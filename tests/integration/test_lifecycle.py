@@ -62,8 +62,10 @@ def test_cp_both_ways_files_and_directories(box, tmp_path):
     (src / "sub" / "b.sh").write_text("#!/bin/sh\necho b\n")
     os.chmod(src / "sub" / "b.sh", 0o750)
     box.put(src, "/root/tree")
-    assert box.exec("cat /root/tree/a.txt; /root/tree/sub/b.sh; stat -c %a /root/tree/sub/b.sh").stdout == \
-        b"alpha\nb\n750\n"
+    assert (
+        box.exec("cat /root/tree/a.txt; /root/tree/sub/b.sh; stat -c %a /root/tree/sub/b.sh").stdout
+        == b"alpha\nb\n750\n"
+    )
     back = tmp_path / "back"
     box.get("/root/tree", back)
     assert (back / "a.txt").read_text() == "alpha\n"
@@ -141,10 +143,13 @@ def test_cli_as_a_new_user(unique_name):
         up = subprocess.run([*HEROVM, "up", name], capture_output=True, text=True, timeout=300)
         assert up.returncode == 0, up.stderr
         assert "ready" in up.stdout and "starting" in up.stderr
-        ex = subprocess.run([*HEROVM, "exec", name, "--", "uname", "-a"], capture_output=True, text=True,
-                            timeout=60)
+        ex = subprocess.run(
+            [*HEROVM, "exec", name, "--", "uname", "-a"], capture_output=True, text=True, timeout=60
+        )
         assert ex.returncode == 0 and ex.stdout.startswith("Linux " + name + " "), ex
-        fail = subprocess.run([*HEROVM, "exec", name, "--", "sh", "-c", "exit 42"], capture_output=True, timeout=60)
+        fail = subprocess.run(
+            [*HEROVM, "exec", name, "--", "sh", "-c", "exit 42"], capture_output=True, timeout=60
+        )
         assert fail.returncode == 42
         ls = subprocess.run([*HEROVM, "ls", "--json"], capture_output=True, text=True, timeout=60)
         assert any(r["name"] == name and r["state"] == "running" for r in __import__("json").loads(ls.stdout))

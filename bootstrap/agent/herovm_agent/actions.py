@@ -3,9 +3,9 @@ whole before any of it runs (on the host before boot, and again here)."""
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
-import grp
 import shlex
 import signal
 import subprocess
@@ -24,9 +24,14 @@ registry = Registry()
 class GuestContext:
     processes: Processes
     services: Services
-    env: dict[str, str] = field(default_factory=lambda: {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
-        "LANG": "C.UTF-8", "TERM": "xterm"})
+    env: dict[str, str] = field(
+        default_factory=lambda: {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root",
+            "LANG": "C.UTF-8",
+            "TERM": "xterm",
+        }
+    )
     log_dir: str = "/var/log/herovm"
 
 
@@ -58,13 +63,18 @@ def _absolute(path: str) -> str:
     return path
 
 
-@registry.action("file.write", help="Write a file, creating its directory.",
-                 example="!!file.write path:/etc/motd mode:0644 content:'welcome'", params=[
-                     Param("path", "str", required=True, help="absolute path"),
-                     Param("content", "str", default="", help="the text to write"),
-                     Param("mode", "str", default="", help="octal mode, e.g. 0644 (default 0644 for new files)"),
-                     Param("owner", "str", default="", help="user or user:group"),
-                     Param("append", "bool", default=False, help="append instead of replacing")])
+@registry.action(
+    "file.write",
+    help="Write a file, creating its directory.",
+    example="!!file.write path:/etc/motd mode:0644 content:'welcome'",
+    params=[
+        Param("path", "str", required=True, help="absolute path"),
+        Param("content", "str", default="", help="the text to write"),
+        Param("mode", "str", default="", help="octal mode, e.g. 0644 (default 0644 for new files)"),
+        Param("owner", "str", default="", help="user or user:group"),
+        Param("append", "bool", default=False, help="append instead of replacing"),
+    ],
+)
 def file_write(call) -> dict:
     path = _absolute(call.values["path"])
     os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
@@ -76,10 +86,16 @@ def file_write(call) -> dict:
     return {"bytes": len(content.encode())}
 
 
-@registry.action("dir.create", help="Create a directory and its parents.",
-                 example="!!dir.create path:/srv/app mode:0755 owner:agent", params=[
-                     Param("path", "str", required=True), Param("mode", "str", default=""),
-                     Param("owner", "str", default="")])
+@registry.action(
+    "dir.create",
+    help="Create a directory and its parents.",
+    example="!!dir.create path:/srv/app mode:0755 owner:agent",
+    params=[
+        Param("path", "str", required=True),
+        Param("mode", "str", default=""),
+        Param("owner", "str", default=""),
+    ],
+)
 def dir_create(call) -> None:
     path = _absolute(call.values["path"])
     os.makedirs(path, exist_ok=True)
@@ -87,12 +103,25 @@ def dir_create(call) -> None:
     _chown(path, call.values["owner"])
 
 
-def run_command(ctx: GuestContext, cmd: str, *, cwd: str | None = None, env: dict[str, str] | None = None,
-                timeout: float | None = None, log_name: str = "bootstrap") -> tuple[int | None, str]:
+def run_command(
+    ctx: GuestContext,
+    cmd: str,
+    *,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    log_name: str = "bootstrap",
+) -> tuple[int | None, str]:
     """Run `sh -c cmd` in its own process group; return (exit code or None on timeout, output tail)."""
-    proc = ctx.processes.spawn(["/bin/sh", "-c", cmd], cwd=cwd or "/root", env={**ctx.env, **(env or {})},
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    proc = ctx.processes.spawn(
+        ["/bin/sh", "-c", cmd],
+        cwd=cwd or "/root",
+        env={**ctx.env, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     tail = bytearray()
 
     def drain() -> None:
@@ -122,17 +151,27 @@ def _env_pairs(items: list[str]) -> dict[str, str]:
     return env
 
 
-@registry.action("cmd.run", help="Run a shell command; its output is captured and reported.",
-                 example="!!cmd.run cmd:'echo ready > /run/ready' timeout:30s", params=[
-                     Param("cmd", "str", required=True, help="shell command (sh -c)"),
-                     Param("cwd", "str", default="/root"),
-                     Param("env", "list", default=[], help="NAME=VALUE entries, comma separated"),
-                     Param("timeout", "duration", default=600.0),
-                     Param("ignore_error", "bool", default=False, help="a non-zero exit does not fail the boot")])
+@registry.action(
+    "cmd.run",
+    help="Run a shell command; its output is captured and reported.",
+    example="!!cmd.run cmd:'echo ready > /run/ready' timeout:30s",
+    params=[
+        Param("cmd", "str", required=True, help="shell command (sh -c)"),
+        Param("cwd", "str", default="/root"),
+        Param("env", "list", default=[], help="NAME=VALUE entries, comma separated"),
+        Param("timeout", "duration", default=600.0),
+        Param("ignore_error", "bool", default=False, help="a non-zero exit does not fail the boot"),
+    ],
+)
 def cmd_run(call) -> dict:
     ctx: GuestContext = call.context
-    code, output = run_command(ctx, call.values["cmd"], cwd=call.values["cwd"],
-                               env=_env_pairs(call.values["env"]), timeout=call.values["timeout"])
+    code, output = run_command(
+        ctx,
+        call.values["cmd"],
+        cwd=call.values["cwd"],
+        env=_env_pairs(call.values["env"]),
+        timeout=call.values["timeout"],
+    )
     if code is None:
         raise ActionFailed(f"timed out after {call.values['timeout']:g}s", exit_code=124, output=output)
     if code != 0 and not call.values["ignore_error"]:
@@ -140,20 +179,35 @@ def cmd_run(call) -> dict:
     return {"exit_code": code, "output": output}
 
 
-@registry.action("user.add", help="Add a user, optionally with sudo and SSH keys.",
-                 example="!!user.add name:agent sudo:true ssh_keys:'ssh-ed25519 AAAA... me'", params=[
-                     Param("name", "str", required=True), Param("sudo", "bool", default=False),
-                     Param("ssh_keys", "list", default=[]), Param("shell", "str", default="/bin/bash"),
-                     Param("home", "str", default="")])
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+@registry.action(
+    "user.add",
+    help="Add a user, optionally with sudo and SSH keys.",
+    example="!!user.add name:agent sudo:true ssh_keys:'ssh-ed25519 AAAA... me'",
+    params=[
+        Param("name", "str", required=True),
+        Param("sudo", "bool", default=False),
+        Param("ssh_keys", "list", default=[]),
+        Param("shell", "str", default="/bin/bash"),
+        Param("home", "str", default=""),
+    ],
+)
 def user_add(call) -> dict:
     ctx: GuestContext = call.context
     name = call.values["name"]
     home = call.values["home"] or f"/home/{name}"
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        cmd = f"useradd --create-home --home-dir {shlex.quote(home)} --shell {shlex.quote(call.values['shell'])} " \
-              f"-p '*' {shlex.quote(name)}"
+    if not _user_exists(name):
+        shell = shlex.quote(call.values["shell"])
+        cmd = (
+            f"useradd --create-home --home-dir {shlex.quote(home)} --shell {shell} -p '*' {shlex.quote(name)}"
+        )
         code, output = run_command(ctx, cmd)
         if code != 0:
             raise ActionFailed(f"useradd {name} failed", exit_code=code, output=output)
@@ -175,9 +229,13 @@ def user_add(call) -> dict:
     return {"uid": entry.pw_uid, "home": entry.pw_dir}
 
 
-@registry.action("env.set", help="Set environment variables for later actions, services and login shells.",
-                 example="!!env.set NAME=value OTHER=x", args=True, params=[
-                     Param("name", "str", default=""), Param("value", "str", default="")])
+@registry.action(
+    "env.set",
+    help="Set environment variables for later actions, services and login shells.",
+    example="!!env.set NAME=value OTHER=x",
+    args=True,
+    params=[Param("name", "str", default=""), Param("value", "str", default="")],
+)
 def env_set(call) -> dict:
     ctx: GuestContext = call.context
     pairs = _env_pairs(call.args)
@@ -193,12 +251,18 @@ def env_set(call) -> dict:
     return {"set": sorted(pairs)}
 
 
-@registry.action("service.start", help="Start a supervised service, restarted by its policy.",
-                 example="!!service.start name:web cmd:'python3 -m http.server 8080' restart:always", params=[
-                     Param("name", "str", required=True), Param("cmd", "str", required=True),
-                     Param("env", "list", default=[]),
-                     Param("restart", "str", default="on-failure", help="always, on-failure or never"),
-                     Param("after", "list", default=[], help="services that must already be running")])
+@registry.action(
+    "service.start",
+    help="Start a supervised service, restarted by its policy.",
+    example="!!service.start name:web cmd:'python3 -m http.server 8080' restart:always",
+    params=[
+        Param("name", "str", required=True),
+        Param("cmd", "str", required=True),
+        Param("env", "list", default=[]),
+        Param("restart", "str", default="on-failure", help="always, on-failure or never"),
+        Param("after", "list", default=[], help="services that must already be running"),
+    ],
+)
 def service_start(call) -> dict:
     ctx: GuestContext = call.context
     name, restart = call.values["name"], call.values["restart"]
@@ -214,11 +278,17 @@ def service_start(call) -> dict:
     return {"pid": service.pid}
 
 
-@registry.action("pkg.install", help="Install Debian packages with apt.",
-                 example="!!pkg.install git curl", args=True, params=[
-                     Param("names", "list", default=[], help="packages, besides the bare arguments"),
-                     Param("update", "bool", default=False, help="run apt-get update first"),
-                     Param("timeout", "duration", default=900.0)])
+@registry.action(
+    "pkg.install",
+    help="Install Debian packages with apt.",
+    example="!!pkg.install git curl",
+    args=True,
+    params=[
+        Param("names", "list", default=[], help="packages, besides the bare arguments"),
+        Param("update", "bool", default=False, help="run apt-get update first"),
+        Param("timeout", "duration", default=900.0),
+    ],
+)
 def pkg_install(call) -> dict:
     ctx: GuestContext = call.context
     names = list(call.args) + list(call.values["names"])
@@ -230,13 +300,20 @@ def pkg_install(call) -> dict:
         cmd = "apt-get update -q && " + cmd
     code, output = run_command(ctx, cmd, env=env, timeout=call.values["timeout"])
     if code != 0:
-        raise ActionFailed("apt-get failed" if code is not None else "apt-get timed out",
-                           exit_code=code if code is not None else 124, output=output)
+        raise ActionFailed(
+            "apt-get failed" if code is not None else "apt-get timed out",
+            exit_code=code if code is not None else 124,
+            output=output,
+        )
     return {"installed": names}
 
 
-@registry.action("system.hostname", help="Set the hostname.", example="!!system.hostname name:web1",
-                 params=[Param("name", "str", required=True)])
+@registry.action(
+    "system.hostname",
+    help="Set the hostname.",
+    example="!!system.hostname name:web1",
+    params=[Param("name", "str", required=True)],
+)
 def system_hostname(call) -> None:
     from .system import set_hostname
 

@@ -83,7 +83,7 @@ class Events:
             data = (self._outbox.get() + "\n").encode()
             try:
                 while data:
-                    data = data[os.write(self._fd, data):]  # type: ignore[arg-type]
+                    data = data[os.write(self._fd, data) :]  # type: ignore[arg-type]
             except OSError:
                 time.sleep(0.2)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -51,7 +52,9 @@ class Agent:
         try:
             result = fn(*args)
         except Exception as e:
-            self.events.emit("setup", step=name, ok=False, seconds=round(time.monotonic() - t, 3), error=str(e))
+            self.events.emit(
+                "setup", step=name, ok=False, seconds=round(time.monotonic() - t, 3), error=str(e)
+            )
             raise
         self.events.emit("setup", step=name, ok=True, seconds=round(time.monotonic() - t, 3))
         return result
@@ -67,8 +70,9 @@ class Agent:
             self.events.emit("boot", nonce=None, agent=VERSION, kernel=os.uname().release, pid=os.getpid())
             self.fail("drive", str(e))
             return
-        self.events.emit("boot", nonce=config.get("nonce"), agent=VERSION, kernel=os.uname().release,
-                         pid=os.getpid())
+        self.events.emit(
+            "boot", nonce=config.get("nonce"), agent=VERSION, kernel=os.uname().release, pid=os.getpid()
+        )
         try:
             self.step("network", system.setup_network, config.get("network"))
             self.step("hostname", system.set_hostname, config.get("hostname") or config.get("name", "herovm"))
@@ -88,8 +92,11 @@ class Agent:
         spec = config.get("bootstrap") or {}
         limits = config.get("limits") or {}
         try:
-            text, source, digest = fetch_bootstrap(spec, int(limits.get("bootstrap_bytes", DEFAULT_BOOTSTRAP_LIMIT)),
-                                                   float(limits.get("fetch_timeout", 30)))
+            text, source, digest = fetch_bootstrap(
+                spec,
+                int(limits.get("bootstrap_bytes", DEFAULT_BOOTSTRAP_LIMIT)),
+                float(limits.get("fetch_timeout", 30)),
+            )
         except Exception as e:  # noqa: BLE001
             self.fail("fetch", str(e))
             return
@@ -104,29 +111,39 @@ class Agent:
             playbook = parse(text, path=name, variables=config.get("vars") or None)
             errors = [p for p in validate(playbook, registry) if p.severity == "error"]
             if errors:
-                raise HeroScriptError.from_problems(errors) if hasattr(HeroScriptError, "from_problems") \
+                raise (
+                    HeroScriptError.from_problems(errors)
+                    if hasattr(HeroScriptError, "from_problems")
                     else ValueError("\n".join(map(str, errors)))
+                )
         except (HeroScriptError, ValueError) as e:
             self.fail("validate", str(e))
             return
         if digest and _read(DONE_FILE) == digest:
-            # This disk already ran this bootstrap: a later boot only brings back its environment and services.
+            # This disk already ran this bootstrap: a later boot only restores its environment and services.
             playbook.actions[:] = [a for a in playbook.actions if a.fullname in AGAIN_ON_REBOOT]
             source = "done"
         self.events.emit("bootstrap", source=source, actions=len(playbook.actions), sha256=digest)
         self.write_status(state="bootstrapping")
 
         def on_start(action, index: int) -> None:
-            self.events.emit("action.start", index=index, action=action.fullname, file=action.file,
-                             line=action.line)
+            self.events.emit(
+                "action.start", index=index, action=action.fullname, file=action.file, line=action.line
+            )
 
         def on_end(result) -> None:
             value = result.value if isinstance(result.value, dict) else {}
             out = result.output or str(value.get("output", ""))
             exit_code = result.exit_code if result.exit_code is not None else value.get("exit_code")
-            fields = {"index": result.index, "action": result.action.fullname, "line": result.action.line,
-                      "ok": result.ok, "seconds": round(result.seconds, 3), "exit_code": exit_code,
-                      "output": out[-4096:]}
+            fields = {
+                "index": result.index,
+                "action": result.action.fullname,
+                "line": result.action.line,
+                "ok": result.ok,
+                "seconds": round(result.seconds, 3),
+                "exit_code": exit_code,
+                "output": out[-4096:],
+            }
             if result.error:
                 fields["error"] = result.error
             self.events.emit("action.end", **fields)
@@ -136,8 +153,15 @@ class Agent:
         results = run(playbook, registry, context, on_start=on_start, on_end=on_end)
         failed = next((r for r in results if not r.ok), None)
         if failed:
-            self.fail("action", failed.error or "failed", action=failed.action.fullname, line=failed.action.line,
-                      file=failed.action.file, exit_code=failed.exit_code, output=(failed.output or "")[-4096:])
+            self.fail(
+                "action",
+                failed.error or "failed",
+                action=failed.action.fullname,
+                line=failed.action.line,
+                file=failed.action.file,
+                exit_code=failed.exit_code,
+                output=(failed.output or "")[-4096:],
+            )
             return
         self.finish(digest, source, len(results))
 
@@ -165,10 +189,8 @@ class Agent:
         self.events.emit("shutdown", reason=reason)
         self.services.stop_all()
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(-1, sig)
-            except ProcessLookupError:
-                pass
             time.sleep(0.3)
         system.power_off()
 
@@ -182,7 +204,7 @@ def _read(path: str) -> str | None:
 
 
 def fetch_bootstrap(spec: dict, limit: int, timeout: float) -> tuple[str, str, str | None]:
-    """The bootstrap text, where it came from, and its sha256. A URL bootstrap must match its pinned sha256."""
+    """The bootstrap text, where it came from, and its sha256. A fetched one must match its pinned sha256."""
     if "url" not in spec and not spec.get("script"):
         return "", "none", None
     import hashlib
@@ -200,7 +222,9 @@ def fetch_bootstrap(spec: dict, limit: int, timeout: float) -> tuple[str, str, s
         raise ValueError(f"bootstrap {url}: larger than the limit of {limit} bytes")
     got = hashlib.sha256(data).hexdigest()
     if got != want:
-        raise ValueError(f"bootstrap {url}: sha256 {got} does not match the pinned {want}; refusing to run it")
+        raise ValueError(
+            f"bootstrap {url}: sha256 {got} does not match the pinned {want}; refusing to run it"
+        )
     return data.decode("utf-8"), "url", got
 
 

@@ -7,6 +7,7 @@ still delivered to its owner. Orphans re-parented to PID 1 are reaped and droppe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,7 +25,9 @@ class Processes:
         self._exited = threading.Condition(self._lock)
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
 
-    def spawn(self, args: list[str], on_exit: Callable[[int], None] | None = None, **popen: object) -> subprocess.Popen:
+    def spawn(
+        self, args: list[str], on_exit: Callable[[int], None] | None = None, **popen: object
+    ) -> subprocess.Popen:
         """Start a child; `on_exit(returncode)` runs in the reaper thread when it ends."""
         with self._lock:
             proc = subprocess.Popen(args, **popen)  # type: ignore[call-overload]
@@ -62,10 +65,8 @@ class Processes:
                     self._status[pid] = code
                     self._exited.notify_all()
             if on_exit is not None:
-                try:
+                with contextlib.suppress(Exception):  # a callback must never stop the reaper
                     on_exit(code)
-                except Exception:  # noqa: BLE001 - a callback must never stop the reaper
-                    pass
 
 
 class Service:
@@ -99,8 +100,14 @@ class Services:
         log = open(f"/var/log/herovm/{service.name}.log", "ab")  # noqa: SIM115 - handed to the child
         try:
             proc = self._processes.spawn(
-                ["/bin/sh", "-c", service.cmd], on_exit=lambda code: self._exited(service, code),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=service.env, start_new_session=True)
+                ["/bin/sh", "-c", service.cmd],
+                on_exit=lambda code: self._exited(service, code),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=service.env,
+                start_new_session=True,
+            )
         finally:
             log.close()
         service.pid, service.state = proc.pid, "running"
@@ -114,7 +121,9 @@ class Services:
             return
         service.restarts += 1
         service.state = "restarting"
-        self._notify("service", name=service.name, state="restarting", exit_code=code, restarts=service.restarts)
+        self._notify(
+            "service", name=service.name, state="restarting", exit_code=code, restarts=service.restarts
+        )
         delay = min(0.1 * 2 ** min(service.restarts, 6), 5.0)
         threading.Timer(delay, self._relaunch, args=(service,)).start()
 
@@ -135,12 +144,18 @@ class Services:
                 _kill_group(s.pid, signal.SIGKILL)
 
     def snapshot(self) -> dict[str, dict]:
-        return {s.name: {"state": s.state, "pid": s.pid, "restarts": s.restarts, "last_exit": s.last_exit,
-                         "restart": s.restart} for s in self.services.values()}
+        return {
+            s.name: {
+                "state": s.state,
+                "pid": s.pid,
+                "restarts": s.restarts,
+                "last_exit": s.last_exit,
+                "restart": s.restart,
+            }
+            for s in self.services.values()
+        }
 
 
 def _kill_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass

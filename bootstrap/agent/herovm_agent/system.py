@@ -43,14 +43,18 @@ def mount_basics() -> None:
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     if not os.path.exists("/dev/ptmx"):
         os.symlink("pts/ptmx", "/dev/ptmx")
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                         ("stderr", "/proc/self/fd/2")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         if not os.path.lexists(f"/dev/{name}"):
             os.symlink(target, f"/dev/{name}")
 
 
 def find_drive() -> str | None:
-    """The block device holding an ISO9660 volume labelled HEROVM (read from its primary volume descriptor)."""
+    """The block device holding an ISO9660 volume labelled HEROVM (from its primary volume descriptor)."""
     for dev in sorted(os.listdir("/sys/block")):
         if dev.startswith(("loop", "ram")):
             continue
@@ -87,12 +91,21 @@ def setup_network(net: dict | None) -> None:
         if not ifaces:
             raise RuntimeError("no network interface found")
         dev = ifaces[0]
-        lines += [f"link set {dev} mtu {int(net.get('mtu', 1500))}", f"addr add {net['address']} dev {dev}",
-                  f"link set {dev} up", f"route add default via {net['gateway']}"]
+        lines += [
+            f"link set {dev} mtu {int(net.get('mtu', 1500))}",
+            f"addr add {net['address']} dev {dev}",
+            f"link set {dev} up",
+            f"route add default via {net['gateway']}",
+        ]
         with open("/etc/resolv.conf", "w") as f:
             f.writelines(f"nameserver {ns}\n" for ns in net.get("dns", []))
-    subprocess.run(["/usr/sbin/ip", "-batch", "-"], input="\n".join(lines) + "\n", text=True, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["/usr/sbin/ip", "-batch", "-"],
+        input="\n".join(lines) + "\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
 
 
 def set_hostname(name: str) -> None:
@@ -115,7 +128,9 @@ def write_private(path: str, content: str, mode: int = 0o600) -> None:
 def install_ssh_keys(ssh: dict) -> None:
     write_private("/etc/ssh/ssh_host_ed25519_key", ssh["host_key"].rstrip("\n") + "\n")
     os.makedirs("/root/.ssh", mode=0o700, exist_ok=True)
-    write_private("/root/.ssh/authorized_keys", "".join(k.strip() + "\n" for k in ssh.get("authorized_keys", [])))
+    write_private(
+        "/root/.ssh/authorized_keys", "".join(k.strip() + "\n" for k in ssh.get("authorized_keys", []))
+    )
 
 
 class SSHListener:
@@ -136,8 +151,9 @@ class SSHListener:
         while True:
             conn, _ = self.sock.accept()
             try:
-                self._spawn(["/usr/sbin/sshd", "-i", "-e"], stdin=conn.fileno(), stdout=conn.fileno(),
-                            stderr=self.log)
+                self._spawn(
+                    ["/usr/sbin/sshd", "-i", "-e"], stdin=conn.fileno(), stdout=conn.fileno(), stderr=self.log
+                )
             except OSError as e:
                 self.log.write(f"herovm: cannot start sshd: {e}\n".encode())
             finally:
