@@ -30,6 +30,8 @@ from .heroscript import parse_size
 from .progress import Progress, Reporter, silent
 
 AGENT_VERSION = "1"
+# Bump when the way a root file system is made changes (mmdebstrap options, hooks): it is part of the key.
+ROOTFS_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,8 @@ def _guest_sources() -> list[Path]:
 
 
 def recipe_key(recipe: dict) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    keyed = {"recipe": recipe, "format": ROOTFS_FORMAT}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def image_id(recipe: dict) -> str:
@@ -151,6 +154,34 @@ def remove(recipe_name: str, image_id_: str | None = None) -> list[Path]:
     for t in targets:
         shutil.rmtree(t)
     return targets
+
+
+def images_in_use() -> set[tuple[str, str]]:
+    """(recipe, id) of every image a VM's overlay is based on."""
+    used = set()
+    for name in state.list_vm_dirs():
+        meta = state.VMDir(name).read_meta()
+        if meta.get("image") and meta.get("image_id"):
+            used.add((meta["image"], meta["image_id"]))
+    return used
+
+
+def prune(recipe_name: str, keep: str) -> list[Path]:
+    """Remove older versions of a recipe's image that no VM uses; returns what was removed."""
+    root = state.images_dir() / _check_recipe_name(recipe_name)
+    used = {iid for recipe, iid in images_in_use() if recipe == recipe_name} | {keep}
+    removed = []
+    for path in root.iterdir():
+        if IMAGE_ID_RE.match(path.name) and path.name not in used:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    cache = state.images_dir() / ".rootfs"
+    current = f"{recipe_name}-{recipe_key(load_recipe(recipe_name))}.tar"
+    for tar in cache.glob(f"{recipe_name}-*.tar"):
+        if tar.name != current:
+            tar.unlink(missing_ok=True)
+            removed.append(tar)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -218,6 +249,10 @@ def build_rootfs(recipe_name: str, recipe: dict, progress: Reporter) -> Path:
         'rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/log/*.log',
         'echo herovm > "$1"/etc/hostname',
     ]
+    if cached := recipe.get("cached_packages"):
+        download = "apt-get install -q -y --download-only --no-install-recommends"
+        hooks.append(f'chroot "$1" {download} {" ".join(cached)}')
+    hooks.append('rm -f "$1"/var/cache/apt/*.bin')  # apt's binary caches: ~80 MB, rebuilt on first use
     cmd = [
         "mmdebstrap",
         f"--variant={recipe.get('variant', 'apt')}",
@@ -226,6 +261,9 @@ def build_rootfs(recipe_name: str, recipe: dict, progress: Reporter) -> Path:
     cmd += [f"--dpkgopt=path-exclude={p}" for p in recipe.get("path_excludes", [])]
     cmd += [f"--dpkgopt=path-include={p}" for p in recipe.get("path_includes", [])]
     cmd += [f"--customize-hook={h}" for h in hooks]
+    # Package lists stay, so pkg.install needs no `apt-get update`; the cache holds only cached_packages.
+    cmd += ["--skip=cleanup/apt/lists,cleanup/apt/cache", "--aptopt=Acquire::GzipIndexes \"true\"",
+            "--aptopt=Acquire::CompressionTypes::Order:: \"gz\""]
     partial = tar.with_suffix(f".{os.getpid()}.partial.tar")  # the extension picks the format
     cmd += [recipe["suite"], str(partial), mirror]
     try:
@@ -258,6 +296,7 @@ def build(recipe_name: str = "default", progress: Reporter = silent) -> Image:
     image = find(recipe_name)
     if image is None:
         raise ImageError(f"image {recipe_name} was built but cannot be read back")
+    prune(recipe_name, keep=image.id)
     progress(Progress("image", f"image {recipe_name}/{image.id} ready ({_mb(image.disk)} MB disk)"))
     return image
 

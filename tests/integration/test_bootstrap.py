@@ -111,3 +111,12 @@ def test_bootstrap_by_url_pinned_and_refused(vm_factory, unique_name, http_serve
         vm_factory(unique_name("badsha"), bootstrap=url, bootstrap_sha256=bad_sha)
     assert info.value.details["stage"] == "fetch"
     assert "does not match" in info.value.message and bad_sha in info.value.message
+
+
+def test_pkg_install_from_the_image_apt_cache(vm_factory, unique_name):
+    """pkg.install with no network traffic: `tree` waits in the image's apt cache (images/default.toml)."""
+    vm = vm_factory(unique_name("pkg"), bootstrap="!!pkg.install tree\n")
+    r = vm.exec(["sh", "-c", "dpkg-query -W -f='${Status}' tree; echo; tree -L 1 /srv | head -1"])
+    assert r.exit_code == 0, r
+    assert r.stdout.decode().splitlines() == ["install ok installed", "/srv"]
+    vm.close()
