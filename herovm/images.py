@@ -262,8 +262,11 @@ def build_rootfs(recipe_name: str, recipe: dict, progress: Reporter) -> Path:
     cmd += [f"--dpkgopt=path-include={p}" for p in recipe.get("path_includes", [])]
     cmd += [f"--customize-hook={h}" for h in hooks]
     # Package lists stay, so pkg.install needs no `apt-get update`; the cache holds only cached_packages.
-    cmd += ["--skip=cleanup/apt/lists,cleanup/apt/cache", "--aptopt=Acquire::GzipIndexes \"true\"",
-            "--aptopt=Acquire::CompressionTypes::Order:: \"gz\""]
+    cmd += [
+        "--skip=cleanup/apt/lists,cleanup/apt/cache",
+        '--aptopt=Acquire::GzipIndexes "true"',
+        '--aptopt=Acquire::CompressionTypes::Order:: "gz"',
+    ]
     partial = tar.with_suffix(f".{os.getpid()}.partial.tar")  # the extension picks the format
     cmd += [recipe["suite"], str(partial), mirror]
     try:
