@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -167,12 +168,14 @@ def images_in_use() -> set[tuple[str, str]]:
 
 
 def prune(recipe_name: str, keep: str) -> list[Path]:
-    """Remove older versions of a recipe's image that no VM uses; returns what was removed."""
+    """Remove older versions of a recipe's image that no VM uses; returns what was removed. Versions built
+    in the last hour stay too: another herovm process may be about to define a VM on one."""
     root = state.images_dir() / _check_recipe_name(recipe_name)
     used = {iid for recipe, iid in images_in_use() if recipe == recipe_name} | {keep}
+    recent = time.time() - 3600
     removed = []
     for path in root.iterdir():
-        if IMAGE_ID_RE.match(path.name) and path.name not in used:
+        if IMAGE_ID_RE.match(path.name) and path.name not in used and path.stat().st_mtime < recent:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     cache = state.images_dir() / ".rootfs"
