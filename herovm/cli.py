@@ -87,6 +87,8 @@ def _fail(e: HeroVMError, json_out: bool = False, code: int | None = None) -> No
         typer.echo(json.dumps(e.to_json(), default=str))
     else:
         typer.echo(f"herovm: error: {e.message}", err=True)
+        for line in (e.details.get("console") or [])[-8:]:
+            typer.echo(f"  console| {line}", err=True)
         if e.hint:
             typer.echo(f"  hint: {e.hint}", err=True)
     raise typer.Exit(code if code is not None else e.exit_code)
@@ -118,6 +120,10 @@ def up(
     var: Annotated[list[str] | None, typer.Option(help="K=V substituted into the bootstrap")] = None,
     timeout: Annotated[str, typer.Option(help="how long to wait for ready, e.g. 5m")] = "5m",
     accel: Annotated[str, typer.Option(help="kvm, tcg or auto")] = "auto",
+    kernel_args: Annotated[str, typer.Option(help="extra kernel command line arguments")] = "",
+    keep_failed: Annotated[
+        bool, typer.Option(help="keep the VM even when it never got to run the bootstrap")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create and boot a VM; return when its bootstrap has run and it answers exec."""
@@ -134,6 +140,8 @@ def up(
                 variables=_kv(var, "--var"),
                 timeout=timeout,
                 accel=accel,
+                kernel_args=kernel_args,
+                keep_failed=keep_failed,
             )
             status = m.status(vm.name)
     except HeroVMError as e:
@@ -253,6 +261,20 @@ def cp(src: str, dst: str) -> None:
                     vm.get(src_path, dst_path)
     except HeroVMError as e:
         _fail(e)
+
+
+@app.command()
+def gc(json_out: JsonOpt = False) -> None:
+    """Remove what crashed or killed herovm runs left behind (never a running VM)."""
+    try:
+        with _manager(json_out) as m:
+            removed = m.gc()
+    except HeroVMError as e:
+        _fail(e, json_out)
+    if json_out:
+        _print_json({"removed": removed})
+    else:
+        typer.echo("\n".join(f"removed {r}" for r in removed) or "nothing to remove")
 
 
 @app.command(name="ls")

@@ -35,6 +35,12 @@ class AlreadyExists(HeroVMError):
     exit_code = 4
 
 
+class Busy(HeroVMError):
+    """Another herovm process holds the VM (e.g. a second `up` of the same name)."""
+
+    exit_code = 4
+
+
 class BackendUnavailable(HeroVMError):
     exit_code = 5
 

@@ -21,7 +21,7 @@ from typing import BinaryIO
 from . import accel as accel_mod
 from . import images, state
 from .backends import Backend, MachineSpec, get_backend
-from .errors import AlreadyExists, BootFailed, GuestError, HeroVMError, InvalidInput, NotFound
+from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, InvalidInput, NotFound
 from .guest import configdrive, keys
 from .guest.events import TERMINAL, AgentChannel, console_events, console_tail
 from .guest.registry import guest_registry
@@ -189,6 +189,7 @@ class Manager:
             backend = get_backend(backend, **({"uri": uri} if uri else {}))
         self.backend = backend
         self.progress = progress
+        self.fetch_timeout = 30.0  # seconds the guest waits for a bootstrap URL to answer
 
     def close(self) -> None:
         self.backend.close()
@@ -215,9 +216,15 @@ class Manager:
         timeout: str | float = "5m",
         accel: str | None = None,
         network: bool = True,
+        kernel_args: str = "",
+        keep_failed: bool = False,
     ) -> VM:
         """Create and boot a VM, returning once its bootstrap has run and it answers exec.
-        An existing running VM with the same settings is returned as it is."""
+
+        An existing running VM with the same settings is returned as it is. If the boot fails before any
+        bootstrap action ran (no agent, a bad drive, a refused bootstrap), the half-made VM is removed and
+        the error carries the last console lines; if an action failed, the VM is kept for inspection.
+        `keep_failed` keeps it in every case."""
         state.validate_name(name)
         memory_b = _size(memory, "memory", minimum=128 << 20)
         disk_b = _size(disk, "disk", minimum=1 << 30)
@@ -235,16 +242,23 @@ class Manager:
             "bootstrap": boot.digest,
             "network": network,
             "vars": dict(sorted((variables or {}).items())),
+            "kernel_args": kernel_args,
         }
         vmdir = state.VMDir(name)
-        with vmdir.lock():
+        with vmdir.lock(wait=0):  # a second `up` of the same name fails at once instead of queueing
             existing = self.backend.get(name)
             if existing is not None:
-                if existing.metadata.get("settings") == settings and existing.state == "running":
+                ready = (existing.metadata.get("last_boot") or {}).get("outcome") == "ready"
+                if existing.metadata.get("settings") == settings and existing.state == "running" and ready:
                     self.progress(Progress("up", f"{name} is already up with these settings"))
                     return VM(self, name, existing.metadata)
+                why = (
+                    "with other settings"
+                    if existing.metadata.get("settings") != settings
+                    else "but not ready"
+                )
                 raise AlreadyExists(
-                    f"VM {name} already exists ({existing.state}) with other settings",
+                    f"VM {name} already exists ({existing.state}) {why}",
                     hint=f"pick another name or remove it with `herovm down {name}`",
                 )
             img = images.ensure(image, self.progress)
@@ -254,6 +268,12 @@ class Manager:
             except KeyboardInterrupt:
                 self.progress(Progress("up", f"interrupted: removing {name}"))
                 self._remove(name)
+                raise
+            except BootFailed as e:
+                if not keep_failed and e.details.get("stage") != "action":
+                    self.progress(Progress("up", f"removing {name}: nothing to inspect"))
+                    self._remove(name)
+                    e.hint = "see the console lines above; `herovm up --keep-failed` keeps such a VM"
                 raise
         return VM(self, name, meta)
 
@@ -336,7 +356,7 @@ class Manager:
             memory=s["memory"],
             kernel=img.kernel,
             initrd=img.initrd,
-            cmdline=img.cmdline,
+            cmdline=f"{img.cmdline} {s.get('kernel_args', '')}".strip(),
             disk=vmdir.disk,
             drive=vmdir.drive,
             console_log=vmdir.console_log,
@@ -363,7 +383,7 @@ class Manager:
                 },
                 "bootstrap": local.get("bootstrap_entry"),
                 "vars": local.get("vars") or {},
-                "limits": {"bootstrap_bytes": BOOTSTRAP_LIMIT, "fetch_timeout": 30},
+                "limits": {"bootstrap_bytes": BOOTSTRAP_LIMIT, "fetch_timeout": self.fetch_timeout},
             },
         )
         return nonce
@@ -379,9 +399,10 @@ class Manager:
         t0 = time.monotonic()
         deadline = t0 + timeout_s
         vmdir.agent_socket.unlink(missing_ok=True)
+        console_start = vmdir.console_log.stat().st_size if vmdir.console_log.exists() else 0
         self.progress(Progress("boot", f"starting {name}"))
         self.backend.start(name)
-        report = self._follow(vmdir, nonce, deadline, t0)
+        report = self._follow(vmdir, nonce, deadline, t0, console_start)
         meta = {
             **meta,
             "last_boot": {
@@ -400,20 +421,33 @@ class Manager:
                 f"bootstrap of {name} failed at {failed.get('file')}:{failed.get('line')} "
                 f"({failed.get('action')}): {failed.get('error')}",
                 hint=f"the VM is kept for inspection: `herovm ssh {name}`, then `herovm down {name}`",
+                stage="action",
                 action=failed.get("action"),
                 line=failed.get("line"),
                 output=failed.get("output", ""),
             )
         raise BootFailed(
-            f"{name} did not become ready: {failed.get('error') or 'no answer'}",
+            f"{name} did not become ready: {failed.get('stage')}: {failed.get('error') or 'no answer'}",
             hint=f"the VM is kept for inspection (`herovm logs {name} --console`); "
             f"remove it with `herovm down {name}`",
             stage=failed.get("stage"),
+            console=console_tail(vmdir.console_log),
         )
 
-    def _follow(self, vmdir: state.VMDir, nonce: str, deadline: float, t0: float) -> BootReport:
+    def _follow(
+        self, vmdir: state.VMDir, nonce: str, deadline: float, t0: float, console_start: int
+    ) -> BootReport:
+        """Follow the agent's events until ready or failed. While the channel is quiet, look at this boot's
+        console output too: the initramfs reports its failures there, before any agent exists."""
         report = BootReport()
         name = vmdir.name
+
+        def check_console() -> None:
+            for event in console_events(vmdir.console_log, offset=console_start):
+                if event["event"] == "failed" and event.get("stage") == "initramfs":
+                    report.events.append(event)
+                    raise _EarlyFailure
+
         try:
             channel = AgentChannel(vmdir.agent_socket, deadline)
         except TimeoutError:
@@ -423,7 +457,7 @@ class Manager:
                 f"cannot open the agent channel of {name}: {e}", hint="use a shorter HEROVM_HOME"
             ) from e
         try:
-            for event in channel.events(deadline):
+            for event in channel.events(deadline, on_idle=check_console):
                 if event["event"] == "boot" and event.get("nonce") != nonce:
                     report.events.clear()
                     continue
@@ -437,6 +471,8 @@ class Manager:
                 )
                 if event["event"] in TERMINAL:
                     return report
+        except _EarlyFailure:
+            return report
         except TimeoutError:
             self._fail_unanswered(name, vmdir, f"no ready after {deadline - t0:.0f}s")
         finally:
@@ -451,6 +487,7 @@ class Manager:
             f"{name}: {why} (state {machine.state if machine else 'gone'}); "
             f"last console line: {tail[-1] if tail else '(none)'}",
             hint=f"see `herovm logs {name} --console`; remove it with `herovm down {name}`",
+            stage="boot",
             console=tail,
         )
 
@@ -506,13 +543,17 @@ class Manager:
             meta = self._boot(vmdir, _duration(timeout, "timeout"))
         return VM(self, name, meta)
 
-    def down(self, name: str) -> None:
-        """Remove the VM: its domain, disk, drive, keys and state. Nothing is left."""
+    def down(self, name: str, wait: float = 300.0) -> None:
+        """Remove the VM: its domain, disk, drive, keys and state. Nothing is left.
+
+        The guest is powered off before the lock is taken: an `up` of the same VM in another process then
+        fails at once (its guest stopped) and lets go, instead of `down` waiting for its whole boot."""
         state.validate_name(name)
         vmdir = state.VMDir(name)
-        with vmdir.lock():
-            if self.backend.get(name) is None and not vmdir.exists():
-                raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
+        if self.backend.get(name) is None and not vmdir.exists():
+            raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
+        self.backend.destroy(name)
+        with vmdir.lock(wait=wait):
             self._remove(name)
 
     def _remove(self, name: str) -> None:
@@ -525,6 +566,38 @@ class Manager:
         for name in names:
             self.down(name)
         return names
+
+    def gc(self) -> list[str]:
+        """Remove what crashed or killed herovm processes left behind: VM directories without a domain, and
+        domains defined but never started whose directory is gone. Running VMs are never touched."""
+        removed = []
+        machines = {m.name: m for m in self.backend.list()}
+        for name in state.list_vm_dirs():
+            if name in machines:
+                continue
+            vmdir = state.VMDir(name)
+            try:
+                with vmdir.lock(wait=0):
+                    if self.backend.get(name) is None:
+                        vmdir.remove()
+                        removed.append(f"directory of {name} (no domain)")
+            except Busy:
+                continue  # an `up` is creating it right now
+        for name, machine in machines.items():
+            if machine.state == "running":
+                continue
+            vmdir = state.VMDir(name)
+            if not vmdir.exists():
+                self.backend.undefine(name)
+                removed.append(f"domain of {name} (no directory)")
+            elif not machine.metadata.get("last_boot"):
+                try:
+                    with vmdir.lock(wait=0):
+                        self._remove(name)
+                        removed.append(f"{name} (defined by an `up` that never booted it)")
+                except Busy:
+                    continue
+        return removed
 
     def ls(self) -> list[dict]:
         rows = []
@@ -591,6 +664,10 @@ class Manager:
         if console:
             return vmdir.console_log
         return console_events(vmdir.console_log, (vm.meta.get("last_boot") or {}).get("nonce"))
+
+
+class _EarlyFailure(Exception):
+    """The boot failed before the agent ran (seen on the console)."""
 
 
 def describe_event(e: dict) -> str:

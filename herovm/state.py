@@ -13,10 +13,11 @@ import os
 import re
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import InvalidInput
+from .errors import Busy, InvalidInput
 
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
 NAME_RULE = "1-40 characters: lower-case letters, digits and '-', starting and ending with a letter or digit"
@@ -121,19 +122,37 @@ class VMDir:
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """An exclusive lock on this VM name, held across create/boot/remove by one herovm process."""
-        with named_lock(f"vm-{self.name}"):
-            yield
+    def lock(self, wait: float | None = None) -> contextlib.AbstractContextManager[None]:
+        """An exclusive lock on this VM name, held across create/boot/remove by one herovm process.
+        `wait`: seconds to wait for another holder (None: as long as it takes; 0: fail at once)."""
+        return named_lock(f"vm-{self.name}", wait=wait, what=f"VM {self.name}")
 
 
 @contextlib.contextmanager
-def named_lock(name: str) -> Iterator[None]:
+def named_lock(name: str, wait: float | None = None, what: str | None = None) -> Iterator[None]:
+    """A lock file under HEROVM_HOME/locks. The kernel drops it when its holder dies, even by SIGKILL, so a
+    crashed herovm never leaves a VM locked. The holder's PID is written into it for the error message."""
     locks = ensure_dir(home() / "locks", 0o700)
     fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if wait is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                        raise Busy(
+                            f"{what or name} is busy: another herovm process (pid {holder}) is working on it",
+                            hint="wait for it to finish, or stop that process",
+                        ) from None
+                    time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)

@@ -7,7 +7,7 @@ import json
 import select
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CONSOLE_PREFIX = "@herovm "
@@ -26,7 +26,7 @@ class AgentChannel:
     def send(self, command: dict) -> None:
         self.sock.sendall(json.dumps(command).encode() + b"\n")
 
-    def events(self, deadline: float) -> Iterator[dict]:
+    def events(self, deadline: float, on_idle: Callable[[], None] | None = None) -> Iterator[dict]:
         """Events in order, each once (the agent replays on hello), until `deadline` (then TimeoutError).
         Yields None-free dicts; a closed channel (the guest stopped) ends the iteration."""
         while True:
@@ -42,8 +42,13 @@ class AgentChannel:
                 raise TimeoutError
             ready, _, _ = select.select([self.sock], [], [], min(left, 1.0))
             if not ready:
+                if on_idle is not None:
+                    on_idle()
                 continue
-            chunk = self.sock.recv(65536)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:  # the guest was destroyed mid-stream
+                return
             if not chunk:
                 return
             self._buf += chunk
@@ -73,11 +78,14 @@ def _decode(line: bytes | str) -> dict | None:
     return event if isinstance(event, dict) and "event" in event else None
 
 
-def console_events(console_log: Path, nonce: str | None = None) -> list[dict]:
-    """The events of the last boot (the one with `nonce`, if given) as mirrored on the console."""
+def console_events(console_log: Path, nonce: str | None = None, offset: int = 0) -> list[dict]:
+    """The events of the last boot (the one with `nonce`, if given) as mirrored on the console; `offset`
+    skips what earlier boots wrote."""
     events: list[dict] = []
     try:
-        text = console_log.read_text(errors="replace")
+        with open(console_log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
     except OSError:
         return []
     for line in text.splitlines():

@@ -301,7 +301,7 @@ def test_stale_vm_dir_is_replaced(manager: Manager, backend, fake_image, home: P
     stale.create()
     (stale.path / "junk").write_text("from a crashed herovm")
     with pytest.raises(BootFailed, match="agent channel never appeared"):
-        manager.up(name, timeout=0.3)
+        manager.up(name, timeout=0.3, keep_failed=True)
     assert not (stale.path / "junk").exists()
     assert stale.meta_file.exists()
     manager.down(name)
@@ -583,7 +583,7 @@ def test_up_bootstrap_failure_keeps_the_vm(manager: Manager, backend, fake_image
     guest.join()
     err = info.value
     assert err.message == f"bootstrap of {name} failed at setup.hero:2 (cmd.run): exit 3"
-    assert err.details == {"action": "cmd.run", "line": 2, "output": "boom\n"}
+    assert err.details == {"stage": "action", "action": "cmd.run", "line": 2, "output": "boom\n"}
     assert f"herovm down {name}" in (err.hint or "")
     assert err.exit_code == 7
     assert backend.get(name).metadata["last_boot"]["outcome"] == "failed"
@@ -595,7 +595,8 @@ def test_up_bootstrap_failure_keeps_the_vm(manager: Manager, backend, fake_image
 
 
 @needs_qemu_img
-def test_up_without_agent_times_out_and_keeps_the_vm(manager: Manager, backend, fake_image) -> None:
+def test_up_without_agent_times_out_and_removes_the_vm(manager: Manager, backend, fake_image) -> None:
+    """Nothing ran in the guest, so nothing is there to inspect: the half-made VM goes."""
     name = unique("mute")
     t0 = time.monotonic()
     with pytest.raises(BootFailed) as info:
@@ -603,6 +604,16 @@ def test_up_without_agent_times_out_and_keeps_the_vm(manager: Manager, backend, 
     assert time.monotonic() - t0 < 10
     assert "its agent channel never appeared (state running)" in info.value.message
     assert "last console line: (none)" in info.value.message
+    assert info.value.details["stage"] == "boot"
+    assert "--keep-failed" in (info.value.hint or "")
+    assert_nothing_left(backend, name)
+
+
+@needs_qemu_img
+def test_up_without_agent_keep_failed_keeps_the_vm(manager: Manager, backend, fake_image) -> None:
+    name = unique("mutekeep")
+    with pytest.raises(BootFailed, match="its agent channel never appeared"):
+        manager.up(name, timeout=0.3, keep_failed=True)
     assert backend.get(name) is not None and state.VMDir(name).exists()
     manager.down(name)
     assert_nothing_left(backend, name)
@@ -617,7 +628,7 @@ def test_guest_that_stops_before_ready(manager: Manager, backend, fake_image) ->
     with pytest.raises(BootFailed, match="the guest stopped before it was ready"):
         manager.up(name, timeout="10s")
     guest.join()
-    manager.down(name)
+    assert_nothing_left(backend, name)
 
 
 # ------------------------------------------------------------------------------ down, ls, stop, start

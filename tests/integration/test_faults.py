@@ -1,0 +1,321 @@
+"""Issue 6: faults produced for real. Nothing lost, nothing leaked, nobody in."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from herovm import state
+from herovm.backends.libvirt import PREFIX
+from herovm.errors import BootFailed, GuestError
+from herovm.guest.ssh import HostKeyMismatch
+from herovm.manager import Manager
+
+HEROVM = [sys.executable, "-m", "herovm.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*HEROVM, *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def qemu_running(name: str) -> bool:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return f"guest={PREFIX}{name}," in ps
+
+
+def assert_nothing_left(name: str) -> None:
+    conn = libvirt.open("qemu:///system")
+    try:
+        with pytest.raises(libvirt.libvirtError):
+            conn.lookupByName(PREFIX + name)
+    finally:
+        conn.close()
+    assert not state.VMDir(name).path.exists(), f"{name}: directory left behind"
+    for _ in range(50):  # QEMU may take a moment to exit after destroy
+        if not qemu_running(name):
+            break
+        time.sleep(0.1)
+    assert not qemu_running(name), f"{name}: QEMU process left behind"
+
+
+def ls_entry(name: str) -> dict | None:
+    out = cli("ls", "--json", timeout=60)
+    assert out.returncode == 0, out.stderr
+    return next((r for r in json.loads(out.stdout) if r["name"] == name), None)
+
+
+# ------------------------------------------------------------------------------------------ crash safety
+
+
+def test_up_killed_at_many_points_leaves_a_truthful_state_that_down_removes(unique_name, image):
+    """SIGKILL `herovm up` before define, after define, while the guest boots and around the bootstrap."""
+    conn = libvirt.open("qemu:///system")
+    seen_states = set()
+    try:
+        for delay in (0.05, 0.4, 0.9, 1.6, 3.0, 5.0, 6.5):
+            name = unique_name("kill")
+            proc = subprocess.Popen(
+                [
+                    *HEROVM,
+                    "up",
+                    name,
+                    "--bootstrap",
+                    str(ROOT / "tests/integration/data/full.hero"),
+                    "--var",
+                    "WHO=kill",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            entry = ls_entry(name)
+            try:
+                dom = conn.lookupByName(PREFIX + name)
+                libvirt_state = "running" if dom.isActive() else "stopped"
+            except libvirt.libvirtError:
+                libvirt_state = None
+            # ls tells the truth: it shows exactly what libvirt and the disk hold.
+            if libvirt_state is None:
+                expected = "orphaned" if state.VMDir(name).exists() else None
+                assert (entry["state"] if entry else None) == expected, (delay, entry)
+            else:
+                assert entry is not None and entry["state"] == libvirt_state, (delay, entry)
+            seen_states.add(entry["state"] if entry else "absent")
+            down = cli("down", name, "--force", timeout=120)
+            assert down.returncode == 0, (delay, down.stderr)
+            assert_nothing_left(name)
+    finally:
+        conn.close()
+    assert "running" in seen_states, f"no kill landed while the guest ran: {seen_states}"
+
+
+def test_gc_removes_what_a_killed_up_left_and_spares_running_vms(unique_name, vm_factory):
+    running = vm_factory(unique_name("keep"))
+    orphan = state.VMDir(unique_name("orphan"))
+    orphan.create()  # what an `up` killed between making the directory and defining the domain leaves
+    (orphan.path / "disk.qcow2").write_bytes(b"x")
+    out = cli("gc", "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    removed = json.loads(out.stdout)["removed"]
+    assert any(orphan.name in r for r in removed)
+    assert not orphan.path.exists()
+    assert running.exec(["true"]).exit_code == 0, "gc never touches a running VM"
+    running.close()
+
+
+# ------------------------------------------------------------------------------------------- concurrency
+
+
+def test_second_up_of_the_same_name_fails_at_once_and_one_vm_results(unique_name, image):
+    name = unique_name("twice")
+    first = subprocess.Popen([*HEROVM, "up", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = state.home() / "locks" / f"vm-{name}.lock"
+        for _ in range(200):
+            if lock.exists() and lock.read_text().strip() == str(first.pid):
+                break
+            time.sleep(0.02)
+        t = time.monotonic()
+        second = cli("up", name, timeout=60)
+        assert time.monotonic() - t < 15
+        assert second.returncode == 4, second.stderr
+        assert f"VM {name} is busy: another herovm process (pid {first.pid})" in second.stderr
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+        entries = [r for r in json.loads(cli("ls", "--json").stdout) if r["name"] == name]
+        assert len(entries) == 1 and entries[0]["ready"]
+    finally:
+        first.kill()
+        first.wait()
+        cli("down", name, "--force", timeout=120)
+    assert_nothing_left(name)
+
+
+def test_down_during_up_ends_with_nothing(unique_name, image):
+    name = unique_name("race")
+    up = subprocess.Popen([*HEROVM, "up", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):  # until the guest is booting
+            if qemu_running(name):
+                break
+            time.sleep(0.02)
+        time.sleep(1.0)
+        down = cli("down", name, timeout=120)
+        assert down.returncode == 0, down.stderr
+        code = up.wait(timeout=120)
+        assert code != 0, "up must fail: its VM was removed under it"
+        assert "herovm: error:" in up.stderr.read()
+    finally:
+        up.kill()
+        up.wait()
+    assert_nothing_left(name)
+
+
+# ------------------------------------------------------------------------------------------ guest faults
+
+
+def test_guest_that_never_boots_fails_fast_with_console_lines(unique_name, image):
+    name = unique_name("noboot")
+    t = time.monotonic()
+    out = cli("up", name, "--kernel-args", "root=/dev/nonexistent", "--timeout", "2m", timeout=200)
+    took = time.monotonic() - t
+    assert out.returncode == 7, out.stderr
+    assert "root device /dev/nonexistent did not appear" in out.stderr
+    assert "console|" in out.stderr
+    assert took < 60, f"took {took:.0f}s: the initramfs failure must end the wait, not the timeout"
+    assert_nothing_left(name)
+
+
+def test_kernel_panic_then_exec_fails_fast(vm_factory, unique_name):
+    name = unique_name("panic")
+    vm = vm_factory(name)
+    m = vm_factory.manager
+    with pytest.raises(GuestError):
+        vm.exec("echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger; sleep 30", timeout=60)
+    for _ in range(100):
+        if m.backend.get(name).state != "running":
+            break
+        time.sleep(0.1)
+    assert m.backend.get(name).state == "stopped", (
+        "a panicking guest ends its domain (panic=-1, on_reboot destroy)"
+    )
+    t = time.monotonic()
+    out = cli("exec", name, "--", "true", timeout=60)
+    assert out.returncode == 255 and f"VM {name} is stopped" in out.stderr
+    assert time.monotonic() - t < 10
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def hanging_server():
+    """Accepts connections on the host's loopback and never answers."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    conns: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    thread.join()
+    for c in conns:
+        c.close()
+    srv.close()
+
+
+@pytest.mark.parametrize("case", ["404", "oversized", "hangs"])
+def test_bad_bootstrap_urls_get_one_line_errors_and_leave_nothing(
+    case, unique_name, image, http_server, hanging_server
+):
+    name = unique_name(f"url-{case}")
+    big = b"// padding\n" * (120 * 1024)  # 1.3 MB, over the 1 MiB limit
+    (http_server.root / "big.hero").write_bytes(big)
+    port = http_server.server_address[1]
+    url, digest, expect = {
+        "404": (f"http://10.0.2.2:{port}/missing.hero", "0" * 64, "404"),
+        "oversized": (
+            f"http://10.0.2.2:{port}/big.hero",
+            hashlib.sha256(big).hexdigest(),
+            "larger than the limit",
+        ),
+        "hangs": (f"http://10.0.2.2:{hanging_server}/x.hero", "0" * 64, "timed out"),
+    }[case]
+    with Manager() as m:
+        m.fetch_timeout = 3
+        with pytest.raises(BootFailed) as info:
+            m.up(name, bootstrap=url, bootstrap_sha256=digest, timeout="2m")
+    assert info.value.details["stage"] == "fetch"
+    assert expect in info.value.message and "\n" not in info.value.message
+    assert_nothing_left(name)
+
+
+# ---------------------------------------------------------------------------------- isolation and secrets
+
+
+def _local_sshd_module():
+    path = ROOT / "tests/unit/guest/conftest.py"
+    spec = importlib.util.spec_from_file_location("herovm_test_local_sshd", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_a_different_ssh_server_on_the_port_is_refused(vm_factory, unique_name, tmp_path):
+    name = unique_name("pin")
+    vm = vm_factory(name)
+    vm.close()
+    m = vm_factory.manager
+    m.stop(name)  # frees the forwarded port
+    helpers = _local_sshd_module()
+    keys = helpers.ClientKeys(tmp_path / "impostor-keys")
+    # The impostor would let the VM's own client key in: only the pinned host key stands in its way.
+    keys.client_public = keys_public = state.VMDir(name).read_meta()["client_key"]
+    impostor = helpers.LocalSshd(tmp_path / "impostor", keys, port=vm.ssh_port).start()
+    try:
+        assert keys_public in (tmp_path / "impostor" / "authorized_keys").read_text()
+        handle = m.get(name)
+        t = time.monotonic()
+        with pytest.raises(HostKeyMismatch):
+            handle.connection(deadline_s=30)
+        assert time.monotonic() - t < 5, "a wrong host key is refused at once, never retried"
+    finally:
+        impostor.stop()
+
+
+def test_keys_and_secrets_stay_private(vm_factory, unique_name, recorder):
+    name = unique_name("secret")
+    secret = "s3cr3t-" + os.urandom(6).hex()
+    vm = vm_factory(name, bootstrap=f"!!file.write path:/root/token content:'{secret}' mode:0600\n")
+    assert vm.exec(["cat", "/root/token"]).stdout.decode() == secret
+    vm.close()
+    vmdir = state.VMDir(name)
+    assert vmdir.secrets.stat().st_mode & 0o777 == 0o700
+    for key in (vmdir.client_key, vmdir.host_key, vmdir.meta_file):
+        assert key.stat().st_mode & 0o777 == 0o600, key
+    assert vmdir.drive.stat().st_mode & 0o777 == 0o600, "the drive holds the guest's private host key"
+    private = [vmdir.client_key.read_text(), vmdir.host_key.read_text()]
+    conn = libvirt.open("qemu:///system")
+    try:
+        domain_xml = conn.lookupByName(PREFIX + name).XMLDesc()
+    finally:
+        conn.close()
+    seen = {
+        "console log": vmdir.console_log.read_text(errors="replace"),
+        "status --json": cli("status", name, "--json").stdout,
+        "ls --json": cli("ls", "--json").stdout,
+        "logs": cli("logs", name).stdout,
+        "domain XML": domain_xml,
+        "progress events": json.dumps([p.data for p in recorder.events]),
+    }
+    for where, text in seen.items():
+        assert secret not in text, f"bootstrap secret in {where}"
+        for key in private:
+            body = "".join(key.strip().splitlines()[1:-1])
+            assert body[:40] not in text.replace("\n", ""), f"private key in {where}"
