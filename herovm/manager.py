@@ -401,7 +401,12 @@ class Manager:
         vmdir.agent_socket.unlink(missing_ok=True)
         console_start = vmdir.console_log.stat().st_size if vmdir.console_log.exists() else 0
         self.progress(Progress("boot", f"starting {name}"))
-        self.backend.start(name)
+        try:
+            # QEMU binds the SSH forward as it starts: a port taken meanwhile makes the start fail, so a
+            # started VM owns its port (the allocation lock keeps herovm's own VMs apart).
+            self.backend.start(name)
+        except HeroVMError as e:
+            raise BootFailed(f"{name} could not start: {e.message}", stage="start") from e
         report = self._follow(vmdir, nonce, deadline, t0, console_start)
         meta = {
             **meta,

@@ -60,8 +60,11 @@ class LibvirtBackend:
 
     def __init__(self, uri: str | None = None) -> None:
         self.uri = uri or default_uri()
+        self._conn = self._open()
+
+    def _open(self) -> libvirt.virConnect:
         try:
-            self.conn = libvirt.open(self.uri)
+            return libvirt.open(self.uri)
         except libvirt.libvirtError as e:
             raise BackendUnavailable(
                 f"cannot connect to libvirt at {self.uri}: {e.get_error_message()}",
@@ -69,9 +72,22 @@ class LibvirtBackend:
                 "or pick another URI with --connect / HEROVM_LIBVIRT_URI",
             ) from e
 
+    @property
+    def conn(self) -> libvirt.virConnect:
+        """The connection, reopened if libvirtd went away (a restart must not strand a long-lived Manager)."""
+        try:
+            alive = self._conn.isAlive()
+        except libvirt.libvirtError:
+            alive = False
+        if not alive:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
+            self._conn = self._open()
+        return self._conn
+
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
-            self.conn.close()
+            self._conn.close()
 
     def _lookup(self, name: str) -> libvirt.virDomain | None:
         try:

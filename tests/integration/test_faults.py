@@ -319,3 +319,56 @@ def test_keys_and_secrets_stay_private(vm_factory, unique_name, recorder):
         for key in private:
             body = "".join(key.strip().splitlines()[1:-1])
             assert body[:40] not in text.replace("\n", ""), f"private key in {where}"
+
+
+def test_port_taken_between_allocation_and_start_fails_cleanly(unique_name, image, monkeypatch):
+    """Another program binds the chosen port before QEMU does: up fails with one line, nothing is left."""
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen(1)
+    port = squatter.getsockname()[1]
+    monkeypatch.setattr(state, "allocate_port", lambda taken: port)
+    name = unique_name("squat")
+    try:
+        with Manager() as m, pytest.raises(BootFailed) as info:
+            m.up(name, timeout="1m")
+    finally:
+        squatter.close()
+    assert info.value.details["stage"] == "start"
+    assert "could not start" in info.value.message and str(port) in info.value.message
+    assert_nothing_left(name)
+
+
+def restart_libvirtd() -> None:
+    """Restart the libvirtd that scripts/setup started (by its pid file, or through systemd)."""
+    if Path("/run/systemd/system").is_dir():
+        subprocess.run(["systemctl", "restart", "libvirtd"], check=True, timeout=60)
+    else:
+        pid = int(Path("/run/libvirtd.pid").read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(200):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.05)
+        subprocess.run(["libvirtd", "-d"], check=True, timeout=60)
+    for _ in range(100):
+        if subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("libvirtd did not come back")
+
+
+def test_libvirtd_restart_while_guests_run(vm_factory, unique_name):
+    name = unique_name("restart-libvirtd")
+    vm = vm_factory(name)
+    vm.exec("echo before > /root/mark")
+    m = vm_factory.manager  # a long-lived Manager: its libvirt connection dies with the daemon
+    restart_libvirtd()
+    assert ls_entry(name)["state"] == "running"
+    assert m.backend.get(name).state == "running", "the Manager reconnects by itself"
+    assert vm.exec(["cat", "/root/mark"]).stdout == b"before\n"  # the SSH connection never needed libvirt
+    out = cli("exec", name, "--", "cat", "/root/mark", timeout=60)
+    assert (out.returncode, out.stdout) == (0, "before\n")
+    vm.close()
+    assert cli("down", name, timeout=120).returncode == 0
+    assert_nothing_left(name)
