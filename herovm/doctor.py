@@ -32,6 +32,7 @@ def run_checks(uri: str | None = None) -> list[Check]:
         _tool("qemu-img", "qemu-utils", "makes the copy-on-write disks"),
         _tool("mmdebstrap", "mmdebstrap", "builds images"),
         _tool("mkfs.ext4", "e2fsprogs", "builds images"),
+        _tool("passt", "passt", "the default network mode: egress without access to this host"),
     ]
     uri = uri or default_uri()
     try:

@@ -21,6 +21,7 @@ from typing import BinaryIO
 from . import accel as accel_mod
 from . import images, state
 from .backends import Backend, MachineSpec, get_backend
+from .backends.base import NET_MODES
 from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, InvalidInput, NotFound
 from .guest import configdrive, keys
 from .guest.events import TERMINAL, AgentChannel, console_events, console_tail
@@ -93,6 +94,25 @@ def load_bootstrap(
     return bootstrap
 
 
+def fetch_on_host(boot: Bootstrap, variables: dict[str, str] | None, timeout: float) -> Bootstrap:
+    """Fetch a URL bootstrap on the host (for guests without egress), verify its sha256, inline it."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(boot.url, timeout=timeout) as resp:  # noqa: S310 - http(s) only, checked
+            data = resp.read(BOOTSTRAP_LIMIT + 1)
+    except (OSError, ValueError) as e:
+        raise InvalidInput(f"cannot fetch bootstrap {boot.url}: {e}") from e
+    if len(data) > BOOTSTRAP_LIMIT:
+        raise InvalidInput(f"bootstrap {boot.url} is larger than the limit of {BOOTSTRAP_LIMIT} bytes")
+    got = hashlib.sha256(data).hexdigest()
+    if got != boot.sha256:
+        raise InvalidInput(f"bootstrap {boot.url}: sha256 {got} does not match the pinned {boot.sha256}")
+    fetched = Bootstrap(name=boot.name, script=data.decode("utf-8", "replace"))
+    check_bootstrap(fetched.script or "", fetched.name, variables)
+    return fetched
+
+
 def check_bootstrap(script: str, name: str, variables: dict[str, str] | None) -> None:
     try:
         playbook = parse(script, path=name, variables=variables or None)
@@ -137,7 +157,10 @@ class VM:
         if self._conn is None or not self._conn.connected:
             vmdir = state.VMDir(self.name)
             if not self.ssh_port:
-                raise GuestError(f"VM {self.name} has no network, so no SSH", hint="create it with a network")
+                raise GuestError(
+                    f"VM {self.name} has no network (--net none), so no SSH",
+                    hint="create it with another --net mode to exec into it",
+                )
             host_key = self.meta.get("host_key") or ""
             self._conn = GuestConnection(port=self.ssh_port, client_key=vmdir.client_key, host_key=host_key)
             self._conn.connect(deadline_s)
@@ -215,7 +238,7 @@ class Manager:
         variables: dict[str, str] | None = None,
         timeout: str | float = "5m",
         accel: str | None = None,
-        network: bool = True,
+        net: str = "default",
         kernel_args: str = "",
         keep_failed: bool = False,
     ) -> VM:
@@ -231,7 +254,15 @@ class Manager:
         if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 64:
             raise InvalidInput(f"cpus {cpus!r} must be a whole number from 1 to 64")
         timeout_s = _duration(timeout, "timeout")
+        if net not in NET_MODES:
+            raise InvalidInput(f"unknown network mode {net!r}", hint=f"use one of: {', '.join(NET_MODES)}")
         boot = load_bootstrap(bootstrap, bootstrap_sha256, variables=variables)
+        if boot.url and net in ("restricted", "none"):
+            boot = fetch_on_host(boot, variables, self.fetch_timeout)  # the guest itself has no egress
+        if net == "nat":
+            self.progress(
+                Progress("up", "warning: --net nat lets the guest reach this host's loopback services")
+            )
         choice = accel_mod.choose(accel)
         settings = {
             "image": image,
@@ -240,7 +271,7 @@ class Manager:
             "disk": disk_b,
             "accel": choice.accel,
             "bootstrap": boot.digest,
-            "network": network,
+            "net": net,
             "vars": dict(sorted((variables or {}).items())),
             "kernel_args": kernel_args,
         }
@@ -313,7 +344,7 @@ class Manager:
             )
             with state.named_lock("ports"):
                 port = None
-                if settings["network"]:
+                if settings["net"] != "none":
                     port = state.allocate_port(
                         {m.metadata.get("ssh_port") for m in self.backend.list()} - {None}
                     )
@@ -364,6 +395,8 @@ class Manager:
             ssh_port=meta["ssh_port"],
             accel=s["accel"],
             metadata=meta,
+            net=s.get("net", "nat"),
+            net_dir=vmdir.net_dir,
         )
 
     def _write_drive(self, vmdir: state.VMDir, meta: dict) -> str:

@@ -93,6 +93,10 @@ class VMDir:
         return self.path / "agent.sock"
 
     @property
+    def net_dir(self) -> Path:
+        return self.path / "net"
+
+    @property
     def events_log(self) -> Path:
         return self.path / "events.jsonl"
 

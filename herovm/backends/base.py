@@ -22,9 +22,21 @@ class MachineSpec:
     drive: Path  # the config-drive ISO
     console_log: Path
     channel: Path  # unix socket of the agent channel
-    ssh_port: int | None  # forwarded from 127.0.0.1:ssh_port to the guest's port 22; None: no network
+    ssh_port: int | None  # forwarded from 127.0.0.1:ssh_port to the guest's port 22; None: no NIC
     accel: str  # "kvm" | "tcg"
     metadata: dict = field(default_factory=dict)
+    # Network mode (see NET_MODES); net_dir holds what a mode needs on the host (e.g. passt's socket).
+    net: str = "nat"
+    net_dir: Path | None = None
+
+
+# What the guest may reach. Every mode but "none" forwards 127.0.0.1:ssh_port to the guest's SSH.
+NET_MODES = {
+    "default": "egress to the outside, never to the host (passt --no-map-gw)",
+    "restricted": "no egress at all; the host fetches a bootstrap URL (QEMU user networking, restrict=on)",
+    "none": "no network device: no SSH, so no exec/cp; the bootstrap still runs",
+    "nat": "egress anywhere, including the host's loopback as 10.0.2.2 (QEMU user networking)",
+}
 
 
 @dataclass(frozen=True)

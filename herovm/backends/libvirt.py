@@ -9,17 +9,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
+from pathlib import Path
 from xml.etree import ElementTree
 
 import jinja2
 import libvirt
 
 from .. import resources
-from ..errors import AlreadyExists, BackendUnavailable, HeroVMError, NotFound
+from ..errors import AlreadyExists, BackendUnavailable, HeroVMError, InvalidInput, NotFound
+from . import passt
 from .base import Machine, MachineSpec
 
 PREFIX = "herovm-"
 NAMESPACE = "urn:herovm:vm:1"
+NET_NAMESPACE = "urn:herovm:net:1"  # the backend's own facts about the NIC, apart from the Manager's metadata
 _STATES = {
     libvirt.VIR_DOMAIN_RUNNING: "running",
     libvirt.VIR_DOMAIN_BLOCKED: "running",
@@ -52,6 +56,15 @@ def render_domain_xml(spec: MachineSpec) -> str:
         namespace=NAMESPACE,
         domain_type="kvm" if spec.accel == "kvm" else "qemu",
         metadata_json=json.dumps(spec.metadata, sort_keys=True),
+        net_namespace=NET_NAMESPACE,
+        net_json=json.dumps(
+            {
+                "net": spec.net,
+                "ssh_port": spec.ssh_port,
+                "net_dir": str(spec.net_dir) if spec.net_dir else None,
+            }
+        ),
+        passt_socket=passt.socket_path(spec.net_dir) if spec.net_dir else "",
     )
 
 
@@ -116,10 +129,46 @@ class LibvirtBackend:
             raise _wrap(e, f"defining {spec.name}") from e
 
     def start(self, name: str) -> None:
+        dom = self._require(name)
+        net_dir = self._passt_dir(dom) if not self.uri.startswith("test:") else None  # test driver: no QEMU
+        if net_dir is not None:
+            if not _is_local(self.uri):
+                raise InvalidInput(
+                    f"the default network mode runs passt on this machine, but {self.uri} is remote",
+                    hint="use --net nat or --net restricted with a remote libvirt",
+                )
+            passt.start(net_dir, self._net(dom)["ssh_port"], self._qemu_user())
         try:
-            self._require(name).create()
+            dom.create()
         except libvirt.libvirtError as e:
+            passt.stop(net_dir)
             raise _wrap(e, f"starting {name}") from e
+
+    def _net(self, dom: libvirt.virDomain) -> dict:
+        try:
+            return json.loads(
+                ElementTree.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NET_NAMESPACE)).text
+                or "{}"
+            )
+        except (libvirt.libvirtError, ElementTree.ParseError, ValueError):
+            return {}
+
+    def _passt_dir(self, dom: libvirt.virDomain) -> Path | None:
+        net = self._net(dom)
+        return Path(net["net_dir"]) if net.get("net") == "default" and net.get("net_dir") else None
+
+    def _qemu_user(self) -> str | None:
+        """Who passt runs as: the user QEMU runs as, who must open passt's socket (libvirt-qemu under
+        qemu:///system). passt will not run as root, so as root it gets an explicit user."""
+        if os.geteuid() != 0:
+            return None
+        for user in (("libvirt-qemu",) if self.uri.startswith("qemu:///system") else ()) + ("nobody",):
+            try:
+                pwd.getpwnam(user)
+                return user
+            except KeyError:
+                continue
+        return None
 
     def destroy(self, name: str) -> None:
         dom = self._lookup(name)
@@ -130,6 +179,7 @@ class LibvirtBackend:
         except libvirt.libvirtError as e:
             if e.get_error_code() not in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
                 raise _wrap(e, f"stopping {name}") from e
+        passt.stop(self._passt_dir(dom))
 
     def undefine(self, name: str) -> None:
         self.destroy(name)
@@ -205,6 +255,11 @@ class LibvirtBackend:
             return int(open(path).read().strip())
         except (OSError, ValueError):
             return None
+
+
+def _is_local(uri: str) -> bool:
+    """qemu:///system, qemu:///session, test:///default: no host part, so the hypervisor runs here."""
+    return "://" in uri and uri.split("://", 1)[1].startswith("/") and "+" not in uri.split("://", 1)[0]
 
 
 def _wrap(e: libvirt.libvirtError, doing: str) -> HeroVMError:

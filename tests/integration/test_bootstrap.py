@@ -102,13 +102,16 @@ def test_bootstrap_by_url_pinned_and_refused(vm_factory, unique_name, http_serve
     port = http_server.server_address[1]
     url = f"http://10.0.2.2:{port}/boot.hero"  # the host's loopback, as user-mode networking shows it
 
-    good = vm_factory(unique_name("url"), bootstrap=url, bootstrap_sha256=hashlib.sha256(script).hexdigest())
+    # nat: the guest fetches it itself, from the host's loopback (the default mode would refuse that).
+    good = vm_factory(
+        unique_name("url"), net="nat", bootstrap=url, bootstrap_sha256=hashlib.sha256(script).hexdigest()
+    )
     assert good.exec(["cat", "/root/from-url"]).stdout == b"fetched"
     good.close()
 
     bad_sha = hashlib.sha256(b"something else").hexdigest()
     with pytest.raises(BootFailed) as info:
-        vm_factory(unique_name("badsha"), bootstrap=url, bootstrap_sha256=bad_sha)
+        vm_factory(unique_name("badsha"), net="nat", bootstrap=url, bootstrap_sha256=bad_sha)
     assert info.value.details["stage"] == "fetch"
     assert "does not match" in info.value.message and bad_sha in info.value.message
 

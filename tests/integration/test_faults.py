@@ -249,7 +249,7 @@ def test_bad_bootstrap_urls_get_one_line_errors_and_leave_nothing(
     with Manager() as m:
         m.fetch_timeout = 3
         with pytest.raises(BootFailed) as info:
-            m.up(name, bootstrap=url, bootstrap_sha256=digest, timeout="2m")
+            m.up(name, bootstrap=url, bootstrap_sha256=digest, timeout="2m", net="nat")
     assert info.value.details["stage"] == "fetch"
     assert expect in info.value.message and "\n" not in info.value.message
     assert_nothing_left(name)

@@ -568,7 +568,7 @@ def test_two_vms_get_different_ports(manager: Manager, backend, fake_image) -> N
 def test_up_without_network(manager: Manager, backend, fake_image) -> None:
     name = unique("nonet")
     guest = FakeGuest(name, ready_boot, console=False)
-    vm = manager.up(name, timeout="10s", network=False)
+    vm = manager.up(name, timeout="10s", net="none")
     guest.join()
     assert vm.ssh_port is None
     assert guest.config["network"] is None

@@ -1,0 +1,107 @@
+"""passt, the user-mode network stack behind herovm's default network mode.
+
+Unlike QEMU's built-in user networking, passt can refuse to map the gateway address to the host
+(`--no-map-gw`), so a guest reaches the outside but never the host's loopback services. One passt process per
+running VM: started just before QEMU, `--one-off` so it exits by itself when QEMU disconnects, and killed by
+its pid file when the domain is destroyed (checked to be our passt first: pids get reused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from ..errors import BackendUnavailable, HeroVMError
+
+GUEST = {"address": "10.0.2.15", "netmask": "24", "gateway": "10.0.2.2", "dns": "10.0.2.3"}
+
+
+def socket_path(net_dir: Path) -> Path:
+    return net_dir / "passt.sock"
+
+
+def _pid_path(net_dir: Path) -> Path:
+    return net_dir / "passt.pid"
+
+
+def start(net_dir: Path, ssh_port: int, runas: str | None) -> None:
+    """Start passt for one VM; returns once its socket accepts QEMU."""
+    binary = shutil.which("passt")
+    if binary is None:
+        raise BackendUnavailable(
+            "passt is not installed (it gives the default network mode)",
+            hint="apt-get install passt (scripts/setup does), or use --net nat",
+        )
+    stop(net_dir)
+    net_dir.mkdir(mode=0o700, exist_ok=True)
+    if runas:
+        pw = pwd.getpwnam(runas)
+        os.chown(net_dir, pw.pw_uid, pw.pw_gid)
+    sock = socket_path(net_dir)
+    sock.unlink(missing_ok=True)
+    cmd = [
+        binary,
+        "--quiet",
+        "--one-off",
+        "--socket",
+        str(sock),
+        "--pid",
+        str(_pid_path(net_dir)),
+        "--no-map-gw",
+        "--address",
+        GUEST["address"],
+        "--netmask",
+        GUEST["netmask"],
+        "--gateway",
+        GUEST["gateway"],
+        "--dns-forward",
+        GUEST["dns"],
+        "--no-dhcpv6",
+        "--tcp-ports",
+        f"127.0.0.1/{ssh_port}:22",
+        "--udp-ports",
+        "none",
+    ]
+    if runas:
+        pw = pwd.getpwnam(runas)
+        cmd += ["--runas", f"{pw.pw_uid}:{pw.pw_gid}"]
+    # passt daemonizes once its socket is bound: when this returns, QEMU can connect.
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if result.returncode != 0 or not sock.exists():
+        lines = [line for line in (result.stderr + result.stdout).splitlines() if "syslog" not in line]
+        raise HeroVMError(f"passt did not start: {lines[-1] if lines else f'exit {result.returncode}'}")
+
+
+def stop(net_dir: Path | None) -> None:
+    """Stop the VM's passt if it still runs (it normally exits with QEMU)."""
+    if net_dir is None:
+        return
+    pid = _our_pid(net_dir)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.02)
+    _pid_path(net_dir).unlink(missing_ok=True)
+    socket_path(net_dir).unlink(missing_ok=True)
+
+
+def _our_pid(net_dir: Path) -> int | None:
+    try:
+        pid = int(_pid_path(net_dir).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"passt" in cmdline and str(socket_path(net_dir)).encode() in cmdline else None
+
+
+def running(net_dir: Path) -> bool:
+    return _our_pid(net_dir) is not None
