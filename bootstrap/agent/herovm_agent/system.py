@@ -75,12 +75,72 @@ def read_drive() -> dict:
         raise RuntimeError("no config drive (ISO9660 volume labelled HEROVM) attached")
     mount(dev, DRIVE_MOUNT, "iso9660", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     try:
-        with open(os.path.join(DRIVE_MOUNT, "config.json")) as f:
-            config = json.load(f)
+        with open(os.path.join(DRIVE_MOUNT, "config.json"), "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     finally:
         umount(DRIVE_MOUNT)
+    return parse_config(data)
+
+
+MAX_CONFIG_BYTES = 4 << 20
+_SHAPE = {  # key: (types allowed, required)
+    "v": ((int,), True),
+    "name": ((str,), True),
+    "hostname": ((str,), False),
+    "nonce": ((str,), False),
+    "network": ((dict, type(None)), False),
+    "ssh": ((dict, type(None)), False),
+    "bootstrap": ((dict, type(None)), False),
+    "vars": ((dict, type(None)), False),
+    "limits": ((dict, type(None)), False),
+}
+
+
+def parse_config(data: bytes) -> dict:
+    """config.json as bytes -> a config whose every field has the shape the agent uses; ValueError else.
+    The agent reads only what this lets through, so a damaged drive is a clear `failed`, not a crash."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError("config drive: config.json is too large")
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"config drive: config.json is not JSON: {e}") from None
     if not isinstance(config, dict) or config.get("v") != 1:
-        raise RuntimeError("config drive: config.json is not a version 1 herovm config")
+        raise ValueError("config drive: config.json is not a version 1 herovm config")
+    for key, (types, required) in _SHAPE.items():
+        if key not in config:
+            if required:
+                raise ValueError(f"config drive: {key} is missing")
+        elif not isinstance(config[key], types) or isinstance(config[key], bool):
+            raise ValueError(f"config drive: {key} has the wrong type")
+    net = config.get("network") or {}
+    for key in ("address", "gateway"):
+        if net and not isinstance(net.get(key), str):
+            raise ValueError(f"config drive: network.{key} must be a string")
+    if net and (not isinstance(net.get("mtu", 1500), int) or not 68 <= net.get("mtu", 1500) <= 65535):
+        raise ValueError("config drive: network.mtu must be an integer from 68 to 65535")
+    if net and not (
+        isinstance(net.get("dns", []), list) and all(isinstance(d, str) for d in net.get("dns", []))
+    ):
+        raise ValueError("config drive: network.dns must be a list of strings")
+    ssh = config.get("ssh") or {}
+    if ssh and not isinstance(ssh.get("host_key"), str):
+        raise ValueError("config drive: ssh.host_key must be a string")
+    keys = ssh.get("authorized_keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ValueError("config drive: ssh.authorized_keys must be a list of strings")
+    if not isinstance(ssh.get("port", 22), int) or isinstance(ssh.get("port", 22), bool):
+        raise ValueError("config drive: ssh.port must be an integer")
+    boot = config.get("bootstrap") or {}
+    for key in ("script", "url", "sha256", "name"):
+        if key in boot and not isinstance(boot[key], str):
+            raise ValueError(f"config drive: bootstrap.{key} must be a string")
+    variables = config.get("vars") or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in variables.items()):
+        raise ValueError("config drive: vars must map strings to strings")
+    limits = config.get("limits") or {}
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in limits.values()):
+        raise ValueError("config drive: limits must be numbers")
     return config
 
 
