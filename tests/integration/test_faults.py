@@ -16,6 +16,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from guests import HEROVM, assert_nothing_left, cli, qemu_running
 
 from herovm import state
 from herovm.backends.libvirt import PREFIX
@@ -23,32 +24,7 @@ from herovm.errors import BootFailed, GuestError
 from herovm.guest.ssh import HostKeyMismatch
 from herovm.manager import Manager
 
-HEROVM = [sys.executable, "-m", "herovm.cli"]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*HEROVM, *args], capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def qemu_running(name: str) -> bool:
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return f"guest={PREFIX}{name}," in ps
-
-
-def assert_nothing_left(name: str) -> None:
-    conn = libvirt.open("qemu:///system")
-    try:
-        with pytest.raises(libvirt.libvirtError):
-            conn.lookupByName(PREFIX + name)
-    finally:
-        conn.close()
-    assert not state.VMDir(name).path.exists(), f"{name}: directory left behind"
-    for _ in range(50):  # QEMU may take a moment to exit after destroy
-        if not qemu_running(name):
-            break
-        time.sleep(0.1)
-    assert not qemu_running(name), f"{name}: QEMU process left behind"
 
 
 def ls_entry(name: str) -> dict | None:

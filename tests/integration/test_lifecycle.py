@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import libvirt
 import pytest
+from guests import HEROVM, assert_nothing_left
 
 from herovm import state
-from herovm.backends.libvirt import PREFIX
 from herovm.errors import AlreadyExists
-
-HEROVM = [sys.executable, "-m", "herovm.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +97,7 @@ def test_down_leaves_nothing(vm_factory, unique_name):
     vmdir = state.VMDir(name)
     assert vmdir.exists() and vmdir.disk.exists()
     m.down(name)
-    conn = libvirt.open("qemu:///system")
-    try:
-        with pytest.raises(libvirt.libvirtError):
-            conn.lookupByName(PREFIX + name)
-    finally:
-        conn.close()
-    assert not vmdir.path.exists()
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert f"guest={PREFIX}{name}," not in ps and f"-name {PREFIX}{name}" not in ps
+    assert_nothing_left(name)
 
 
 def test_two_vms_at_once_get_distinct_ports(vm_factory, unique_name):
