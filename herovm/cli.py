@@ -120,6 +120,9 @@ def up(
     var: Annotated[list[str] | None, typer.Option(help="K=V substituted into the bootstrap")] = None,
     timeout: Annotated[str, typer.Option(help="how long to wait for ready, e.g. 5m")] = "5m",
     accel: Annotated[str, typer.Option(help="kvm, tcg or auto")] = "auto",
+    net: Annotated[
+        str, typer.Option(help="network: default (no host access), restricted, none or nat")
+    ] = "default",
     kernel_args: Annotated[str, typer.Option(help="extra kernel command line arguments")] = "",
     keep_failed: Annotated[
         bool, typer.Option(help="keep the VM even when it never got to run the bootstrap")
@@ -142,6 +145,7 @@ def up(
                 accel=accel,
                 kernel_args=kernel_args,
                 keep_failed=keep_failed,
+                net=net,
             )
             status = m.status(vm.name)
     except HeroVMError as e:
@@ -404,6 +408,36 @@ def start(name: str, timeout: Annotated[str, typer.Option()] = "5m", json_out: J
         typer.echo(f"{name} is ready")
 
 
+@app.command(name="run")
+def run_(
+    playbook: Annotated[str, typer.Argument(help="a HeroScript playbook of !!vm.* actions; - for stdin")],
+    var: Annotated[list[str] | None, typer.Option(help="K=V substituted into the playbook")] = None,
+    plan: Annotated[bool, typer.Option("--plan", help="say what would happen; do nothing")] = False,
+    keep_going: Annotated[bool, typer.Option("--keep-going", help="run on after a failed action")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="show every boot step")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run a playbook: check it whole, then run its actions in file order (exit 1 at the first failure,
+    2 if the playbook is invalid: then nothing was done)."""
+    from .playbook import cli_run
+
+    try:
+        variables = _kv(var, "--var")
+    except HeroVMError as e:
+        _fail(e, json_out)
+    raise typer.Exit(
+        cli_run(
+            playbook,
+            variables,
+            plan=plan,
+            json_out=json_out,
+            keep_going=keep_going,
+            verbose=verbose,
+            uri=_options.get("uri"),  # type: ignore[arg-type]
+        )
+    )
+
+
 @app.command()
 def doctor(json_out: JsonOpt = False) -> None:
     """Check what herovm needs on this host and say how to fix what is missing."""
@@ -483,8 +517,9 @@ def _script_app() -> typer.Typer:
 
     def registry():
         from .guest.registry import guest_registry
+        from .playbook import host_registry
 
-        return guest_registry().copy()
+        return guest_registry().merge(host_registry())
 
     return make_app(registry)
 

@@ -1,0 +1,195 @@
+"""pytest plugin: a fresh, real herovm VM per test. Loaded automatically once herovm is installed (entry
+point `pytest11`); nothing happens, and libvirt is not touched, unless a test asks for a fixture.
+
+    def test_build(herovm_vm):
+        assert herovm_vm.exec(["true"]).exit_code == 0
+
+    @pytest.mark.herovm(bootstrap="setup.hero", memory="512MB")
+    def test_service(herovm_vm): ...
+
+Fixtures: `herovm_vm` (function scope: a VM with a unique name, removed after the test whatever happened),
+`herovm_manager` (session scope: the herovm.Manager the VMs come from).
+Options: --herovm-image RECIPE, --herovm-bootstrap FILE, --herovm-keep-on-failure (keep the VM of a failed
+test for inspection; its name and how to remove it are printed), --herovm-name-prefix PREFIX.
+The marker's keyword arguments go to Manager.up (bootstrap, memory, cpus, disk, image, variables, timeout,
+accel); a relative bootstrap path is looked up beside the test file first, then in the current directory.
+Every VM made in the session is removed at its end, also when it was interrupted (Ctrl-C) between or
+during tests, except those kept with --herovm-keep-on-failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MARKER = "herovm"
+
+
+@dataclass
+class _Session:
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    manager: Any = None
+    made: set[str] = field(default_factory=set)  # VMs made and not yet removed
+    kept: list[tuple[str, str]] = field(default_factory=list)  # (VM name, test node id)
+    counter: int = 0
+
+    def get_manager(self):
+        if self.manager is None:
+            from .manager import Manager
+
+            self.manager = Manager()
+        return self.manager
+
+    def remove(self, name: str) -> None:
+        from .errors import NotFound
+
+        with contextlib.suppress(NotFound):
+            self.get_manager().down(name)
+        self.made.discard(name)
+
+    def cleanup(self) -> list[str]:
+        """Remove every VM this session made and did not keep; returns what could not be removed."""
+        failed = []
+        for name in sorted(self.made):
+            try:
+                self.remove(name)
+            except Exception:
+                failed.append(name)
+        if self.manager is not None:
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            self.manager = None
+        return failed
+
+
+_SESSION = pytest.StashKey[_Session]()
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("herovm", "herovm VMs as fixtures")
+    group.addoption("--herovm-image", default="default", metavar="RECIPE", help="image of herovm_vm VMs")
+    group.addoption(
+        "--herovm-bootstrap", default=None, metavar="FILE", help="HeroScript bootstrap of herovm_vm VMs"
+    )
+    group.addoption(
+        "--herovm-keep-on-failure",
+        action="store_true",
+        default=False,
+        help="keep the VM of a failed test (its name and how to remove it are printed)",
+    )
+    group.addoption(
+        "--herovm-name-prefix", default="pt", metavar="PREFIX", help="VM names are PREFIX-RUNID-TEST-N"
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "herovm(**settings): settings of the herovm_vm VM for this test, as Manager.up takes them "
+        "(bootstrap=, memory=, cpus=, disk=, image=, variables=, timeout=, accel=)",
+    )
+    config.stash[_SESSION] = _Session()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    return report
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Runs after pytest tore the fixtures down: removes whatever an interrupted teardown left."""
+    state = session.config.stash.get(_SESSION, None)
+    if state is None:
+        return
+    left = state.cleanup()
+    if left:
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(f"herovm: could not remove {', '.join(left)}: remove with `herovm down NAME`")
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    state = config.stash.get(_SESSION, None)
+    if not state or not state.kept:
+        return
+    terminalreporter.section("herovm: VMs kept for inspection")
+    for name, nodeid in state.kept:
+        terminalreporter.write_line(
+            f"kept VM {name} of failed test {nodeid}: inspect with `herovm ssh {name}`, "
+            f"remove with `herovm down {name}`"
+        )
+
+
+def _unique_name(state: _Session, prefix: str, test_name: str) -> str:
+    state.counter += 1
+    slug = re.sub(r"[^a-z0-9]+", "-", test_name.lower().removeprefix("test_")).strip("-") or "t"
+    head = f"{prefix}-{state.run_id}-"
+    tail = f"-{state.counter}"
+    slug = slug[: max(1, 40 - len(head) - len(tail))].strip("-") or "t"
+    return f"{head}{slug}{tail}"
+
+
+def _bootstrap(value: Any, test_file: Path | None) -> Any:
+    if not isinstance(value, str | os.PathLike) or not value:
+        return value
+    text = os.fspath(value)
+    if "\n" in text or text.lstrip().startswith("!") or text.startswith(("http://", "https://")):
+        return text
+    path = Path(text).expanduser()
+    if not path.is_absolute() and test_file is not None and (test_file.parent / path).exists():
+        return str(test_file.parent / path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def herovm_manager(pytestconfig: pytest.Config) -> Iterator:
+    """The session's herovm.Manager (libvirt connection)."""
+    state = pytestconfig.stash[_SESSION]
+    yield state.get_manager()
+    state.cleanup()
+
+
+@pytest.fixture
+def herovm_vm(request: pytest.FixtureRequest, herovm_manager: Any) -> Iterator:
+    """A fresh VM for this test (a herovm.VM: exec, put, get), removed afterwards."""
+    config = request.config
+    state = config.stash[_SESSION]
+    settings: dict[str, Any] = {"image": config.getoption("herovm_image")}
+    if config.getoption("herovm_bootstrap"):
+        settings["bootstrap"] = config.getoption("herovm_bootstrap")
+    marker = request.node.get_closest_marker(MARKER)
+    if marker is not None:
+        if marker.args:
+            raise pytest.UsageError("@pytest.mark.herovm takes keyword arguments only, e.g. memory='512MB'")
+        settings.update(marker.kwargs)
+    test_file = Path(str(request.node.path)) if getattr(request.node, "path", None) else None
+    if "bootstrap" in settings:
+        settings["bootstrap"] = _bootstrap(settings["bootstrap"], test_file)
+    name = _unique_name(state, config.getoption("herovm_name_prefix"), request.node.name)
+    state.made.add(name)
+    vm = None
+    try:
+        vm = herovm_manager.up(name, **settings)
+        yield vm
+    finally:
+        if vm is not None:
+            vm.close()
+        reports = request.node.stash.get(_REPORTS, {})
+        failed = any(r.failed for r in reports.values()) or vm is None
+        if failed and config.getoption("herovm_keep_on_failure") and herovm_manager.backend.get(name):
+            state.made.discard(name)
+            state.kept.append((name, request.node.nodeid))
+        else:
+            state.remove(name)
