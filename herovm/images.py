@@ -299,7 +299,8 @@ def build(recipe_name: str = "default", progress: Reporter = silent) -> Image:
             work.rename(final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    image = find(recipe_name)
+    # Read back what was just built, not find(): the guest sources may have changed during the build.
+    image = _load(recipe_name, final)
     if image is None:
         raise ImageError(f"image {recipe_name} was built but cannot be read back")
     prune(recipe_name, keep=image.id)

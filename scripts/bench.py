@@ -183,8 +183,8 @@ def write_markdown(path: Path, s: dict) -> None:
         f"Image `default/{s['image']['id']}`: base disk {size['base.qcow2'] / 2**20:.0f} MiB (qcow2), kernel "
         f"{size['vmlinuz'] / 2**20:.1f} MiB, initramfs {size['initrd.img'] / 2**20:.1f} MiB.",
         "",
-        "Reference points on the same machine under TCG, same kernel: a busybox initramfs reaches `/init` in "
-        "3.7 s; a Debian image with cloud-init answers SSH at 44.6 s and finishes cloud-init at 58.5 s.",
+        "For herovm side by side with the same Debian booted with cloud-init, and with the boot floor, "
+        "in the same run: BENCHMARKS.md (`benchmarks/compare.py`).",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
