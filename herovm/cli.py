@@ -52,14 +52,21 @@ def _global(
     version: Annotated[
         bool, typer.Option("--version", help="print the version", callback=_print_version, is_eager=True)
     ] = False,
+    backend: Annotated[
+        str,
+        typer.Option("--backend", envvar="HEROVM_BACKEND", help="libvirt (default) or cloud-hypervisor"),
+    ] = "libvirt",
 ) -> None:
     _options["uri"] = connect
+    _options["backend"] = backend
 
 
 def _manager(json_out: bool = False):
     from .manager import Manager
 
-    return Manager(uri=_options.get("uri"), progress=_reporter(json_out))  # type: ignore[arg-type]
+    backend = str(_options.get("backend") or "libvirt")
+    uri = _options.get("uri") if backend == "libvirt" else None
+    return Manager(backend, uri=uri, progress=_reporter(json_out))  # type: ignore[arg-type]
 
 
 def _reporter(json_out: bool):
@@ -379,6 +386,49 @@ def logs(
                         "\n".join("          | " + x for x in event["output"].rstrip().splitlines()[-20:])
                     )
             sys.stdout.flush()
+
+
+def _vm_op(name: str, op: str, *args: object) -> object:
+    """pause/resume/snapshot: backends that have them (cloud-hypervisor) do them; others say so."""
+    from .state import validate_name
+
+    with _manager() as m:
+        validate_name(name)
+        method = getattr(m.backend, op, None)
+        if method is None:
+            raise InvalidInput(
+                f"the {m.backend.name} backend has no {op}", hint="use --backend cloud-hypervisor"
+            )
+        return method(name, *args)
+
+
+@app.command()
+def pause(name: str) -> None:
+    """Pause a running VM (cloud-hypervisor backend)."""
+    try:
+        _vm_op(name, "pause")
+    except HeroVMError as e:
+        _fail(e)
+
+
+@app.command()
+def resume(name: str) -> None:
+    """Resume a paused VM (cloud-hypervisor backend)."""
+    try:
+        _vm_op(name, "resume")
+    except HeroVMError as e:
+        _fail(e)
+
+
+@app.command()
+def snapshot(
+    name: str, dest: Annotated[str | None, typer.Argument(help="directory (default: in the VM's)")] = None
+) -> None:
+    """Save a VM's memory and device state to a directory (cloud-hypervisor backend; not its disks)."""
+    try:
+        typer.echo(str(_vm_op(name, "snapshot", dest)))
+    except HeroVMError as e:
+        _fail(e)
 
 
 @app.command()

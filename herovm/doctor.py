@@ -79,13 +79,21 @@ def run_checks(uri: str | None = None) -> list[Check]:
         )
     except Exception as e:  # noqa: BLE001
         checks.append(Check("image", "fail", str(e)))
-    ch = shutil.which("cloud-hypervisor")
+    ch = os.environ.get("HEROVM_CLOUD_HYPERVISOR") or shutil.which("cloud-hypervisor")
+    why = []  # the backend (--backend cloud-hypervisor) runs only with both
+    if not ch:
+        why.append("no cloud-hypervisor binary (not packaged in Debian, not on PyPI; none on PATH)")
+    if choice.accel != "kvm":
+        why.append(f"it needs KVM that runs ordinary guests, and here {choice.reasons[0]}")
     checks.append(
         Check(
             "cloud-hypervisor",
-            "ok" if ch and choice.accel == "kvm" else "warn",
-            f"{ch or 'not installed'}; it needs working KVM ({'yes' if choice.accel == 'kvm' else 'no'})",
-            "" if ch else "not packaged for Debian 12; only the libvirt backend can run here",
+            "ok" if not why else "warn",
+            f"{ch}: can run guests" if not why else "cannot run here: " + "; ".join(why),
+            ""
+            if not why
+            else "put a cloud-hypervisor release binary on PATH (or HEROVM_CLOUD_HYPERVISOR) on a host "
+            "with VMX/SVM; here only the libvirt backend runs guests",
         )
     )
     if os.geteuid() != 0:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -23,7 +24,7 @@ from . import images, state
 from .backends import Backend, MachineSpec, get_backend
 from .backends.base import NET_MODES
 from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, InvalidInput, NotFound
-from .guest import configdrive, keys
+from .guest import configdrive, keys, vsock
 from .guest.events import TERMINAL, AgentChannel, console_events, console_tail
 from .guest.registry import guest_registry
 from .guest.ssh import ExecResult, GuestConnection
@@ -156,13 +157,19 @@ class VM:
     def connection(self, deadline_s: float = 30.0) -> GuestConnection:
         if self._conn is None or not self._conn.connected:
             vmdir = state.VMDir(self.name)
-            if not self.ssh_port:
+            connect = self.manager.guest_connector(self.name)
+            if not self.ssh_port and connect is None:
                 raise GuestError(
                     f"VM {self.name} has no network (--net none), so no SSH",
                     hint="create it with another --net mode to exec into it",
                 )
             host_key = self.meta.get("host_key") or ""
-            self._conn = GuestConnection(port=self.ssh_port, client_key=vmdir.client_key, host_key=host_key)
+            self._conn = GuestConnection(
+                port=self.ssh_port or vsock.SSH_PORT,
+                client_key=vmdir.client_key,
+                host_key=host_key,
+                sock_factory=(lambda t: connect(vsock.SSH_PORT, time.monotonic() + t)) if connect else None,
+            )
             self._conn.connect(deadline_s)
         return self._conn
 
@@ -487,7 +494,7 @@ class Manager:
                     raise _EarlyFailure
 
         try:
-            channel = AgentChannel(vmdir.agent_socket, deadline)
+            channel = self._agent_channel(vmdir, deadline)
         except TimeoutError:
             self._fail_unanswered(name, vmdir, "its agent channel never appeared")
         except OSError as e:  # e.g. a socket path over the 107-byte limit under a deep HEROVM_HOME
@@ -517,6 +524,16 @@ class Manager:
             channel.close()
         self._fail_unanswered(name, vmdir, "the guest stopped before it was ready")
         return report  # not reached
+
+    def guest_connector(self, name: str) -> Callable[[int, float], socket.socket] | None:
+        """How to reach a guest port, as the backend says (None: agent socket and SSH forward)."""
+        connector = getattr(self.backend, "guest_connector", None)
+        return connector(name) if connector is not None else None
+
+    def _agent_channel(self, vmdir: state.VMDir, deadline: float) -> AgentChannel:
+        connect = self.guest_connector(vmdir.name)
+        sock = connect(vsock.AGENT_PORT, deadline) if connect is not None else None
+        return AgentChannel(vmdir.agent_socket, deadline, sock=sock)
 
     def _fail_unanswered(self, name: str, vmdir: state.VMDir, why: str) -> None:
         machine = self.backend.get(name)
@@ -557,7 +574,7 @@ class Manager:
             self.progress(Progress("stop", f"stopping {name}"))
             deadline = time.monotonic() + timeout
             try:
-                channel = AgentChannel(vmdir.agent_socket, time.monotonic() + 2)
+                channel = self._agent_channel(vmdir, time.monotonic() + 2)
                 channel.send({"op": "poweroff"})
                 channel.close()
                 while time.monotonic() < deadline:

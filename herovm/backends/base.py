@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -57,3 +59,6 @@ class Backend(Protocol):
     def list(self) -> list[Machine]: ...  # only herovm's machines
     def set_metadata(self, name: str, metadata: dict) -> None: ...
     def close(self) -> None: ...
+    # How the host reaches a guest port. None: through the agent socket and the SSH forward (libvirt);
+    # else connect(port, deadline) -> a connected stream socket (Cloud Hypervisor: hybrid vsock).
+    def guest_connector(self, name: str) -> Callable[[int, float], socket.socket] | None: ...

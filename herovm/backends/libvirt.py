@@ -248,6 +248,9 @@ class LibvirtBackend:
         except libvirt.libvirtError as e:
             raise _wrap(e, f"updating {name}") from e
 
+    def guest_connector(self, name: str) -> None:
+        return None  # the agent's virtio-serial socket and the SSH port forward
+
     def qemu_pid(self, name: str) -> int | None:
         """The QEMU process of a running machine (for gc and benchmarks), where the driver tells it."""
         path = f"/run/libvirt/qemu/{PREFIX}{name}.pid"

@@ -15,10 +15,11 @@ TERMINAL = ("ready", "failed")
 
 
 class AgentChannel:
-    """A connection to the agent's virtio-serial port (a unix socket on the host)."""
+    """A connection to the agent's virtio-serial port (a unix socket on the host), or `sock`: a stream
+    already connected to the agent another way (Cloud Hypervisor's vsock, herovm/guest/vsock.py)."""
 
-    def __init__(self, path: Path, deadline: float) -> None:
-        self.sock = _connect_unix(path, deadline)
+    def __init__(self, path: Path | None, deadline: float, sock: socket.socket | None = None) -> None:
+        self.sock = sock if sock is not None else _connect_unix(path, deadline)  # type: ignore[arg-type]
         self._buf = b""
         self._seen = -1
         self.send({"op": "hello"})

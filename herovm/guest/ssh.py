@@ -164,9 +164,12 @@ class GuestConnection:
         host_key: str,
         host: str = "127.0.0.1",
         user: str = "root",
+        sock_factory: Callable[[float], socket.socket] | None = None,
     ) -> None:
         self.host = host
         self.port = int(port)
+        # (timeout) -> a connected stream to the guest's sshd, instead of TCP to host:port (e.g. vsock).
+        self._sock_factory = sock_factory
         self.user = user
         self.client_key_path = Path(client_key)
         try:
@@ -257,7 +260,10 @@ class GuestConnection:
             return self
 
     def _connect_once(self, client: paramiko.SSHClient, timeout: float) -> None:
-        sock = _open_socket(self.host, self.port, timeout)
+        if self._sock_factory is not None:
+            sock = self._sock_factory(timeout)
+        else:
+            sock = _open_socket(self.host, self.port, timeout)
         try:
             client.connect(
                 self.host,

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 PORT_NAME = "org.herovm.agent.0"
 CONSOLE_PREFIX = "@herovm "
+VSOCK_PORT = 1024  # where the host finds the events when there is no virtio-serial port (Cloud Hypervisor)
 
 
 def uptime() -> float:
@@ -39,13 +40,14 @@ def find_port(name: str = PORT_NAME) -> str | None:
 class Events:
     """Emits events; keeps them all for replay; hands host commands to `on_command`."""
 
-    def __init__(self, port: str | None, console=None) -> None:
+    def __init__(self, port: str | None, console=None, vsock_port: int | None = None) -> None:
         self._history: list[str] = []
         self._lock = threading.Lock()
-        self._outbox: queue.Queue[str] = queue.Queue()
+        self._outbox: queue.Queue[str | None] = queue.Queue()
         self._console = console if console is not None else sys.stdout
         self.on_command: Callable[[dict], None] = lambda cmd: None
         self._fd: int | None = None
+        self.vsock = False
         if port:
             try:
                 self._fd = os.open(port, os.O_RDWR)
@@ -54,6 +56,8 @@ class Events:
         if self._fd is not None:
             threading.Thread(target=self._writer, name="events-writer", daemon=True).start()
             threading.Thread(target=self._reader, name="events-reader", daemon=True).start()
+        elif vsock_port is not None:
+            self._listen_vsock(vsock_port)
 
     def emit(self, event: str, **fields: object) -> dict:
         with self._lock:
@@ -87,13 +91,55 @@ class Events:
             except OSError:
                 time.sleep(0.2)
 
-    def _reader(self) -> None:
+    def _listen_vsock(self, port: int) -> None:
+        """The same protocol on AF_VSOCK `port` (Cloud Hypervisor: no virtio-serial port there). The host
+        connection that said hello last gets the replay, then the stream, in order (see _hello)."""
+        import socket
+
+        try:
+            srv = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            srv.bind((socket.VMADDR_CID_ANY, port))
+            srv.listen(4)
+        except (OSError, AttributeError) as e:
+            self._mirror(f"no agent channel: cannot listen on vsock port {port}: {e}")
+            return
+        self.vsock = True
+
+        def accept() -> None:
+            while True:
+                conn, _ = srv.accept()
+                threading.Thread(target=self._reader, args=(conn,), name="events-vsock", daemon=True).start()
+
+        threading.Thread(target=accept, name="events-accept", daemon=True).start()
+
+    def _hello(self, conn) -> None:
+        """A new outbox holding the replay, swapped in under the emit lock: nothing is sent out of order."""
+        with self._lock:
+            previous, self._outbox = self._outbox, queue.Queue()
+            for line in self._history:
+                self._outbox.put(line)
+            outbox = self._outbox
+        previous.put(None)  # ends the previous connection's sender
+
+        def send() -> None:
+            while (line := outbox.get()) is not None:
+                try:
+                    conn.sendall((line + "\n").encode())
+                except OSError:
+                    return
+
+        threading.Thread(target=send, name="events-vsock-send", daemon=True).start()
+
+    def _reader(self, conn=None) -> None:
         buf = b""
         while True:
             try:
-                chunk = os.read(self._fd, 4096)  # type: ignore[arg-type]
+                chunk = conn.recv(4096) if conn is not None else os.read(self._fd, 4096)  # type: ignore[arg-type]
             except OSError:
                 chunk = b""
+            if not chunk and conn is not None:  # this host went away
+                conn.close()
+                return
             if not chunk:  # no host connected: reads return EOF at once until one is
                 time.sleep(0.1)
                 continue
@@ -107,6 +153,9 @@ class Events:
                     continue
                 if isinstance(cmd, dict):
                     if cmd.get("op") == "hello":
-                        self.replay()
+                        if conn is not None:
+                            self._hello(conn)
+                        else:
+                            self.replay()
                     else:
                         self.on_command(cmd)

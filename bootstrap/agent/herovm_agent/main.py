@@ -11,7 +11,7 @@ import threading
 import time
 
 from . import VERSION, system
-from .events import Events, find_port
+from .events import VSOCK_PORT, Events, find_port
 from .processes import Processes, Services
 
 # Imports that cost tenths of a second under emulation (HeroScript, hashlib, urllib) happen where they
@@ -26,7 +26,10 @@ DEFAULT_BOOTSTRAP_LIMIT = 1 << 20
 class Agent:
     def __init__(self) -> None:
         self.started = time.monotonic()
-        self.events = Events(find_port())
+        port = find_port()
+        if port is None:  # no virtio-serial port (Cloud Hypervisor): the same protocol on vsock
+            system.load_vsock()
+        self.events = Events(port, vsock_port=None if port else VSOCK_PORT)
         self.events.on_command = self.on_command
         self.processes = Processes()
         self.services = Services(self.processes, self.notify)
@@ -86,7 +89,7 @@ class Agent:
 
     def start_ssh(self, ssh: dict) -> None:
         system.install_ssh_keys(ssh)
-        self.ssh = system.SSHListener(int(ssh.get("port", 22)), self.processes.spawn)
+        self.ssh = system.SSHListener(int(ssh.get("port", 22)), self.processes.spawn, vsock=self.events.vsock)
 
     def run_bootstrap(self, config: dict) -> None:
         spec = config.get("bootstrap") or {}

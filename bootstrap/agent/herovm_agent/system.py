@@ -197,7 +197,7 @@ class SSHListener:
     """Accepts on the SSH port and hands each connection to `sshd -i` (inetd mode). Bound before the
     bootstrap runs, so connections queue while it does, and no daemon start-up sits on the boot path."""
 
-    def __init__(self, port: int, spawn) -> None:
+    def __init__(self, port: int, spawn, vsock: bool = False) -> None:
         self._spawn = spawn
         self.sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -205,11 +205,16 @@ class SSHListener:
         self.sock.bind(("::", port))
         self.sock.listen(64)
         self.log = open("/run/herovm/sshd.log", "ab", buffering=0)  # noqa: SIM115 - lives as long as PID 1
-        threading.Thread(target=self._serve, name="ssh-listener", daemon=True).start()
+        threading.Thread(target=self._serve, args=(self.sock,), name="ssh-listener", daemon=True).start()
+        if vsock:  # Cloud Hypervisor: the host reaches SSH through vsock port 22, with no NIC at all
+            self.vsock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            self.vsock.bind((socket.VMADDR_CID_ANY, port))
+            self.vsock.listen(64)
+            threading.Thread(target=self._serve, args=(self.vsock,), name="ssh-vsock", daemon=True).start()
 
-    def _serve(self) -> None:
+    def _serve(self, sock: socket.socket) -> None:
         while True:
-            conn, _ = self.sock.accept()
+            conn, _ = sock.accept()
             try:
                 self._spawn(
                     ["/usr/sbin/sshd", "-i", "-e"], stdin=conn.fileno(), stdout=conn.fileno(), stderr=self.log
@@ -218,6 +223,15 @@ class SSHListener:
                 self.log.write(f"herovm: cannot start sshd: {e}\n".encode())
             finally:
                 conn.close()
+
+
+VSOCK_MODULES = ("vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport")
+
+
+def load_vsock() -> None:
+    """Load the virtio vsock modules (not in the initramfs: only Cloud Hypervisor guests need them). Without
+    udev nothing loads them for the device; errors show later, when the listener cannot bind."""
+    subprocess.run(["/usr/sbin/modprobe", "-a", "-q", *VSOCK_MODULES], check=False, capture_output=True)
 
 
 def power_off() -> None:

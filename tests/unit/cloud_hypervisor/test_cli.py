@@ -1,0 +1,37 @@
+"""`herovm pause/resume/snapshot NAME` with --backend cloud-hypervisor, against the stand-in VMM."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from herovm.backends.cloud_hypervisor import CloudHypervisorBackend
+from herovm.cli import app
+
+from .conftest import StandIn
+
+
+def test_pause_resume_snapshot(standin: StandIn, monkeypatch) -> None:
+    monkeypatch.setenv("HEROVM_CLOUD_HYPERVISOR", str(standin.binary))
+    b = standin.backend()
+    b.define(standin.spec())
+    b.start("box")
+    runner = CliRunner()
+    env = {"HEROVM_BACKEND": "cloud-hypervisor"}
+    r = runner.invoke(app, ["pause", "box"], env=env)
+    assert r.exit_code == 0, r.output
+    assert CloudHypervisorBackend().get("box").state == "paused"
+    r = runner.invoke(app, ["--backend", "cloud-hypervisor", "resume", "box"])
+    assert r.exit_code == 0, r.output
+    assert b.get("box").state == "running"
+    r = runner.invoke(app, ["snapshot", "box", str(standin.home / "s1")], env=env)
+    assert r.exit_code == 0 and r.output.strip() == str(standin.home / "s1")
+    assert (standin.home / "s1/config.json").is_file()
+    r = runner.invoke(app, ["resume", "box"], env=env)  # running: Cloud Hypervisor's 405, one line
+    assert r.exit_code != 0 and "HTTP 405" in r.output
+    r = runner.invoke(app, ["pause", "nobox"], env=env)
+    assert r.exit_code == 3  # not found
+    r = runner.invoke(
+        app, ["pause", "box"], env={"HEROVM_BACKEND": "libvirt", "HEROVM_LIBVIRT_URI": "test:///default"}
+    )
+    assert r.exit_code == 2 and "has no pause" in r.output
+    b.undefine("box")
