@@ -89,7 +89,9 @@ class LibvirtBackend:
     def conn(self) -> libvirt.virConnect:
         """The connection, reopened if libvirtd went away (a restart must not strand a long-lived Manager)."""
         try:
-            alive = self._conn.isAlive()
+            # A round trip: isAlive() keeps saying yes about a daemon that went away until a write fails.
+            self._conn.getLibVersion()
+            alive = True
         except libvirt.libvirtError:
             alive = False
         if not alive:
