@@ -562,8 +562,18 @@ def image_rm(recipe: str, image_id: Annotated[str | None, typer.Argument()] = No
         _fail(e)
 
 
+def action_sections() -> list:
+    from .guest.registry import guest_registry
+    from .playbook import host_registry
+
+    return [
+        ("In the guest: bootstrap actions", guest_registry()),
+        ("On the host: playbook actions", host_registry()),
+    ]
+
+
 def _script_app() -> typer.Typer:
-    from .cli_script import make_app
+    from .cli_script import actions_markdown, make_app
 
     def registry():
         from .guest.registry import guest_registry
@@ -571,7 +581,24 @@ def _script_app() -> typer.Typer:
 
         return guest_registry().merge(host_registry())
 
-    return make_app(registry)
+    app = make_app(registry)
+
+    @app.command("actions")
+    def actions(
+        markdown: Annotated[bool, typer.Option("--markdown", help="the reference as Markdown")] = False,
+    ) -> None:
+        """Every action herovm knows, with its parameters and an example."""
+        if markdown:
+            typer.echo(actions_markdown(action_sections()), nl=False)
+            return
+        for title, reg in action_sections():
+            typer.echo(title)
+            for spec in reg.specs():
+                params = " ".join(f"{p.name}{'' if p.required else '?'}:{p.type}" for p in spec.params)
+                typer.echo(f"  !!{spec.fullname:<16} {params}")
+                typer.echo(f"      {spec.help}  e.g. {spec.example}")
+
+    return app
 
 
 app.add_typer(_script_app(), name="script", help="Check, parse and format HeroScript files.")
