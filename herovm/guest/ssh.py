@@ -71,6 +71,8 @@ _WINDOW_SIZE = 8 * 1024 * 1024  # per-channel receive window: fewer stalls on bu
 _MAX_PACKET = 32 * 1024
 _INLINE_STDIN_LIMIT = 32 * 1024  # small stdin is sent inline; larger goes through a feeder thread
 _KILL_GRACE_S = 5.0  # after killing a timed-out command, how long we wait for its channel to close
+_QUIET_PROBE_S = 20.0  # after this long without output, check that the guest still answers at all
+_PROBE_ANSWER_S = 10.0
 _RETRY_SLEEP_S = 0.15
 _MAX_ATTEMPT_S = 10.0
 _CHANNEL_OPEN_TIMEOUT_S = 30.0
@@ -399,6 +401,7 @@ class GuestConnection:
             timed_out = False
             killed = False
             give_up_at: float | None = None
+            heard_at = time.monotonic()
             while True:
                 progressed = False
                 if chan.recv_ready():
@@ -411,6 +414,8 @@ class GuestConnection:
                     if data:
                         emit_err(data)
                         progressed = True
+                if progressed:
+                    heard_at = time.monotonic()
                 if progressed and (deadline is None or time.monotonic() < deadline):
                     continue
                 # EOF is flagged only after all data before it was buffered, so check the buffers again
@@ -440,7 +445,14 @@ class GuestConnection:
                     wait = min(wait, max(0.0, (give_up_at if timed_out else deadline) - now))
                     if timed_out and not killed:
                         wait = min(wait, 0.05)  # waiting for the PID line to show up
-                select.select([chan], [], [], wait)
+                if (
+                    not select.select([chan], [], [], wait)[0]
+                    and time.monotonic() - heard_at > _QUIET_PROBE_S
+                ):
+                    # A long-quiet command is normal; a frozen guest is not: without this check, an exec
+                    # with no timeout into a frozen guest would wait forever.
+                    self._require_answer()
+                    heard_at = time.monotonic()
 
             if sniffer is not None:
                 sniffer.flush()
@@ -473,6 +485,24 @@ class GuestConnection:
             timed_out=timed_out,
             seconds=time.monotonic() - started,
         )
+
+    def _require_answer(self) -> None:
+        """Raise unless sshd answers a global request (it replies to any, even unknown) in time."""
+        transport = self._transport()
+        answered = threading.Event()
+
+        def probe() -> None:
+            with contextlib.suppress(Exception):
+                transport.global_request("keepalive@openssh.com", wait=True)
+            answered.set()
+
+        threading.Thread(target=probe, name="ssh-liveness", daemon=True).start()
+        if not answered.wait(_PROBE_ANSWER_S):
+            self._drop()
+            raise GuestError(
+                f"the guest at {self.target} stopped answering (no reply in {_PROBE_ANSWER_S:g}s)",
+                hint="the VM may be frozen or paused (see `herovm status`); the command may still run",
+            )
 
     def _kill_group(self, pid: int) -> None:
         """SIGKILL the process group led by ``pid`` (and ``pid`` itself) on the guest."""

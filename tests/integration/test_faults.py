@@ -348,3 +348,25 @@ def test_libvirtd_restart_while_guests_run(vm_factory, unique_name):
     vm.close()
     assert cli("down", name, timeout=120).returncode == 0
     assert_nothing_left(name)
+
+
+def test_exec_into_a_guest_that_freezes_fails_instead_of_hanging(vm_factory, unique_name, monkeypatch):
+    """No deadline given, and the guest freezes mid-command (libvirt suspend): exec still returns."""
+    import herovm.guest.ssh as ssh
+
+    monkeypatch.setattr(ssh, "_QUIET_PROBE_S", 3.0)  # the real values (20 s, 10 s) only make the test slower
+    monkeypatch.setattr(ssh, "_PROBE_ANSWER_S", 3.0)
+    name = unique_name("freeze")
+    vm = vm_factory(name)
+    m = vm_factory.manager
+    dom = libvirt.open("qemu:///system").lookupByName(PREFIX + name)
+    threading.Timer(2.0, dom.suspend).start()
+    t = time.monotonic()
+    try:
+        with pytest.raises(GuestError, match="stopped answering"):
+            vm.exec("sleep 120")
+        assert time.monotonic() - t < 30
+    finally:
+        dom.resume()
+    vm.close()
+    assert m.get(name).exec(["true"]).exit_code == 0, "after resume, a new connection works"
