@@ -315,9 +315,9 @@ def _describe_create(call: Call) -> str:
     params=[
         Param("name", "str", required=True, help="the VM's name: a-z, 0-9 and '-'"),
         Param("image", "str", default="default", help="image recipe"),
-        Param("cpus", "int", default=1),
-        Param("memory", "size", default="1GB"),
-        Param("disk", "size", default="10GB"),
+        Param("cpus", "int", default=1, help="virtual CPUs"),
+        Param("memory", "size", default="1GB", help="memory, e.g. 1GB"),
+        Param("disk", "size", default="10GB", help="disk size, e.g. 10GB"),
         Param(
             "bootstrap",
             "str",
@@ -387,7 +387,10 @@ def _check_named(call: Call) -> None:
     "vm.start",
     help="Boot a stopped VM (its bootstrap does not run again); a running VM is left as it is.",
     example="!!vm.start name:box",
-    params=[Param("name", "str", required=True), Param("timeout", "duration", default="5m")],
+    params=[
+        Param("name", "str", required=True, help="the VM"),
+        Param("timeout", "duration", default="5m", help="how long to wait for ready"),
+    ],
     describe=lambda call: f"start VM {call.values['name']} if it is stopped",
     check=_check_named,
 )
@@ -409,7 +412,7 @@ def vm_start(call: Call, ctx: PlayContext) -> dict:
     help="Power a VM off, keeping its disk; a stopped VM is left as it is.",
     example="!!vm.stop name:box timeout:20s",
     params=[
-        Param("name", "str", required=True),
+        Param("name", "str", required=True, help="the VM"),
         Param("timeout", "duration", default="20s", help="then it is stopped hard"),
     ],
     describe=lambda call: f"stop VM {call.values['name']} if it runs",
@@ -430,7 +433,7 @@ def vm_stop(call: Call, ctx: PlayContext) -> dict:
     "vm.delete",
     help="Remove a VM: its domain, disk, keys and state. A VM that does not exist is not an error.",
     example="!!vm.delete name:box",
-    params=[Param("name", "str", required=True)],
+    params=[Param("name", "str", required=True, help="the VM")],
     describe=lambda call: f"delete VM {call.values['name']} if it exists",
     check=_check_named,
 )
@@ -467,7 +470,7 @@ def _describe_exec(call: Call) -> str:
     "tails are reported).",
     example="!!vm.exec name:box cmd:'test -f /run/ready' expect_exit:0 timeout:30s",
     params=[
-        Param("name", "str", required=True),
+        Param("name", "str", required=True, help="the VM"),
         Param("cmd", "str", required=True, help="shell command line"),
         Param("timeout", "duration", default=None, help="kill the command after this long (exit 124)"),
         Param("env", "list", default=[], help="NAME=VALUE entries, comma separated"),
@@ -512,7 +515,10 @@ def _check_copy(call: Call) -> None:
     help="Copy a file or directory into a VM or out of it: NAME:/path on one side. A local path is relative "
     "to the playbook; a local destination's directory is created.",
     example="!!vm.copy src:./check.sh dst:box:/root/check.sh",
-    params=[Param("src", "str", required=True), Param("dst", "str", required=True)],
+    params=[
+        Param("src", "str", required=True, help="NAME:/path or a local path"),
+        Param("dst", "str", required=True, help="NAME:/path or a local path"),
+    ],
     describe=lambda call: f"copy {call.values['src']} to {call.values['dst']}",
     check=_check_copy,
 )
@@ -534,7 +540,10 @@ def vm_copy(call: Call, ctx: PlayContext) -> dict:
     "vm.wait",
     help="Wait until a VM runs and answers exec.",
     example="!!vm.wait name:box timeout:2m",
-    params=[Param("name", "str", required=True), Param("timeout", "duration", default="2m")],
+    params=[
+        Param("name", "str", required=True, help="the VM"),
+        Param("timeout", "duration", default="2m", help="how long to wait for exec to answer"),
+    ],
     describe=lambda call: f"wait until VM {call.values['name']} answers exec",
     check=_check_named,
 )

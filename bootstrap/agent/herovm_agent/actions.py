@@ -91,9 +91,9 @@ def file_write(call) -> dict:
     help="Create a directory and its parents.",
     example="!!dir.create path:/srv/app mode:0755 owner:agent",
     params=[
-        Param("path", "str", required=True),
-        Param("mode", "str", default=""),
-        Param("owner", "str", default=""),
+        Param("path", "str", required=True, help="absolute path"),
+        Param("mode", "str", default="", help="octal mode, e.g. 0755 (default 0755)"),
+        Param("owner", "str", default="", help="user or user:group"),
     ],
 )
 def dir_create(call) -> None:
@@ -157,9 +157,9 @@ def _env_pairs(items: list[str]) -> dict[str, str]:
     example="!!cmd.run cmd:'echo ready > /run/ready' timeout:30s",
     params=[
         Param("cmd", "str", required=True, help="shell command (sh -c)"),
-        Param("cwd", "str", default="/root"),
+        Param("cwd", "str", default="/root", help="working directory"),
         Param("env", "list", default=[], help="NAME=VALUE entries, comma separated"),
-        Param("timeout", "duration", default=600.0),
+        Param("timeout", "duration", default=600.0, help="kill the command (exit 124) after this long"),
         Param("ignore_error", "bool", default=False, help="a non-zero exit does not fail the boot"),
     ],
 )
@@ -192,11 +192,11 @@ def _user_exists(name: str) -> bool:
     help="Add a user, optionally with sudo and SSH keys.",
     example="!!user.add name:agent sudo:true ssh_keys:'ssh-ed25519 AAAA... me'",
     params=[
-        Param("name", "str", required=True),
-        Param("sudo", "bool", default=False),
-        Param("ssh_keys", "list", default=[]),
-        Param("shell", "str", default="/bin/bash"),
-        Param("home", "str", default=""),
+        Param("name", "str", required=True, help="the user's name"),
+        Param("sudo", "bool", default=False, help="passwordless sudo"),
+        Param("ssh_keys", "list", default=[], help="public keys for ~/.ssh/authorized_keys"),
+        Param("shell", "str", default="/bin/bash", help="login shell"),
+        Param("home", "str", default="", help="home directory (default /home/NAME)"),
     ],
 )
 def user_add(call) -> dict:
@@ -234,7 +234,10 @@ def user_add(call) -> dict:
     help="Set environment variables for later actions, services and login shells.",
     example="!!env.set NAME=value OTHER=x",
     args=True,
-    params=[Param("name", "str", default=""), Param("value", "str", default="")],
+    params=[
+        Param("name", "str", default="", help="one variable's name"),
+        Param("value", "str", default="", help="its value"),
+    ],
 )
 def env_set(call) -> dict:
     ctx: GuestContext = call.context
@@ -256,9 +259,9 @@ def env_set(call) -> dict:
     help="Start a supervised service, restarted by its policy.",
     example="!!service.start name:web cmd:'python3 -m http.server 8080' restart:always",
     params=[
-        Param("name", "str", required=True),
-        Param("cmd", "str", required=True),
-        Param("env", "list", default=[]),
+        Param("name", "str", required=True, help="the service's name: letters, digits, - and _"),
+        Param("cmd", "str", required=True, help="shell command (sh -c), run in its own session"),
+        Param("env", "list", default=[], help="NAME=VALUE entries for the service"),
         Param("restart", "str", default="on-failure", help="always, on-failure or never"),
         Param("after", "list", default=[], help="services that must already be running"),
     ],
@@ -286,7 +289,7 @@ def service_start(call) -> dict:
     params=[
         Param("names", "list", default=[], help="packages, besides the bare arguments"),
         Param("update", "bool", default=False, help="run apt-get update first"),
-        Param("timeout", "duration", default=900.0),
+        Param("timeout", "duration", default=900.0, help="give up on apt after this long"),
     ],
 )
 def pkg_install(call) -> dict:
@@ -312,7 +315,7 @@ def pkg_install(call) -> dict:
     "system.hostname",
     help="Set the hostname.",
     example="!!system.hostname name:web1",
-    params=[Param("name", "str", required=True)],
+    params=[Param("name", "str", required=True, help="the new hostname: letters, digits and -")],
 )
 def system_hostname(call) -> None:
     from .system import set_hostname
