@@ -7,15 +7,14 @@ uses unique names and cleans up; `conn` opens a second, independent connection t
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import uuid
 from pathlib import Path
 from xml.etree import ElementTree
 
 import libvirt
 import pytest
+from specs import spec, unique
 
 from herovm.backends import get_backend
 from herovm.backends.base import MachineSpec
@@ -24,11 +23,6 @@ from herovm.errors import AlreadyExists, BackendUnavailable, HeroVMError, Invali
 
 URI = "test:///default"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-_counter = itertools.count()
-
-
-def unique(prefix: str = "lv") -> str:
-    return f"{prefix}{os.getpid() % 10000}-{next(_counter)}-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(autouse=True)
@@ -55,32 +49,6 @@ def conn(backend):
     c = libvirt.open(URI)
     yield c
     c.close()
-
-
-def spec(
-    tmp_path: Path,
-    name: str | None = None,
-    *,
-    accel: str = "tcg",
-    ssh_port: int | None = 2222,
-    metadata: dict | None = None,
-) -> MachineSpec:
-    d = tmp_path / "vm"
-    return MachineSpec(
-        name=name or unique(),
-        cpus=2,
-        memory=256 << 20,
-        kernel=d / "vmlinuz",
-        initrd=d / "initrd.img",
-        cmdline="console=ttyS0 root=/dev/vda rw quiet",
-        disk=d / "disk.qcow2",
-        drive=d / "config.iso",
-        console_log=d / "console.log",
-        channel=d / "agent.sock",
-        ssh_port=ssh_port,
-        accel=accel,
-        metadata=metadata if metadata is not None else {"settings": {"cpus": 2}, "ssh_port": ssh_port},
-    )
 
 
 # ------------------------------------------------------------------------------------------- the XML

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from specs import spec
 
 from herovm import images, state
 from herovm.backends.base import MachineSpec
@@ -310,21 +311,7 @@ def test_stale_vm_dir_is_replaced(manager: Manager, backend, fake_image, home: P
 
 def test_up_refuses_an_existing_vm_and_leaves_it_alone(manager: Manager, backend, no_image, tmp_path) -> None:
     name = unique()
-    s = MachineSpec(
-        name=name,
-        cpus=1,
-        memory=256 << 20,
-        kernel=tmp_path / "k",
-        initrd=tmp_path / "i",
-        cmdline="x",
-        disk=tmp_path / "d",
-        drive=tmp_path / "c",
-        console_log=tmp_path / "l",
-        channel=tmp_path / "s",
-        ssh_port=None,
-        accel="tcg",
-        metadata={"settings": {"other": 1}},
-    )
+    s = spec(tmp_path, name, ssh_port=None, metadata={"settings": {"other": 1}})
     backend.define(s)
     with pytest.raises(AlreadyExists, match=f"VM {name} already exists \\(stopped\\)") as info:
         manager.up(name)
@@ -340,21 +327,7 @@ def test_define_race_does_not_remove_the_other_domain(
 ) -> None:
     img = make_image(tmp_path)
     name = unique()
-    other = MachineSpec(
-        name=name,
-        cpus=1,
-        memory=256 << 20,
-        kernel=tmp_path / "k",
-        initrd=tmp_path / "i",
-        cmdline="x",
-        disk=tmp_path / "d",
-        drive=tmp_path / "c",
-        console_log=tmp_path / "l",
-        channel=tmp_path / "s",
-        ssh_port=None,
-        accel="tcg",
-        metadata={"owner": "someone else"},
-    )
+    other = spec(tmp_path, name, ssh_port=None, metadata={"owner": "someone else"})
 
     def ensure(name_="default", progress=None):
         backend.define(other)  # e.g. `virsh define` by hand, after up's existence check
