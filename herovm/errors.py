@@ -59,7 +59,3 @@ class GuestError(HeroVMError):
     """Talking to a running guest failed (SSH, channel)."""
 
     exit_code = 255
-
-
-class Interrupted(HeroVMError):
-    exit_code = 130

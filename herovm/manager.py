@@ -32,7 +32,6 @@ from .heroscript import HeroScriptError, parse, parse_duration, parse_size, vali
 from .progress import Progress, Reporter, silent
 
 GUEST_NET = {"address": "10.0.2.15/24", "gateway": "10.0.2.2", "dns": ["10.0.2.3"], "mtu": 1500}
-DEFAULTS = {"image": "default", "cpus": 1, "memory": "1GB", "disk": "10GB", "timeout": "5m"}
 BOOTSTRAP_LIMIT = 1 << 20
 
 
@@ -133,9 +132,6 @@ class BootReport:
     @property
     def outcome(self) -> str | None:
         return next((e["event"] for e in reversed(self.events) if e["event"] in TERMINAL), None)
-
-    def first(self, kind: str) -> dict | None:
-        return next((e for e in self.events if e["event"] == kind), None)
 
     def actions(self) -> list[dict]:
         return [e for e in self.events if e["event"] == "action.end"]

@@ -97,10 +97,6 @@ class VMDir:
         return self.path / "net"
 
     @property
-    def events_log(self) -> Path:
-        return self.path / "events.jsonl"
-
-    @property
     def meta_file(self) -> Path:
         return self.path / "vm.json"
 

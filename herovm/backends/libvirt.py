@@ -253,14 +253,6 @@ class LibvirtBackend:
     def guest_connector(self, name: str) -> None:
         return None  # the agent's virtio-serial socket and the SSH port forward
 
-    def qemu_pid(self, name: str) -> int | None:
-        """The QEMU process of a running machine (for gc and benchmarks), where the driver tells it."""
-        path = f"/run/libvirt/qemu/{PREFIX}{name}.pid"
-        try:
-            return int(open(path).read().strip())
-        except (OSError, ValueError):
-            return None
-
 
 def _is_local(uri: str) -> bool:
     """qemu:///system, qemu:///session, test:///default: no host part, so the hypervisor runs here."""

@@ -101,7 +101,3 @@ def _our_pid(net_dir: Path) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if b"passt" in cmdline and str(socket_path(net_dir)).encode() in cmdline else None
-
-
-def running(net_dir: Path) -> bool:
-    return _our_pid(net_dir) is not None

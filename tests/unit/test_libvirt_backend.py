@@ -351,10 +351,6 @@ def test_close_twice_is_harmless() -> None:
     b.close()
 
 
-def test_qemu_pid_absent_for_test_driver(backend: LibvirtBackend) -> None:
-    assert backend.qemu_pid(unique("nopid")) is None
-
-
 def test_a_lost_connection_is_backend_unavailable(backend: LibvirtBackend, mocker) -> None:
     # A daemon that dies mid-call cannot be produced with the in-process test driver: fake only the error.
     err = libvirt.libvirtError("End of file while reading data: Input/output error")
