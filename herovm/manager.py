@@ -22,7 +22,7 @@ from typing import BinaryIO
 from . import accel as accel_mod
 from . import images, state
 from .backends import Backend, MachineSpec, get_backend
-from .backends.base import NET_MODES
+from .backends.base import GUEST_NET, NET_MODES
 from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, InvalidInput, NotFound
 from .guest import configdrive, keys, vsock
 from .guest.events import TERMINAL, AgentChannel, console_events, console_tail
@@ -31,7 +31,6 @@ from .guest.ssh import ExecResult, GuestConnection
 from .heroscript import HeroScriptError, parse, parse_duration, parse_size, validate
 from .progress import Progress, Reporter, silent
 
-GUEST_NET = {"address": "10.0.2.15/24", "gateway": "10.0.2.2", "dns": ["10.0.2.3"], "mtu": 1500}
 BOOTSTRAP_LIMIT = 1 << 20
 
 

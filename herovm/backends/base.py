@@ -32,6 +32,10 @@ class MachineSpec:
     net_dir: Path | None = None
 
 
+# The guest's network settings, static (no DHCP on the boot path): QEMU user networking's built-in addresses,
+# which passt is told to use too. The Manager puts them on the config drive.
+GUEST_NET = {"address": "10.0.2.15/24", "gateway": "10.0.2.2", "dns": ["10.0.2.3"], "mtu": 1500}
+
 # What the guest may reach. Every mode but "none" forwards 127.0.0.1:ssh_port to the guest's SSH.
 NET_MODES = {
     "default": "egress to the outside, never to the host (passt --no-map-gw)",

@@ -132,32 +132,20 @@ class LibvirtBackend:
 
     def start(self, name: str) -> None:
         dom = self._require(name)
-        net_dir = self._passt_dir(dom) if not self.uri.startswith("test:") else None  # test driver: no QEMU
+        net = self._metadata(dom, NET_NAMESPACE)
+        net_dir = _passt_dir(net) if not self.uri.startswith("test:") else None  # test driver: no QEMU
         if net_dir is not None:
             if not _is_local(self.uri):
                 raise InvalidInput(
                     f"the default network mode runs passt on this machine, but {self.uri} is remote",
                     hint="use --net nat or --net restricted with a remote libvirt",
                 )
-            passt.start(net_dir, self._net(dom)["ssh_port"], self._qemu_user())
+            passt.start(net_dir, net["ssh_port"], self._qemu_user())
         try:
             dom.create()
         except libvirt.libvirtError as e:
             passt.stop(net_dir)
             raise _wrap(e, f"starting {name}") from e
-
-    def _net(self, dom: libvirt.virDomain) -> dict:
-        try:
-            return json.loads(
-                ElementTree.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NET_NAMESPACE)).text
-                or "{}"
-            )
-        except (libvirt.libvirtError, ElementTree.ParseError, ValueError):
-            return {}
-
-    def _passt_dir(self, dom: libvirt.virDomain) -> Path | None:
-        net = self._net(dom)
-        return Path(net["net_dir"]) if net.get("net") == "default" and net.get("net_dir") else None
 
     def _qemu_user(self) -> str | None:
         """Who passt runs as: the user QEMU runs as, who must open passt's socket (libvirt-qemu under
@@ -181,7 +169,7 @@ class LibvirtBackend:
         except libvirt.libvirtError as e:
             if e.get_error_code() not in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
                 raise _wrap(e, f"stopping {name}") from e
-        passt.stop(self._passt_dir(dom))
+        passt.stop(_passt_dir(self._metadata(dom, NET_NAMESPACE)))
 
     def undefine(self, name: str) -> None:
         self.destroy(name)
@@ -222,14 +210,14 @@ class LibvirtBackend:
         state, _ = dom.state()
         return Machine(dom.name().removeprefix(PREFIX), _STATES.get(state, "other"), self._metadata(dom))
 
-    def _metadata(self, dom: libvirt.virDomain) -> dict:
+    def _metadata(self, dom: libvirt.virDomain, namespace: str = NAMESPACE) -> dict:
+        """One of herovm's JSON metadata elements of a domain ({} if it has none)."""
         try:
-            xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE)
-        except libvirt.libvirtError:
-            return {}
-        try:
-            return json.loads(ElementTree.fromstring(xml).text or "{}")
-        except (ElementTree.ParseError, ValueError):
+            return json.loads(
+                ElementTree.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace)).text
+                or "{}"
+            )
+        except (libvirt.libvirtError, ElementTree.ParseError, ValueError):
             return {}
 
     def set_metadata(self, name: str, metadata: dict) -> None:
@@ -252,6 +240,11 @@ class LibvirtBackend:
 
     def guest_connector(self, name: str) -> None:
         return None  # the agent's virtio-serial socket and the SSH port forward
+
+
+def _passt_dir(net: dict) -> Path | None:
+    """Where the VM's passt lives, when its network mode is the default one (a passt per VM)."""
+    return Path(net["net_dir"]) if net.get("net") == "default" and net.get("net_dir") else None
 
 
 def _is_local(uri: str) -> bool:

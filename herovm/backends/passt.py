@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import BackendUnavailable, HeroVMError
-
-GUEST = {"address": "10.0.2.15", "netmask": "24", "gateway": "10.0.2.2", "dns": "10.0.2.3"}
+from .base import GUEST_NET
 
 
 def socket_path(net_dir: Path) -> Path:
@@ -40,11 +39,12 @@ def start(net_dir: Path, ssh_port: int, runas: str | None) -> None:
         )
     stop(net_dir)
     net_dir.mkdir(mode=0o700, exist_ok=True)
-    if runas:
-        pw = pwd.getpwnam(runas)
+    pw = pwd.getpwnam(runas) if runas else None
+    if pw is not None:
         os.chown(net_dir, pw.pw_uid, pw.pw_gid)
     sock = socket_path(net_dir)
     sock.unlink(missing_ok=True)
+    address, _, netmask = GUEST_NET["address"].partition("/")
     cmd = [
         binary,
         "--quiet",
@@ -55,21 +55,20 @@ def start(net_dir: Path, ssh_port: int, runas: str | None) -> None:
         str(_pid_path(net_dir)),
         "--no-map-gw",
         "--address",
-        GUEST["address"],
+        address,
         "--netmask",
-        GUEST["netmask"],
+        netmask,
         "--gateway",
-        GUEST["gateway"],
+        GUEST_NET["gateway"],
         "--dns-forward",
-        GUEST["dns"],
+        GUEST_NET["dns"][0],
         "--no-dhcpv6",
         "--tcp-ports",
         f"127.0.0.1/{ssh_port}:22",
         "--udp-ports",
         "none",
     ]
-    if runas:
-        pw = pwd.getpwnam(runas)
+    if pw is not None:
         cmd += ["--runas", f"{pw.pw_uid}:{pw.pw_gid}"]
     # passt daemonizes once its socket is bound: when this returns, QEMU can connect.
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
