@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from . import accel as accel_mod
 from . import images, state
-from .backends import Backend, MachineSpec, get_backend
+from .backends import Backend, Machine, MachineSpec, get_backend
 from .backends.base import GUEST_NET, NET_MODES
 from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, InvalidInput, NotFound
 from .guest import configdrive, keys, vsock
@@ -543,17 +543,19 @@ class Manager:
 
     # ----------------------------------------------------------------------------- other verbs
 
-    def get(self, name: str) -> VM:
+    def machine(self, name: str) -> Machine:
+        """The VM as the backend sees it (state, metadata); NotFound if there is none."""
         state.validate_name(name)
         machine = self.backend.get(name)
         if machine is None:
             raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
-        return VM(self, name, machine.metadata)
+        return machine
+
+    def get(self, name: str) -> VM:
+        return VM(self, name, self.machine(name).metadata)
 
     def require_running(self, name: str) -> None:
-        machine = self.backend.get(name)
-        if machine is None:
-            raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
+        machine = self.machine(name)
         if machine.state != "running":
             raise GuestError(f"VM {name} is {machine.state}", hint=f"start it with `herovm start {name}`")
 
@@ -561,9 +563,7 @@ class Manager:
         """Power the guest off through its agent (services get TERM), or hard after `timeout`."""
         vmdir = state.VMDir(name)
         with vmdir.lock():
-            machine = self.backend.get(name)
-            if machine is None:
-                raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
+            machine = self.machine(name)
             if machine.state == "stopped":
                 return
             self.progress(Progress("stop", f"stopping {name}"))
@@ -585,9 +585,7 @@ class Manager:
     def start(self, name: str, timeout: str | float = "5m") -> VM:
         vmdir = state.VMDir(name)
         with vmdir.lock():
-            machine = self.backend.get(name)
-            if machine is None:
-                raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
+            machine = self.machine(name)
             if machine.state == "running":
                 return VM(self, name, machine.metadata)
             meta = self._boot(vmdir, _duration(timeout, "timeout"))
@@ -683,22 +681,22 @@ class Manager:
         return sorted(rows, key=lambda r: r["name"])
 
     def status(self, name: str) -> dict:
-        vm = self.get(name)
-        machine = self.backend.get(name)
+        machine = self.machine(name)
+        meta = machine.metadata
         vmdir = state.VMDir(name)
-        last = vm.meta.get("last_boot") or {}
+        last = meta.get("last_boot") or {}
         events = console_events(vmdir.console_log, last.get("nonce"))
         report = BootReport(events)
         return {
             "name": name,
-            "state": machine.state if machine else "gone",
+            "state": machine.state,
             "backend": self.backend.name,
-            "image": vm.meta.get("image"),
-            "image_id": vm.meta.get("image_id"),
-            "settings": vm.meta.get("settings"),
-            "ssh_port": vm.ssh_port,
-            "bootstrap": vm.meta.get("bootstrap"),
-            "created": vm.meta.get("created"),
+            "image": meta.get("image"),
+            "image_id": meta.get("image_id"),
+            "settings": meta.get("settings"),
+            "ssh_port": meta.get("ssh_port"),
+            "bootstrap": meta.get("bootstrap"),
+            "created": meta.get("created"),
             "last_boot": last,
             "agent": report.outcome or ("booting" if events else "unknown"),
             "steps": [

@@ -421,9 +421,7 @@ def vm_start(call: Call, ctx: PlayContext) -> dict:
 def vm_stop(call: Call, ctx: PlayContext) -> dict:
     name = call.values["name"]
     m = ctx.manager()
-    machine = m.backend.get(name)
-    if machine is None:
-        raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
+    machine = m.machine(name)
     ctx.forget(name)
     m.stop(name, call.values["timeout"])
     return {"name": name, "changed": machine.state != "stopped"}

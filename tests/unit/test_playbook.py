@@ -259,9 +259,14 @@ class FakeManager:
         self.vms[name] = {"settings": settings, "state": "running", "ssh_port": self.port, "created": "now"}
         return FakeVM(self, name)
 
-    def get(self, name):
-        if name not in self.vms:
+    def machine(self, name):
+        machine = self._machine(name)
+        if machine is None:
             raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
+        return machine
+
+    def get(self, name):
+        self.machine(name)
         return FakeVM(self, name)
 
     def down(self, name):
