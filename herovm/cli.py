@@ -356,6 +356,7 @@ def logs(
 ) -> None:
     """The agent's events of the last boot (or the raw console with --console)."""
     from . import state
+    from .guest.events import console_event
     from .manager import describe_event
 
     try:
@@ -364,7 +365,6 @@ def logs(
     except HeroVMError as e:
         _fail(e)
     path = state.VMDir(name).console_log
-    marker = "@herovm "
     with open(path, errors="replace") if path.exists() else open(os.devnull) as f:
         while True:
             line = f.readline()
@@ -375,11 +375,7 @@ def logs(
                 continue
             if console:
                 sys.stdout.write(line)
-            elif marker in line:
-                try:
-                    event = json.loads(line[line.index(marker) + len(marker) :])
-                except ValueError:
-                    continue
+            elif (event := console_event(line)) is not None:
                 typer.echo(f"{event.get('t', 0):8.2f}s {describe_event(event)}")
                 if event.get("event") == "action.end" and event.get("output"):
                     typer.echo(

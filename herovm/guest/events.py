@@ -79,6 +79,12 @@ def _decode(line: bytes | str) -> dict | None:
     return event if isinstance(event, dict) and "event" in event else None
 
 
+def console_event(line: str) -> dict | None:
+    """The event a console line mirrors (`@herovm {json}`, anywhere in the line), or None."""
+    idx = line.find(CONSOLE_PREFIX)
+    return _decode(line[idx + len(CONSOLE_PREFIX) :]) if idx >= 0 else None
+
+
 def console_events(console_log: Path, nonce: str | None = None, offset: int = 0) -> list[dict]:
     """The events of the last boot (the one with `nonce`, if given) as mirrored on the console; `offset`
     skips what earlier boots wrote."""
@@ -90,10 +96,7 @@ def console_events(console_log: Path, nonce: str | None = None, offset: int = 0)
     except OSError:
         return []
     for line in text.splitlines():
-        idx = line.find(CONSOLE_PREFIX)
-        if idx < 0:
-            continue
-        event = _decode(line[idx + len(CONSOLE_PREFIX) :])
+        event = console_event(line)
         if event is None:
             continue
         if event["event"] == "boot":
