@@ -712,8 +712,7 @@ class GuestConnection:
                         reading_stdin = False
                 else:
                     reading_stdin = False
-                    with contextlib.suppress(OSError, EOFError):
-                        chan.shutdown_write()
+                    _send_eof(chan)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -761,13 +760,13 @@ def _start_stdin(chan: paramiko.Channel, stdin: bytes | BinaryIO | None) -> thre
     """Send ``stdin`` then EOF. Small byte strings go inline; anything else via a daemon thread,
     so that a full send window never stops us from draining the command's output."""
     if stdin is None:
-        chan.shutdown_write()
+        _send_eof(chan)
         return None
     if isinstance(stdin, (bytes, bytearray, memoryview)) and len(stdin) <= _INLINE_STDIN_LIMIT:
         with contextlib.suppress(OSError, EOFError):
             if stdin:
                 chan.sendall(bytes(stdin))
-            chan.shutdown_write()
+        _send_eof(chan)
         return None
 
     def feed() -> None:
@@ -782,13 +781,38 @@ def _start_stdin(chan: paramiko.Channel, stdin: bytes | BinaryIO | None) -> thre
                     if not chunk:
                         break
                     chan.sendall(chunk)
-            chan.shutdown_write()
+            _send_eof(chan)
         except (OSError, EOFError, paramiko.SSHException, ValueError):
             pass  # the command exited or closed its stdin; like EPIPE for a local pipe
 
     thread = threading.Thread(target=feed, name="herovm-exec-stdin", daemon=True)
     thread.start()
     return thread
+
+
+def _send_eof(chan: paramiko.Channel) -> None:
+    """Tell the command its stdin has ended, without risking the whole connection.
+
+    paramiko's ``shutdown_write`` builds the EOF message under the channel lock but sends it after
+    releasing it. When the command has just exited, the transport thread can handle the server's
+    CLOSE (and send ours) in between, so the EOF leaves after our CLOSE and OpenSSH drops the whole
+    connection: "ieof packet referred to nonexistent channel" (paramiko issue 1115). Sending while
+    holding the channel lock keeps the two in order; during a key exchange we wait with the lock
+    released, because the transport thread may need it to finish the exchange.
+    """
+    transport = chan.get_transport()
+    while transport is not None and transport.is_active():
+        with chan.lock:
+            if chan.closed or chan.eof_sent:
+                return
+            with transport.clear_to_send_lock:
+                if transport.clear_to_send.is_set():
+                    message = chan._send_eof()
+                    if message is not None:
+                        with contextlib.suppress(OSError, EOFError):  # gone: the reader notices
+                            transport._send_message(message)
+                    return
+        transport.clear_to_send.wait(0.1)
 
 
 def _open_socket(host: str, port: int, timeout: float) -> socket.socket:

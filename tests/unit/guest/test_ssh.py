@@ -218,18 +218,20 @@ def test_callbacks_for_both_streams(conn: GuestConnection) -> None:
 
 
 def test_concurrent_execs_on_one_connection(conn: GuestConnection) -> None:
+    """Many short commands at once: each one's channel closes while others open. This used to lose
+    the whole connection now and then (an EOF sent after the channel's CLOSE, see ssh._send_eof)."""
     results: dict[int, bytes] = {}
 
     def work(i: int) -> None:
-        for j in range(5):
-            results[i * 10 + j] = conn.exec(["echo", str(i * 10 + j)]).stdout
+        for j in range(10):
+            results[i * 100 + j] = conn.exec(["echo", str(i * 100 + j)]).stdout
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
-    assert results == {k: f"{k}\n".encode() for k in results} and len(results) == 30
+        t.join(60)
+    assert results == {k: f"{k}\n".encode() for k in results} and len(results) == 80
 
 
 # -- timeouts kill -------------------------------------------------------------------------------
