@@ -30,7 +30,7 @@ from .errors import ImageError, InvalidInput, NotFound
 from .heroscript import parse_size
 from .progress import Progress, Reporter, silent
 
-AGENT_VERSION = "1"
+AGENT_VERSION = "2"
 # Bump when the way a root file system is made changes (mmdebstrap options, hooks): it is part of the key.
 ROOTFS_FORMAT = 3
 

@@ -17,7 +17,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from . import accel as accel_mod
 from . import images, state
@@ -25,11 +25,15 @@ from .backends import Backend, Machine, MachineSpec, get_backend
 from .backends.base import GUEST_NET, NET_MODES
 from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, InvalidInput, NotFound
 from .guest import configdrive, keys, vsock
+from .guest.agent_exec import AgentExec
 from .guest.events import TERMINAL, AgentChannel, console_events, console_tail
+from .guest.execution import ExecResult
 from .guest.registry import guest_registry
-from .guest.ssh import ExecResult, GuestConnection
 from .heroscript import HeroScriptError, parse, parse_duration, parse_size, validate
 from .progress import Progress, Reporter, silent
+
+if TYPE_CHECKING:
+    from .guest.ssh import GuestConnection
 
 BOOTSTRAP_LIMIT = 1 << 20
 
@@ -144,6 +148,7 @@ class VM:
         self.name = name
         self.meta = meta
         self._conn: GuestConnection | None = None
+        self._agent: AgentExec | None = None
 
     @property
     def ssh_port(self) -> int | None:
@@ -158,6 +163,8 @@ class VM:
                     f"VM {self.name} has no network (--net none), so no SSH",
                     hint="create it with another --net mode to exec into it",
                 )
+            from .guest.ssh import GuestConnection  # paramiko: ~90 ms to import, only SSH needs it
+
             host_key = self.meta.get("host_key") or ""
             self._conn = GuestConnection(
                 port=self.ssh_port or vsock.SSH_PORT,
@@ -180,9 +187,34 @@ class VM:
         on_stderr: Callable[[bytes], None] | None = None,
     ) -> ExecResult:
         self.manager.require_running(self.name)
-        return self.connection().exec(
+        runner = self._agent_exec() or self.connection()
+        return runner.exec(
             command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr
         )
+
+    def _agent_exec(self) -> AgentExec | None:
+        """Exec through the agent (no SSH), for VMs whose image's agent serves it."""
+        if not self.meta.get("agent_exec"):
+            return None
+        if self._agent is None:
+            connect = self.manager.guest_connector(self.name)
+            port = self.ssh_port
+            if connect is None and not port:
+                raise GuestError(
+                    f"VM {self.name} has no network (--net none), so no exec",
+                    hint="create it with another --net mode to exec into it",
+                )
+
+            def open_socket(timeout: float) -> socket.socket:
+                if connect is not None:
+                    return connect(vsock.SSH_PORT, time.monotonic() + timeout)
+                sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+                sock.settimeout(None)
+                return sock
+
+            token = state.VMDir(self.name).exec_token.read_text().strip()
+            self._agent = AgentExec(target=self.name, token=token, connect=open_socket)
+        return self._agent
 
     def put(self, local: str | os.PathLike, remote: str) -> None:
         self.manager.require_running(self.name)
@@ -196,6 +228,9 @@ class VM:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
 
     def __enter__(self) -> VM:
         return self
@@ -326,6 +361,7 @@ class Manager:
             vmdir.create()
             client_pub = keys.generate_keypair(vmdir.client_key, comment=f"herovm-client@{name}")
             host_pub = keys.generate_keypair(vmdir.host_key, comment=f"herovm-host@{name}")
+            keys.generate_token(vmdir.exec_token)
             subprocess.run(
                 [
                     "qemu-img",
@@ -358,6 +394,7 @@ class Manager:
                     "ssh_port": port,
                     "host_key": host_pub,
                     "client_key": client_pub,
+                    "agent_exec": int(img.manifest.get("agent_version", "1")) >= 2,
                     "bootstrap": boot.url or boot.name if boot.drive_entry() else None,
                     "created": _now(),
                     "backend": self.backend.name,
@@ -415,6 +452,7 @@ class Manager:
                     "host_key": vmdir.host_key.read_text(),
                     "authorized_keys": [meta["client_key"]],
                     "port": 22,
+                    "exec_token": vmdir.exec_token.read_text() if vmdir.exec_token.exists() else None,
                 },
                 "bootstrap": local.get("bootstrap_entry"),
                 "vars": local.get("vars") or {},

@@ -77,6 +77,10 @@ class VMDir:
         return self.secrets / "ssh_host_ed25519_key"
 
     @property
+    def exec_token(self) -> Path:
+        return self.secrets / "exec_token"
+
+    @property
     def disk(self) -> Path:
         return self.path / "disk.qcow2"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import secrets
 import struct
 from pathlib import Path
 
@@ -45,13 +46,18 @@ def generate_keypair(private_path: Path, *, comment: str) -> str:
         format=serialization.PrivateFormat.OpenSSH,
         encryption_algorithm=serialization.NoEncryption(),
     )
-    path = Path(private_path)
+    write_secret(Path(private_path), pem)
+    return _public_line_of(key, comment)
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Create ``path`` holding ``data``, mode exactly 0600; refuses to overwrite an existing file."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
         # The mode given to open() is filtered by the umask, which can only remove bits; make it
         # exactly 0600 anyway in case the caller runs with an odd umask such as 0177.
         os.fchmod(fd, 0o600)
-        view = memoryview(pem)
+        view = memoryview(data)
         while view:
             written = os.write(fd, view)
             view = view[written:]
@@ -61,7 +67,13 @@ def generate_keypair(private_path: Path, *, comment: str) -> str:
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
-    return _public_line_of(key, comment)
+
+
+def generate_token(path: Path) -> str:
+    """A new random secret (64 hex digits) written to ``path`` (0600), e.g. the VM's exec token."""
+    token = secrets.token_hex(32)
+    write_secret(path, token.encode())
+    return token
 
 
 def public_line(private_path: Path, *, comment: str = "") -> str:

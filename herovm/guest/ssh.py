@@ -42,13 +42,19 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 import paramiko
 
 from herovm.errors import GuestError, NotFound
+from herovm.guest.execution import (
+    KILL_GRACE_S,
+    PROBE_ANSWER_S,
+    QUIET_PROBE_S,
+    TIMEOUT_EXIT_CODE,
+    ExecResult,
+)
 from herovm.guest.keys import host_key_entry
 
 __all__ = [
@@ -62,7 +68,6 @@ __all__ = [
     "build_remote_command",
 ]
 
-TIMEOUT_EXIT_CODE = 124  # what coreutils `timeout` reports; ExecResult.timed_out says it for sure
 
 _PID_MARKER = b"__herovm_pid="
 _PID_MARKER_SCAN_LIMIT = 64 * 1024  # shell start-up noise we tolerate before the marker
@@ -70,9 +75,6 @@ _CHUNK = 256 * 1024
 _WINDOW_SIZE = 8 * 1024 * 1024  # per-channel receive window: fewer stalls on bulk output
 _MAX_PACKET = 32 * 1024
 _INLINE_STDIN_LIMIT = 32 * 1024  # small stdin is sent inline; larger goes through a feeder thread
-_KILL_GRACE_S = 5.0  # after killing a timed-out command, how long we wait for its channel to close
-_QUIET_PROBE_S = 20.0  # after this long without output, check that the guest still answers at all
-_PROBE_ANSWER_S = 10.0
 _RETRY_SLEEP_S = 0.15
 _MAX_ATTEMPT_S = 10.0
 _CHANNEL_OPEN_TIMEOUT_S = 30.0
@@ -94,21 +96,6 @@ class GuestConnectTimeout(GuestError):
 
 class RemotePathNotFound(NotFound, GuestError):
     """A path asked for on the guest does not exist."""
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """What a remote command did. ``stdout``/``stderr`` are empty when a callback consumed the stream."""
-
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    timed_out: bool
-    seconds: float
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out
 
 
 def build_remote_command(
@@ -431,7 +418,7 @@ class GuestConnection:
                 if deadline is not None and now >= deadline:
                     if not timed_out:
                         timed_out = True
-                        give_up_at = now + _KILL_GRACE_S
+                        give_up_at = now + KILL_GRACE_S
                     if not killed and sniffer is not None and sniffer.pid is not None:
                         self._kill_group(sniffer.pid)
                         killed = True
@@ -445,10 +432,7 @@ class GuestConnection:
                     wait = min(wait, max(0.0, (give_up_at if timed_out else deadline) - now))
                     if timed_out and not killed:
                         wait = min(wait, 0.05)  # waiting for the PID line to show up
-                if (
-                    not select.select([chan], [], [], wait)[0]
-                    and time.monotonic() - heard_at > _QUIET_PROBE_S
-                ):
+                if not select.select([chan], [], [], wait)[0] and time.monotonic() - heard_at > QUIET_PROBE_S:
                     # A long-quiet command is normal; a frozen guest is not: without this check, an exec
                     # with no timeout into a frozen guest would wait forever.
                     self._require_answer()
@@ -497,10 +481,10 @@ class GuestConnection:
             answered.set()
 
         threading.Thread(target=probe, name="ssh-liveness", daemon=True).start()
-        if not answered.wait(_PROBE_ANSWER_S):
+        if not answered.wait(PROBE_ANSWER_S):
             self._drop()
             raise GuestError(
-                f"the guest at {self.target} stopped answering (no reply in {_PROBE_ANSWER_S:g}s)",
+                f"the guest at {self.target} stopped answering (no reply in {PROBE_ANSWER_S:g}s)",
                 hint="the VM may be frozen or paused (see `herovm status`); the command may still run",
             )
 

@@ -89,7 +89,10 @@ class Agent:
 
     def start_ssh(self, ssh: dict) -> None:
         system.install_ssh_keys(ssh)
-        self.ssh = system.SSHListener(int(ssh.get("port", 22)), self.processes.spawn, vsock=self.events.vsock)
+        token = (ssh.get("exec_token") or "").encode() or None
+        self.ssh = system.SSHListener(
+            int(ssh.get("port", 22)), self.processes, exec_token=token, vsock=self.events.vsock
+        )
 
     def run_bootstrap(self, config: dict) -> None:
         spec = config.get("bootstrap") or {}

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -195,10 +196,16 @@ def install_ssh_keys(ssh: dict) -> None:
 
 class SSHListener:
     """Accepts on the SSH port and hands each connection to `sshd -i` (inetd mode). Bound before the
-    bootstrap runs, so connections queue while it does, and no daemon start-up sits on the boot path."""
+    bootstrap runs, so connections queue while it does, and no daemon start-up sits on the boot path.
 
-    def __init__(self, port: int, spawn, vsock: bool = False) -> None:
-        self._spawn = spawn
+    A connection that opens with the exec magic instead is served by the agent (exec_server): both
+    clients speak first (SSH clients send their version line at once), so a peek tells them apart."""
+
+    PEEK_WAIT_S = 2.0  # a client that waits for the server to speak first gets sshd after this
+
+    def __init__(self, port: int, processes, exec_token: bytes | None = None, vsock: bool = False) -> None:
+        self._processes = processes
+        self._exec_token = exec_token
         self.sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -215,14 +222,45 @@ class SSHListener:
     def _serve(self, sock: socket.socket) -> None:
         while True:
             conn, _ = sock.accept()
-            try:
-                self._spawn(
-                    ["/usr/sbin/sshd", "-i", "-e"], stdin=conn.fileno(), stdout=conn.fileno(), stderr=self.log
-                )
-            except OSError as e:
-                self.log.write(f"herovm: cannot start sshd: {e}\n".encode())
-            finally:
-                conn.close()
+            threading.Thread(target=self._dispatch, args=(conn,), name="ssh-conn", daemon=True).start()
+
+    def _dispatch(self, conn: socket.socket) -> None:
+        try:
+            if self._exec_token is not None and self._opens_with_exec_magic(conn):
+                from . import exec_server
+
+                conn.recv(len(exec_server.MAGIC))
+                exec_server.serve(conn, self._exec_token, self._processes)
+                return
+            self._processes.spawn(
+                ["/usr/sbin/sshd", "-i", "-e"], stdin=conn.fileno(), stdout=conn.fileno(), stderr=self.log
+            )
+        except OSError as e:
+            self.log.write(f"herovm: cannot serve a connection: {e}\n".encode())
+        finally:
+            conn.close()
+
+    def _opens_with_exec_magic(self, conn: socket.socket) -> bool:
+        from .exec_server import MAGIC
+
+        conn.settimeout(self.PEEK_WAIT_S)
+        deadline = time.monotonic() + self.PEEK_WAIT_S
+        try:
+            seen = b""
+            while len(seen) < len(MAGIC) and MAGIC.startswith(seen):
+                if time.monotonic() > deadline:
+                    return False
+                more = conn.recv(len(MAGIC), socket.MSG_PEEK)  # waits only while nothing is buffered
+                if not more:
+                    return False
+                if more == seen:
+                    time.sleep(0.005)
+                seen = more
+            return seen == MAGIC
+        except OSError:  # the client said nothing in time: let sshd speak first
+            return False
+        finally:
+            conn.settimeout(None)
 
 
 VSOCK_MODULES = ("vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport")

@@ -1,0 +1,321 @@
+"""``exec`` through the guest agent, without SSH (bootstrap/PROTOCOL.md, "Exec without SSH").
+
+The agent answers on the guest's SSH port: a connection that opens with :data:`MAGIC` is served by the
+agent, which spawns the command itself. There is no SSH handshake per connection and no sshd session or
+login shell per command, the two costs that dominate an SSH ``exec`` under emulation. The host proves it
+holds the VM's exec token (a file in its secrets directory, 0600) by answering a fresh challenge with
+HMAC-SHA256; the token itself never crosses the wire.
+
+Same contract as :meth:`herovm.guest.ssh.GuestConnection.exec`: a list is run as it is (no shell), a
+string by ``bash -c``; on timeout the command's process group is killed and the result says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import BinaryIO
+
+from ..errors import GuestError
+from .execution import KILL_GRACE_S, PROBE_ANSWER_S, QUIET_PROBE_S, TIMEOUT_EXIT_CODE, ExecResult
+
+MAGIC = b"HEROVM-EXEC/1\n"
+_HEADER = struct.Struct(">cI")
+_CHUNK = 64 * 1024
+_CONNECT_ATTEMPT_S = 5.0
+# guest -> host
+_CHALLENGE, _STDOUT, _STDERR, _EXIT, _ERROR, _PONG = b"C", b"1", b"2", b"X", b"E", b"P"
+# host -> guest
+_REQUEST, _STDIN, _KILL, _PING = b"R", b"0", b"K", b"P"
+
+
+class _Stream:
+    """One connection to the agent: frames out (from any thread), frames in (from one)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+        self._send_lock = threading.Lock()
+        self.authenticated = False
+        self.challenge = ""
+
+    def send(self, kind: bytes, payload: bytes = b"") -> None:
+        with self._send_lock:
+            self.sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
+
+    def read(self, timeout: float | None) -> tuple[bytes, bytes] | None:
+        """The next frame, or None if none arrived within ``timeout``; EOFError when the agent hung up."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if len(self._buffer) >= _HEADER.size:
+                kind, length = _HEADER.unpack_from(self._buffer)
+                if len(self._buffer) >= _HEADER.size + length:
+                    payload = bytes(self._buffer[_HEADER.size : _HEADER.size + length])
+                    del self._buffer[: _HEADER.size + length]
+                    return kind, payload
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.sock], [], [], wait)[0]:
+                return None
+            data = self.sock.recv(256 * 1024)
+            if not data:
+                raise EOFError("the guest agent closed the connection")
+            self._buffer += data
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class AgentExec:
+    """Runs commands on one guest through its agent. Keeps idle connections for the next call; several
+    threads may call :meth:`exec` at once (one connection each)."""
+
+    def __init__(self, *, target: str, token: str, connect: Callable[[float], socket.socket]) -> None:
+        self.target = target
+        self._token = token.encode()
+        self._connect = connect  # (timeout) -> a connected stream to the guest's SSH port
+        self._idle: list[_Stream] = []
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for stream in idle:
+            stream.close()
+
+    def __enter__(self) -> AgentExec:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def exec(
+        self,
+        command: Sequence[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | BinaryIO | None = None,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+    ) -> ExecResult:
+        """Run ``command`` and wait for it; see :meth:`herovm.guest.ssh.GuestConnection.exec`."""
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be >= 0")
+        request: dict[str, object] = {"env": dict(env or {}), "cwd": os.fspath(cwd) if cwd else None}
+        if isinstance(command, str):
+            if not command.strip():
+                raise ValueError("command is empty")
+            request["shell"] = command
+        else:
+            argv = [os.fspath(arg) for arg in command]
+            if not argv:
+                raise ValueError("command is empty")
+            request["argv"] = argv
+        request["stdin"] = stdin is not None
+
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        out: list[bytes] = []
+        err: list[bytes] = []
+        emit = {_STDOUT: on_stdout or out.append, _STDERR: on_stderr or err.append}
+        stream = self._take(started + _CONNECT_ATTEMPT_S * 2)
+        reusable = False
+        feeder: _Feeder | None = None
+        try:
+            if not stream.authenticated:
+                request["auth"] = self._answer(stream)
+            stream.send(_REQUEST, json.dumps(request).encode())
+            stream.authenticated = True
+            feeder = _Feeder(stream, stdin)
+            exit_code, timed_out = self._wait(stream, feeder, emit, deadline)
+            reusable = not timed_out and feeder.finished(timeout=1.0)
+        except (OSError, EOFError) as exc:
+            raise GuestError(
+                f"the connection to the agent of {self.target} was lost while a command ran: {exc}",
+                hint="the VM may have stopped or rebooted; check whether the command ran",
+            ) from None
+        finally:
+            if feeder is not None:
+                feeder.stop()
+            if reusable:
+                with self._lock:
+                    self._idle.append(stream)
+            else:
+                stream.close()
+        return ExecResult(
+            exit_code=exit_code,
+            stdout=b"".join(out),
+            stderr=b"".join(err),
+            timed_out=timed_out,
+            seconds=time.monotonic() - started,
+        )
+
+    def _wait(
+        self,
+        stream: _Stream,
+        feeder: _Feeder,
+        emit: dict[bytes, Callable[[bytes], None]],
+        deadline: float | None,
+    ) -> tuple[int, bool]:
+        timed_out = False
+        give_up_at: float | None = None
+        heard_at = time.monotonic()
+        probing = False
+        try:
+            while True:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline and not timed_out:
+                    timed_out, give_up_at = True, now + KILL_GRACE_S
+                    if not self._kill(stream, feeder):
+                        return TIMEOUT_EXIT_CODE, True
+                if give_up_at is not None and now >= give_up_at:
+                    return TIMEOUT_EXIT_CODE, True  # the agent did not confirm the kill; stop waiting
+                limit = give_up_at if timed_out else deadline
+                wait = QUIET_PROBE_S if not probing else PROBE_ANSWER_S
+                wait = min(wait, max(0.0, limit - now)) if limit is not None else wait
+                frame = stream.read(wait)
+                if frame is None:
+                    if time.monotonic() - heard_at < (PROBE_ANSWER_S if probing else QUIET_PROBE_S):
+                        continue
+                    if probing:
+                        raise GuestError(
+                            f"the guest {self.target} stopped answering while a command ran",
+                            hint="the VM may be frozen or paused; check `herovm status`",
+                        )
+                    if feeder.done:  # a quiet command is normal, a frozen guest is not: ask the agent
+                        stream.send(_PING)
+                        probing = True
+                    heard_at = time.monotonic()
+                    continue
+                heard_at, probing = time.monotonic(), False
+                kind, payload = frame
+                if kind in emit:
+                    emit[kind](payload)
+                elif kind == _EXIT:
+                    code = int(json.loads(payload).get("exit_code", -1))
+                    return (TIMEOUT_EXIT_CODE, True) if timed_out else (code, False)
+                elif kind == _ERROR:
+                    raise GuestError(
+                        f"the agent of {self.target} refused the command: {json.loads(payload).get('error')}",
+                        hint="the VM's exec token may not match this host's; recreate the VM",
+                    )
+        except BaseException:
+            # A callback raised, or KeyboardInterrupt: do not leave the command running on the guest.
+            with contextlib.suppress(Exception):
+                self._kill(stream, feeder)
+            raise
+
+    def _kill(self, stream: _Stream, feeder: _Feeder) -> bool:
+        """Kill the command running on ``stream``. True: asked on the stream itself, its exit follows
+        there. False: the stream is clogged with stdin (a kill request would wait behind it), so another
+        connection asked for it, and ``stream`` is of no further use."""
+        if feeder.done:
+            stream.send(_KILL)
+            return True
+        other = self._open(_CONNECT_ATTEMPT_S)
+        try:
+            request = {"auth": self._answer(other), "kill_session": stream.challenge}
+            other.send(_REQUEST, json.dumps(request).encode())
+            other.read(_CONNECT_ATTEMPT_S)
+        finally:
+            other.close()
+        return False
+
+    def _answer(self, stream: _Stream) -> str:
+        return hmac.new(self._token, stream.challenge.encode(), hashlib.sha256).hexdigest()
+
+    def _take(self, deadline: float) -> _Stream:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        last: Exception | None = None
+        while True:
+            try:
+                return self._open(min(_CONNECT_ATTEMPT_S, max(0.1, deadline - time.monotonic())))
+            except (OSError, EOFError, ValueError) as exc:
+                last = exc
+            if time.monotonic() >= deadline:
+                raise GuestError(
+                    f"cannot reach the agent of {self.target}: {last}",
+                    hint="is the VM running and ready? see `herovm status`",
+                )
+            time.sleep(0.1)
+
+    def _open(self, timeout: float) -> _Stream:
+        sock = self._connect(timeout)
+        stream = _Stream(sock)
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(MAGIC)
+            frame = stream.read(timeout)
+            if frame is None or frame[0] != _CHALLENGE:
+                raise EOFError("the guest did not answer as a herovm agent")
+            stream.challenge = str(json.loads(frame[1])["challenge"])
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+
+class _Feeder:
+    """Sends stdin, then its end. Small byte strings inline; anything else from a thread, so that a
+    command that does not read its stdin never stops us from reading its output."""
+
+    _INLINE_LIMIT = 32 * 1024
+
+    def __init__(self, stream: _Stream, stdin: bytes | BinaryIO | None) -> None:
+        self._stream = stream
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if stdin is None:
+            return
+        if isinstance(stdin, (bytes, bytearray, memoryview)) and len(stdin) <= self._INLINE_LIMIT:
+            if stdin:
+                stream.send(_STDIN, bytes(stdin))
+            stream.send(_STDIN)
+            return
+        self._thread = threading.Thread(
+            target=self._feed, args=(stdin,), name="herovm-agent-stdin", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def finished(self, timeout: float) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.done
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _feed(self, stdin: bytes | BinaryIO) -> None:
+        try:
+            if isinstance(stdin, (bytes, bytearray, memoryview)):
+                view = memoryview(stdin)
+                chunks = (bytes(view[i : i + _CHUNK]) for i in range(0, len(view), _CHUNK))
+            else:
+                chunks = iter(lambda: stdin.read(_CHUNK), b"")
+            for chunk in chunks:
+                if self._stop.is_set():
+                    return
+                self._stream.send(_STDIN, chunk)
+            self._stream.send(_STDIN)
+        except (OSError, ValueError):
+            pass  # the connection is gone; the reader reports it
