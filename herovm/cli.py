@@ -220,7 +220,7 @@ def exec_(
 
     try:
         with _manager() as m:
-            vm = m.get(name)
+            vm = m.attach(name)
             result = vm.exec(
                 command if len(command) > 1 else command[0],
                 env=_kv(env, "--env"),

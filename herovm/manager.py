@@ -1,6 +1,8 @@
 """The lifecycle of herovm VMs over a backend: up, exec, cp, stop, start, down, ls, status, logs.
 
 The Manager knows images, keys, the config drive and the agent protocol; the backend knows the hypervisor.
+Modules that only creating or booting a VM needs (images, keys, the config drive, HeroScript) are imported
+where they are used: `herovm exec` pays for none of them (tens of ms per call).
 """
 
 from __future__ import annotations
@@ -20,20 +22,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from . import accel as accel_mod
-from . import images, state
+from . import state
 from .backends import Backend, Machine, MachineSpec, get_backend
 from .backends.base import GUEST_NET, NET_MODES
 from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, InvalidInput, NotFound
-from .guest import configdrive, keys, vsock
+from .guest import vsock
 from .guest.agent_exec import AgentExec
 from .guest.events import TERMINAL, AgentChannel, console_events, console_tail
 from .guest.execution import ExecResult
-from .guest.registry import guest_registry
-from .heroscript import HeroScriptError, parse, parse_duration, parse_size, validate
 from .progress import Progress, Reporter, silent
 
 if TYPE_CHECKING:
     from .guest.ssh import GuestConnection
+    from .images import Image
 
 BOOTSTRAP_LIMIT = 1 << 20
 
@@ -117,6 +118,9 @@ def fetch_on_host(boot: Bootstrap, variables: dict[str, str] | None, timeout: fl
 
 
 def check_bootstrap(script: str, name: str, variables: dict[str, str] | None) -> None:
+    from .guest.registry import guest_registry
+    from .heroscript import HeroScriptError, parse, validate
+
     try:
         playbook = parse(script, path=name, variables=variables or None)
     except HeroScriptError as e:
@@ -186,8 +190,10 @@ class VM:
         on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None,
     ) -> ExecResult:
-        self.manager.require_running(self.name)
-        runner = self._agent_exec() or self.connection()
+        agent = self._agent_exec()
+        if agent is None:
+            self.manager.require_running(self.name)
+        runner = agent or self.connection()
         return runner.exec(
             command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr
         )
@@ -213,7 +219,13 @@ class VM:
                 return sock
 
             token = state.VMDir(self.name).exec_token.read_text().strip()
-            self._agent = AgentExec(target=self.name, token=token, connect=open_socket)
+            self._agent = AgentExec(
+                target=self.name,
+                token=token,
+                connect=open_socket,
+                # Asked only when the agent does not answer: a stopped or vanished VM is said at once.
+                on_unreachable=lambda: self.manager.require_running(self.name),
+            )
         return self._agent
 
     def put(self, local: str | os.PathLike, remote: str) -> None:
@@ -329,6 +341,8 @@ class Manager:
                     f"VM {name} already exists ({existing.state}) {why}",
                     hint=f"pick another name or remove it with `herovm down {name}`",
                 )
+            from . import images
+
             img = images.ensure(image, self.progress)
             self._create(vmdir, img, settings, boot, variables or {})
             try:
@@ -348,7 +362,7 @@ class Manager:
     def _create(
         self,
         vmdir: state.VMDir,
-        img: images.Image,
+        img: Image,
         settings: dict,
         boot: Bootstrap,
         variables: dict[str, str],
@@ -359,6 +373,8 @@ class Manager:
         defined = False
         try:
             vmdir.create()
+            from .guest import keys
+
             client_pub = keys.generate_keypair(vmdir.client_key, comment=f"herovm-client@{name}")
             host_pub = keys.generate_keypair(vmdir.host_key, comment=f"herovm-host@{name}")
             keys.generate_token(vmdir.exec_token)
@@ -418,7 +434,7 @@ class Manager:
                 raise HeroVMError(f"cannot create the disk of {name}: {e.stderr.strip()}") from e
             raise
 
-    def _spec(self, vmdir: state.VMDir, img: images.Image, meta: dict) -> MachineSpec:
+    def _spec(self, vmdir: state.VMDir, img: Image, meta: dict) -> MachineSpec:
         s = meta["settings"]
         return MachineSpec(
             name=vmdir.name,
@@ -441,6 +457,8 @@ class Manager:
     def _write_drive(self, vmdir: state.VMDir, meta: dict) -> str:
         local = vmdir.read_meta()
         nonce = secrets.token_hex(16)
+        from .guest import configdrive
+
         configdrive.write(
             vmdir.drive,
             {
@@ -591,6 +609,14 @@ class Manager:
 
     def get(self, name: str) -> VM:
         return VM(self, name, self.machine(name).metadata)
+
+    def attach(self, name: str) -> VM:
+        """Like :meth:`get`, from the VM's local directory without asking the backend (the hot path of
+        ``herovm exec``): a VM that is stopped or gone is reported at its first use."""
+        vmdir = state.VMDir(name)
+        if not vmdir.exists():
+            return self.get(name)
+        return VM(self, name, vmdir.read_meta())
 
     def require_running(self, name: str) -> None:
         machine = self.machine(name)
@@ -778,6 +804,8 @@ def describe_event(e: dict) -> str:
 
 
 def _size(value: str | int, what: str, minimum: int) -> int:
+    from .heroscript import parse_size
+
     if isinstance(value, int):
         n = value
     else:
@@ -791,6 +819,8 @@ def _size(value: str | int, what: str, minimum: int) -> int:
 
 
 def _duration(value: str | float, what: str) -> float:
+    from .heroscript import parse_duration
+
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     else:

@@ -81,10 +81,18 @@ class AgentExec:
     """Runs commands on one guest through its agent. Keeps idle connections for the next call; several
     threads may call :meth:`exec` at once (one connection each)."""
 
-    def __init__(self, *, target: str, token: str, connect: Callable[[float], socket.socket]) -> None:
+    def __init__(
+        self,
+        *,
+        target: str,
+        token: str,
+        connect: Callable[[float], socket.socket],
+        on_unreachable: Callable[[], None] | None = None,
+    ) -> None:
         self.target = target
         self._token = token.encode()
         self._connect = connect  # (timeout) -> a connected stream to the guest's SSH port
+        self._on_unreachable = on_unreachable  # may raise a better error than "cannot reach" (VM stopped)
         self._idle: list[_Stream] = []
         self._lock = threading.Lock()
 
@@ -246,6 +254,8 @@ class AgentExec:
             try:
                 return self._open(min(_CONNECT_ATTEMPT_S, max(0.1, deadline - time.monotonic())))
             except (OSError, EOFError, ValueError) as exc:
+                if last is None and self._on_unreachable is not None:
+                    self._on_unreachable()
                 last = exc
             if time.monotonic() >= deadline:
                 raise GuestError(

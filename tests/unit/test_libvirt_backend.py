@@ -319,8 +319,9 @@ def test_list_includes_running_and_stopped(backend: LibvirtBackend, tmp_path: Pa
 
 def test_unreachable_uri_is_backend_unavailable(tmp_path: Path) -> None:
     uri = f"qemu+unix:///system?socket={tmp_path}/nonexistent"
+    backend = LibvirtBackend(uri)  # connects at first use
     with pytest.raises(BackendUnavailable) as info:
-        LibvirtBackend(uri)
+        backend.list()
     err = info.value
     assert err.exit_code == 5
     assert err.message.startswith(f"cannot connect to libvirt at {uri}: ")
