@@ -876,3 +876,19 @@ def test_manager_from_a_backend_name(monkeypatch: pytest.MonkeyPatch) -> None:
     with Manager("libvirt", uri=URI) as m:
         assert isinstance(m.backend, LibvirtBackend) and m.backend.uri == URI
     assert os.environ["HEROVM_HOME"]
+
+
+@pytest.mark.parametrize(
+    "accel, expected",
+    [
+        ("tcg", "console=ttyS0 root=/dev/vda rw norandmaps loglevel=3"),
+        ("kvm", "console=ttyS0 root=/dev/vda rw loglevel=3"),
+    ],
+)
+def test_kernel_command_line_turns_address_randomisation_off_only_under_tcg(
+    manager: Manager, tmp_path: Path, accel: str, expected: str
+) -> None:
+    settings = {"cpus": 1, "memory": 1 << 30, "accel": accel, "kernel_args": "loglevel=3", "net": "default"}
+    meta = {"ssh_port": 2222, "settings": settings}
+    spec = manager._spec(state.VMDir("cmdline"), make_image(tmp_path), meta)
+    assert spec.cmdline == expected
