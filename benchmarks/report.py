@@ -292,6 +292,7 @@ def write_markdown(path: Path, results: dict, summary: dict) -> None:
             *(
                 f"| {label} | {_ms(ex[key], 50)} | {_ms(ex[key], 95)} | {_ms(ex[key], 99)} | {len(ex[key])} |"
                 for key, label in (
+                    ("ssh", "Python API over SSH instead, kept connection"),
                     ("connect", "Python API, new connection each time (first exec)"),
                     ("cli_startup", "CLI process alone (`herovm --help`, no guest)"),
                 )

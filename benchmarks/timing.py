@@ -159,8 +159,16 @@ def exec_measurements(name: str, n: int, throughput_bytes: int) -> dict:
                 t = time.monotonic()
                 subprocess.run([herovm, "exec", name, "--", "true"], check=True, capture_output=True)
                 cli.append(time.monotonic() - t)
-            # Where the CLI's time goes: a new SSH connection (the guest starts `sshd -i` for each), and
-            # the CLI process starting.
+            # The same over SSH (what exec was before the agent served it), for comparison.
+            over_ssh = []
+            conn = vm.connection()
+            conn.exec(["true"])
+            for _ in range(n):
+                t = time.monotonic()
+                conn.exec(["true"])
+                over_ssh.append(time.monotonic() - t)
+            # Where the CLI's time goes: a new agent connection (challenge and answer), and the CLI
+            # process starting.
             connects = []
             for _ in range(min(10, n)):
                 vm.close()
@@ -200,6 +208,7 @@ def exec_measurements(name: str, n: int, throughput_bytes: int) -> dict:
                     m.down(name)
                 _track(name, False)
     out["api"], out["cli"], out["connect"], out["cli_startup"] = api, cli, connects, startup
+    out["ssh"] = over_ssh
     return out
 
 
