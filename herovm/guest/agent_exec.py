@@ -26,7 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO
 
 from ..errors import GuestError
-from .execution import KILL_GRACE_S, PROBE_ANSWER_S, QUIET_PROBE_S, TIMEOUT_EXIT_CODE, ExecResult
+from . import execution
+from .execution import TIMEOUT_EXIT_CODE, ExecResult
 
 MAGIC = b"HEROVM-EXEC/1\n"
 _HEADER = struct.Struct(">cI")
@@ -186,17 +187,17 @@ class AgentExec:
             while True:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline and not timed_out:
-                    timed_out, give_up_at = True, now + KILL_GRACE_S
+                    timed_out, give_up_at = True, now + execution.KILL_GRACE_S
                     if not self._kill(stream, feeder):
                         return TIMEOUT_EXIT_CODE, True
                 if give_up_at is not None and now >= give_up_at:
                     return TIMEOUT_EXIT_CODE, True  # the agent did not confirm the kill; stop waiting
                 limit = give_up_at if timed_out else deadline
-                wait = QUIET_PROBE_S if not probing else PROBE_ANSWER_S
-                wait = min(wait, max(0.0, limit - now)) if limit is not None else wait
+                patience = execution.PROBE_ANSWER_S if probing else execution.QUIET_PROBE_S
+                wait = min(patience, max(0.0, limit - now)) if limit is not None else patience
                 frame = stream.read(wait)
                 if frame is None:
-                    if time.monotonic() - heard_at < (PROBE_ANSWER_S if probing else QUIET_PROBE_S):
+                    if time.monotonic() - heard_at < patience:
                         continue
                     if probing:
                         raise GuestError(

@@ -48,13 +48,8 @@ from typing import BinaryIO
 import paramiko
 
 from herovm.errors import GuestError, NotFound
-from herovm.guest.execution import (
-    KILL_GRACE_S,
-    PROBE_ANSWER_S,
-    QUIET_PROBE_S,
-    TIMEOUT_EXIT_CODE,
-    ExecResult,
-)
+from herovm.guest import execution
+from herovm.guest.execution import TIMEOUT_EXIT_CODE, ExecResult
 from herovm.guest.keys import host_key_entry
 
 __all__ = [
@@ -418,7 +413,7 @@ class GuestConnection:
                 if deadline is not None and now >= deadline:
                     if not timed_out:
                         timed_out = True
-                        give_up_at = now + KILL_GRACE_S
+                        give_up_at = now + execution.KILL_GRACE_S
                     if not killed and sniffer is not None and sniffer.pid is not None:
                         self._kill_group(sniffer.pid)
                         killed = True
@@ -432,7 +427,8 @@ class GuestConnection:
                     wait = min(wait, max(0.0, (give_up_at if timed_out else deadline) - now))
                     if timed_out and not killed:
                         wait = min(wait, 0.05)  # waiting for the PID line to show up
-                if not select.select([chan], [], [], wait)[0] and time.monotonic() - heard_at > QUIET_PROBE_S:
+                readable = select.select([chan], [], [], wait)[0]
+                if not readable and time.monotonic() - heard_at > execution.QUIET_PROBE_S:
                     # A long-quiet command is normal; a frozen guest is not: without this check, an exec
                     # with no timeout into a frozen guest would wait forever.
                     self._require_answer()
@@ -481,10 +477,10 @@ class GuestConnection:
             answered.set()
 
         threading.Thread(target=probe, name="ssh-liveness", daemon=True).start()
-        if not answered.wait(PROBE_ANSWER_S):
+        if not answered.wait(execution.PROBE_ANSWER_S):
             self._drop()
             raise GuestError(
-                f"the guest at {self.target} stopped answering (no reply in {PROBE_ANSWER_S:g}s)",
+                f"the guest at {self.target} stopped answering (no reply in {execution.PROBE_ANSWER_S:g}s)",
                 hint="the VM may be frozen or paused (see `herovm status`); the command may still run",
             )
 

@@ -59,6 +59,7 @@ def test_up_killed_at_many_points_leaves_a_truthful_state_that_down_removes(uniq
             time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+            _settle(conn, name)
             entry = ls_entry(name)
             try:
                 dom = conn.lookupByName(PREFIX + name)
@@ -78,6 +79,20 @@ def test_up_killed_at_many_points_leaves_a_truthful_state_that_down_removes(uniq
     finally:
         conn.close()
     assert "running" in seen_states, f"no kill landed while the guest ran: {seen_states}"
+
+
+def _settle(conn: libvirt.virConnect, name: str, wait_s: float = 15.0) -> None:
+    """Let libvirt finish a start the killed `up` asked for: QEMU starts paused ("starting up") and is
+    resumed by libvirtd itself, client or no client. ls is compared with libvirt after that."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            current, reason = conn.lookupByName(PREFIX + name).state()
+        except libvirt.libvirtError:
+            return
+        if (current, reason) != (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_STARTING_UP):
+            return
+        time.sleep(0.05)
 
 
 def test_gc_removes_what_a_killed_up_left_and_spares_running_vms(unique_name, vm_factory):
@@ -352,10 +367,10 @@ def test_libvirtd_restart_while_guests_run(vm_factory, unique_name):
 
 def test_exec_into_a_guest_that_freezes_fails_instead_of_hanging(vm_factory, unique_name, monkeypatch):
     """No deadline given, and the guest freezes mid-command (libvirt suspend): exec still returns."""
-    import herovm.guest.ssh as ssh
+    from herovm.guest import execution
 
-    monkeypatch.setattr(ssh, "_QUIET_PROBE_S", 3.0)  # the real values (20 s, 10 s) only make the test slower
-    monkeypatch.setattr(ssh, "_PROBE_ANSWER_S", 3.0)
+    monkeypatch.setattr(execution, "QUIET_PROBE_S", 3.0)  # the real values (20 s, 10 s) only make it slower
+    monkeypatch.setattr(execution, "PROBE_ANSWER_S", 3.0)
     name = unique_name("freeze")
     vm = vm_factory(name)
     m = vm_factory.manager
