@@ -75,7 +75,7 @@ def domain_xml(
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>1</vcpu>
   <os>
-    <type arch='x86_64'>hvm</type>
+    <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{escape(str(kernel))}</kernel>
     <initrd>{escape(str(initrd))}</initrd>
     <cmdline>{escape(cmdline)}</cmdline>

@@ -368,7 +368,9 @@ def write_markdown(path: Path, results: dict, summary: dict) -> None:
         "cloud-init's completion is seen only in the console file: the last runcmd line writes a marker "
         "to /dev/ttyS0 and `final_message` is a second marker.",
         "- All three boot the same kernel file with the same command line (herovm's: `quiet`, no i8042 "
-        'probing), so the differences are user space and initramfs. With `quiet`, the "first console line" '
+        "probing), on the same machine type (q35); herovm adds `norandmaps` under TCG, as it does for every "
+        "TCG guest (docs/benchmarks.md: why), the other two boot as they would elsewhere. "
+        'The differences are user space and initramfs. With `quiet`, the "first console line" '
         "is whatever user space prints first: herovm's agent mirrors its `boot` event, the floor's /init "
         "prints "
         "its marker, and stock Debian prints nothing until cloud-init's first stage.",

@@ -56,8 +56,15 @@ def recorder() -> Recorder:
 
 
 @pytest.fixture(scope="session")
-def run_id() -> str:
-    return uuid.uuid4().hex[:6]
+def run_id() -> Iterator[str]:
+    """This run's tag in every VM name; at the end, whatever a failed test left under it is removed."""
+    tag = uuid.uuid4().hex[:6]
+    yield tag
+    with Manager() as manager:
+        for machine in manager.backend.list():
+            if machine.name.startswith(f"it-{tag}-"):
+                with contextlib.suppress(Exception):
+                    manager.down(machine.name)
 
 
 @pytest.fixture

@@ -40,9 +40,11 @@ def test_up_killed_at_many_points_leaves_a_truthful_state_that_down_removes(uniq
     """SIGKILL `herovm up` before define, after define, while the guest boots and around the bootstrap."""
     conn = libvirt.open("qemu:///system")
     seen_states = set()
+    made: list[str] = []
     try:
         for delay in (0.05, 0.4, 0.9, 1.6, 3.0, 5.0, 6.5):
             name = unique_name("kill")
+            made.append(name)
             proc = subprocess.Popen(
                 [
                     *HEROVM,
@@ -78,6 +80,8 @@ def test_up_killed_at_many_points_leaves_a_truthful_state_that_down_removes(uniq
             assert_nothing_left(name)
     finally:
         conn.close()
+        for name in made:  # a failed check above must not leave its guest behind
+            cli("down", name, "--force", timeout=120)
     assert "running" in seen_states, f"no kill landed while the guest ran: {seen_states}"
 
 
