@@ -247,9 +247,15 @@ class AgentExec:
         return hmac.new(self._token, stream.challenge.encode(), hashlib.sha256).hexdigest()
 
     def _take(self, deadline: float) -> _Stream:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                stream = self._idle.pop()
+            # An idle connection has nothing to say: readable means the guest closed it (a reboot, a stop).
+            if not select.select([stream.sock], [], [], 0)[0]:
+                return stream
+            stream.close()
         last: Exception | None = None
         while True:
             try:

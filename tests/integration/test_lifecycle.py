@@ -12,7 +12,7 @@ import pytest
 from guests import HEROVM, assert_nothing_left
 
 from herovm import state
-from herovm.errors import AlreadyExists
+from herovm.errors import AlreadyExists, GuestError
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +80,13 @@ def test_stop_start_keeps_files(vm_factory, unique_name):
     name = unique_name("restart")
     vm = vm_factory(name)
     vm.exec("echo kept > /root/keep.txt && sync")
-    vm.close()
     m = vm_factory.manager
     m.stop(name)
     assert m.backend.get(name).state == "stopped"
-    vm = m.start(name)
+    with pytest.raises(GuestError, match="is stopped"):
+        vm.exec(["true"])
+    m.start(name)
+    # The same handle: its kept connection died with the old boot; the next exec makes a new one.
     assert vm.exec(["cat", "/root/keep.txt"]).stdout == b"kept\n"
     vm.close()
 
