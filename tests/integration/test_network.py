@@ -47,6 +47,11 @@ def test_default_mode_reaches_no_host_service(vm_factory, unique_name, host_url)
 def test_nat_mode_reaches_the_host_and_warns(vm_factory, unique_name, host_url, recorder):
     vm = vm_factory(unique_name("net-nat"), net="nat")
     assert probe(vm, host_url) == "reached"
+    # What the agent set up with ioctls: MTU, address with its prefix, default route, resolver.
+    r = vm.exec("cat /sys/class/net/eth0/mtu; ip -4 -o addr show eth0; ip route show default; cat /etc/resolv.*")
+    assert r.stdout.split(b"\n")[0] == b"1500"
+    assert b"inet 10.0.2.15/24" in r.stdout and b"default via 10.0.2.2 dev eth0" in r.stdout
+    assert b"nameserver 10.0.2.3" in r.stdout
     assert any("warning: --net nat" in p.message for p in recorder.events)
     vm.close()
 

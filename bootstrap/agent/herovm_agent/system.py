@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -146,27 +148,61 @@ def parse_config(data: bytes) -> dict:
 
 
 def setup_network(net: dict | None) -> None:
-    lines = ["link set lo up"]
-    if net:
+    """Loopback up; with `net`, the first NIC gets its MTU, IPv4 address and default route. Plain ioctls:
+    `ip` is a ~0.1 s start under emulation (it links half a dozen libraries), these take a millisecond."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        _link_up(sock, "lo")
+        if not net:
+            return
         ifaces = sorted(i for i in os.listdir("/sys/class/net") if i != "lo")
         if not ifaces:
             raise RuntimeError("no network interface found")
         dev = ifaces[0]
-        lines += [
-            f"link set {dev} mtu {int(net.get('mtu', 1500))}",
-            f"addr add {net['address']} dev {dev}",
-            f"link set {dev} up",
-            f"route add default via {net['gateway']}",
-        ]
-        with open("/etc/resolv.conf", "w") as f:
-            f.writelines(f"nameserver {ns}\n" for ns in net.get("dns", []))
-    subprocess.run(
-        ["/usr/sbin/ip", "-batch", "-"],
-        input="\n".join(lines) + "\n",
-        text=True,
-        check=True,
-        capture_output=True,
-    )
+        address, _, prefix = str(net["address"]).partition("/")
+        mask = ((0xFFFFFFFF << (32 - int(prefix or 32))) & 0xFFFFFFFF).to_bytes(4, "big")
+        fcntl.ioctl(sock, SIOCSIFMTU, _ifreq(dev, struct.pack("i", int(net.get("mtu", 1500)))))
+        fcntl.ioctl(sock, SIOCSIFADDR, _ifreq(dev, _sockaddr_in(address)))
+        fcntl.ioctl(sock, SIOCSIFNETMASK, _ifreq(dev, _sockaddr_in(socket.inet_ntoa(mask))))
+        _link_up(sock, dev)
+        any_address = _sockaddr_in("0.0.0.0")
+        route = struct.pack(
+            "@L16s16s16sHhLPhPLLH",
+            0,
+            any_address,  # destination: default
+            _sockaddr_in(str(net["gateway"])),
+            any_address,  # netmask
+            RTF_UP | RTF_GATEWAY,
+            *(0,) * 8,
+        )
+        fcntl.ioctl(sock, SIOCADDRT, route.ljust(RTENTRY_SIZE, b"\0"))
+    with open("/etc/resolv.conf", "w") as f:
+        f.writelines(f"nameserver {ns}\n" for ns in net.get("dns", []))
+
+
+# <linux/sockios.h>, <linux/route.h>, <net/if.h>
+SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK, SIOCSIFMTU, SIOCADDRT = (
+    0x8913,
+    0x8914,
+    0x8916,
+    0x891C,
+    0x8922,
+    0x890B,
+)
+IFF_UP, RTF_UP, RTF_GATEWAY = 0x1, 0x1, 0x2
+IFREQ_SIZE, RTENTRY_SIZE = 40, 120  # x86_64
+
+
+def _ifreq(dev: str, data: bytes) -> bytes:
+    return (struct.pack("16s", dev.encode()) + data).ljust(IFREQ_SIZE, b"\0")
+
+
+def _sockaddr_in(address: str) -> bytes:
+    return struct.pack("HH4s8x", socket.AF_INET, 0, socket.inet_aton(address))
+
+
+def _link_up(sock: socket.socket, dev: str) -> None:
+    flags = struct.unpack_from("H", fcntl.ioctl(sock, SIOCGIFFLAGS, _ifreq(dev, b"")), 16)[0]
+    fcntl.ioctl(sock, SIOCSIFFLAGS, _ifreq(dev, struct.pack("H", flags | IFF_UP)))
 
 
 def set_hostname(name: str) -> None:
