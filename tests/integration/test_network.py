@@ -48,7 +48,9 @@ def test_nat_mode_reaches_the_host_and_warns(vm_factory, unique_name, host_url, 
     vm = vm_factory(unique_name("net-nat"), net="nat")
     assert probe(vm, host_url) == "reached"
     # What the agent set up with ioctls: MTU, address with its prefix, default route, resolver.
-    r = vm.exec("cat /sys/class/net/eth0/mtu; ip -4 -o addr show eth0; ip route show default; cat /etc/resolv.*")
+    r = vm.exec(
+        "cat /sys/class/net/eth0/mtu; ip -4 -o addr show eth0; ip route show default; cat /etc/resolv.conf"
+    )
     assert r.stdout.split(b"\n")[0] == b"1500"
     assert b"inet 10.0.2.15/24" in r.stdout and b"default via 10.0.2.2 dev eth0" in r.stdout
     assert b"nameserver 10.0.2.3" in r.stdout
