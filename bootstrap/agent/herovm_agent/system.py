@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import struct
-import subprocess
 import threading
 import time
 
@@ -305,6 +304,8 @@ VSOCK_MODULES = ("vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio
 def load_vsock() -> None:
     """Load the virtio vsock modules (not in the initramfs: only Cloud Hypervisor guests need them). Without
     udev nothing loads them for the device; errors show later, when the listener cannot bind."""
+    import subprocess
+
     subprocess.run(["/usr/sbin/modprobe", "-a", "-q", *VSOCK_MODULES], check=False, capture_output=True)
 
 
