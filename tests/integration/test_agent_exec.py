@@ -61,6 +61,9 @@ def test_shell_lines_missing_commands_and_directories(box):
     assert missing.exit_code == 127 and b"command not found" in missing.stderr
     nodir = box.exec(["pwd"], cwd="/no/such/dir")
     assert nodir.exit_code == 1 and b"/no/such/dir" in nodir.stderr
+    box.exec(["mkdir", "-p", "/root/sub"])
+    assert box.exec(["pwd"], cwd="sub").stdout == b"/root/sub\n"  # relative to home, as over SSH
+    assert box.exec(["pwd"]).stdout == b"/root\n"
     assert box.exec("kill -TERM $$").exit_code == 128 + 15
 
 
@@ -82,6 +85,17 @@ def test_a_request_without_the_challenge_answer_is_refused_and_runs_nothing(box)
             replies += chunk
     assert b"refused" in replies  # then the agent hung up
     assert box.exec(["test", "-e", marker]).exit_code == 1
+
+
+def test_a_request_that_is_not_an_object_ends_the_connection_quietly(box):
+    with socket.create_connection(("127.0.0.1", box.ssh_port), timeout=10) as sock:
+        sock.sendall(MAGIC + b"R" + (2).to_bytes(4, "big") + b"[]")
+        sock.settimeout(10)
+        while sock.recv(4096):
+            pass  # the challenge, then the agent hangs up
+    assert box.exec(["true"]).exit_code == 0
+    console = state.VMDir(box.name).console_log.read_text(errors="replace")
+    assert "Traceback" not in console
 
 
 def test_token_file_is_private(box):

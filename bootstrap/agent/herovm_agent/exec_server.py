@@ -114,6 +114,8 @@ class Session:
                     self.send(PONG)
                 elif kind == REQUEST:
                     request = json.loads(payload)
+                    if not isinstance(request, dict):
+                        raise ValueError("a request is a JSON object")
                     if not authenticated:
                         if not hmac.compare_digest(str(request.get("auth", "")), expected):
                             self.send_json(ERROR, {"error": "exec refused: wrong or missing token"})
@@ -143,7 +145,7 @@ class Session:
         argv = request.get("argv") or _simple_command(request.get("shell") or "")
         env = dict(BASE_ENV)
         env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
-        cwd = request.get("cwd") or "/root"
+        cwd = os.path.normpath(os.path.join("/root", request.get("cwd") or "."))  # relative to home, as SSH
         env.setdefault("PWD", cwd)
         refused = _refusal(argv[0], cwd, env["PATH"], explicit_cwd=bool(request.get("cwd")))
         if refused is not None:
