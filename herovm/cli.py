@@ -206,7 +206,9 @@ def exec_(
     cwd: Annotated[str | None, typer.Option(help="working directory in the guest")] = None,
     interactive: Annotated[bool, typer.Option("-i", "--interactive", help="pass stdin through")] = False,
 ) -> None:
-    """Run a command in the VM over SSH; exit with its exit code (255: herovm failed)."""
+    """Run a command in the VM (served by its agent); exit with its exit code (255: herovm failed).
+
+    One argument is a shell line (bash), several are the program and its arguments, run as they are."""
     from .manager import _duration
 
     out, err = sys.stdout.buffer, sys.stderr.buffer

@@ -58,7 +58,7 @@ def host_registry() -> Registry:
 @dataclass
 class PlayContext:
     """What the actions of one run share: one Manager (made on first use) and one VM handle per VM, so
-    SSH connections are reused. `plan=True`: the actions only say what they would do."""
+    guest connections are reused. `plan=True`: the actions only say what they would do."""
 
     manager_factory: Callable[[], Any] | None = None
     progress: Reporter = silent
