@@ -96,14 +96,6 @@ def _run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
         raise RuntimeError(f"{what} failed: {tail}") from e
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _load(variant: str, path: Path) -> BenchImage | None:
     try:
         info = json.loads((path / "info.json").read_text())
@@ -196,7 +188,7 @@ def cloudinit_image(default: herovm_images.Image, log: Log) -> BenchImage:
             _run(["tar", "-xf", str(tar), "-C", str(root), "--numeric-owner"], "unpacking")
             tar.unlink()
             vmlinuz, initrd = root / f"boot/vmlinuz-{kver}", root / f"boot/initrd.img-{kver}"
-            if not vmlinuz.is_file() or _sha256(vmlinuz) != kernel_sha:
+            if not vmlinuz.is_file() or herovm_images.file_sha256(vmlinuz) != kernel_sha:
                 raise RuntimeError(
                     f"the cloud-init image's kernel {vmlinuz.name} is not byte-identical to the default "
                     f"image's ({default.kernel}): rebuild the default image, then run again"

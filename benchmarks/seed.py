@@ -21,14 +21,11 @@ generates no host keys; root is not resized (herovm does not resize either). The
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import shlex
 from pathlib import Path
 
-import pycdlib
-
+from herovm.guest import configdrive
 from herovm.heroscript import parse
 
 RUNCMD_MARKER = "BENCH-CI-RUNCMD-DONE"
@@ -122,14 +119,4 @@ def write_seed(path: Path, config: dict, instance_id: str, hostname: str) -> Non
     """The NoCloud seed ISO: `user-data` (JSON is YAML) and `meta-data`, volume label `cidata`."""
     user_data = ("#cloud-config\n" + json.dumps(config, indent=1) + "\n").encode()
     meta_data = json.dumps({"instance-id": instance_id, "local-hostname": hostname}).encode()
-    iso = pycdlib.PyCdlib()
-    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
-    fps = [io.BytesIO(user_data), io.BytesIO(meta_data)]
-    iso.add_fp(fps[0], len(user_data), "/USERDATA.;1", rr_name="user-data", joliet_path="/user-data")
-    iso.add_fp(fps[1], len(meta_data), "/METADATA.;1", rr_name="meta-data", joliet_path="/meta-data")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            iso.write_fp(out)
-    finally:
-        iso.close()
+    configdrive.write_iso(path, "cidata", {"user-data": user_data, "meta-data": meta_data})

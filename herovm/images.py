@@ -359,7 +359,7 @@ def _assemble(
         os.chmod(work / name, 0o644)
 
     files = {
-        name: {"sha256": _sha256(work / name), "bytes": (work / name).stat().st_size}
+        name: {"sha256": file_sha256(work / name), "bytes": (work / name).stat().st_size}
         for name in ("vmlinuz", "initrd.img", "base.qcow2")
     }
     manifest = {
@@ -378,7 +378,8 @@ def _assemble(
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
