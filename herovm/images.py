@@ -30,7 +30,17 @@ from .errors import ImageError, InvalidInput, NotFound
 from .heroscript import parse_size
 from .progress import Progress, Reporter, silent
 
-AGENT_VERSION = "2"
+
+def _agent_version() -> str:
+    """The agent's VERSION, read from its package: one number to bump, on the guest side."""
+    text = (resources.AGENT / "herovm_agent" / "__init__.py").read_text()
+    match = re.search(r'^VERSION = "([^"]+)"$', text, re.MULTILINE)
+    if match is None:
+        raise ImageError(f"no VERSION in {resources.AGENT / 'herovm_agent' / '__init__.py'}")
+    return match.group(1)
+
+
+AGENT_VERSION = _agent_version()
 # Bump when the way a root file system is made changes (mmdebstrap options, hooks): it is part of the key.
 ROOTFS_FORMAT = 3
 
