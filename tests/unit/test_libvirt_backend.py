@@ -32,19 +32,6 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def backend():
-    b = LibvirtBackend(URI)
-    before = {d.name() for d in b.conn.listAllDomains()}
-    yield b
-    for d in b.conn.listAllDomains():  # leave the shared test driver as we found it
-        if d.name() not in before:
-            if d.isActive():
-                d.destroy()
-            d.undefine()
-    b.close()
-
-
-@pytest.fixture
 def conn(backend):
     c = libvirt.open(URI)
     yield c

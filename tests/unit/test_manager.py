@@ -64,19 +64,6 @@ def no_image(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @pytest.fixture
-def backend():
-    b = LibvirtBackend(URI)
-    before = {d.name() for d in b.conn.listAllDomains()}
-    yield b
-    for d in b.conn.listAllDomains():
-        if d.name() not in before:
-            if d.isActive():
-                d.destroy()
-            d.undefine()
-    b.close()
-
-
-@pytest.fixture
 def progress() -> list[Progress]:
     return []
 

@@ -1,0 +1,24 @@
+"""Fixtures shared by the unit tests of the libvirt layer (libvirt's own test:///default driver)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from herovm.backends.libvirt import LibvirtBackend
+
+TEST_DRIVER_URI = "test:///default"
+
+
+@pytest.fixture
+def backend() -> Iterator[LibvirtBackend]:
+    b = LibvirtBackend(TEST_DRIVER_URI)
+    before = {d.name() for d in b.conn.listAllDomains()}
+    yield b
+    for d in b.conn.listAllDomains():  # leave the shared test driver as we found it
+        if d.name() not in before:
+            if d.isActive():
+                d.destroy()
+            d.undefine()
+    b.close()
