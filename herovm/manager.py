@@ -29,7 +29,7 @@ from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, In
 from .guest import vsock
 from .guest.agent_exec import AgentExec
 from .guest.events import TERMINAL, AgentChannel, console_events, console_tail
-from .guest.execution import ExecResult
+from .guest.execution import ExecResult, open_tcp
 from .progress import Progress, Reporter, silent
 
 if TYPE_CHECKING:
@@ -162,23 +162,29 @@ class VM:
     def ssh_port(self) -> int | None:
         return self.meta.get("ssh_port")
 
+    def _guest_port(self) -> tuple[int, Callable[[float], socket.socket] | None]:
+        """Where the guest's port 22 (sshd, and the agent's exec) is: the forward on 127.0.0.1, or else
+        (timeout) -> a stream from the backend's connector (Cloud Hypervisor: vsock)."""
+        connect = self.manager.guest_connector(self.name)
+        if connect is None and not self.ssh_port:
+            raise GuestError(
+                f"VM {self.name} has no network (--net none), so no exec or SSH",
+                hint="create it with another --net mode to exec into it",
+            )
+        if connect is None:
+            return self.ssh_port, None
+        return vsock.SSH_PORT, lambda timeout: connect(vsock.SSH_PORT, time.monotonic() + timeout)
+
     def connection(self, deadline_s: float = 30.0) -> GuestConnection:
         if self._conn is None or not self._conn.connected:
-            vmdir = state.VMDir(self.name)
-            connect = self.manager.guest_connector(self.name)
-            if not self.ssh_port and connect is None:
-                raise GuestError(
-                    f"VM {self.name} has no network (--net none), so no SSH",
-                    hint="create it with another --net mode to exec into it",
-                )
+            port, sock_factory = self._guest_port()
             from .guest.ssh import GuestConnection  # paramiko: ~90 ms to import, only SSH needs it
 
-            host_key = self.meta.get("host_key") or ""
             self._conn = GuestConnection(
-                port=self.ssh_port or vsock.SSH_PORT,
-                client_key=vmdir.client_key,
-                host_key=host_key,
-                sock_factory=(lambda t: connect(vsock.SSH_PORT, time.monotonic() + t)) if connect else None,
+                port=port,
+                client_key=state.VMDir(self.name).client_key,
+                host_key=self.meta.get("host_key") or "",
+                sock_factory=sock_factory,
             )
             self._conn.connect(deadline_s)
         return self._conn
@@ -207,26 +213,12 @@ class VM:
         if not self.meta.get("agent_exec"):
             return None
         if self._agent is None:
-            connect = self.manager.guest_connector(self.name)
-            port = self.ssh_port
-            if connect is None and not port:
-                raise GuestError(
-                    f"VM {self.name} has no network (--net none), so no exec",
-                    hint="create it with another --net mode to exec into it",
-                )
-
-            def open_socket(timeout: float) -> socket.socket:
-                if connect is not None:
-                    return connect(vsock.SSH_PORT, time.monotonic() + timeout)
-                sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-                sock.settimeout(None)
-                return sock
-
+            port, sock_factory = self._guest_port()
             token = state.VMDir(self.name).exec_token.read_text().strip()
             self._agent = AgentExec(
                 target=self.name,
                 token=token,
-                connect=open_socket,
+                connect=sock_factory or (lambda timeout: open_tcp("127.0.0.1", port, timeout)),
                 # Asked only when the agent does not answer: a stopped or vanished VM is said at once.
                 on_unreachable=lambda: self.manager.require_running(self.name),
             )

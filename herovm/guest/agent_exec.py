@@ -275,8 +275,7 @@ class AgentExec:
         sock = self._connect(timeout)
         stream = _Stream(sock)
         try:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(None)  # waits are bounded by select() in _Stream.read
             sock.sendall(MAGIC)
             frame = stream.read(timeout)
             if frame is None or frame[0] != _CHALLENGE:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from dataclasses import dataclass
 
 TIMEOUT_EXIT_CODE = 124  # what coreutils `timeout` reports; ExecResult.timed_out says it for sure
@@ -23,3 +25,12 @@ class ExecResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out
+
+
+def open_tcp(host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to a guest's forwarded port, ready for small request/response exchanges."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    # Without TCP_NODELAY, Nagle's algorithm and delayed ACKs add ~40 ms to each small exchange.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock

@@ -247,7 +247,7 @@ class GuestConnection:
         if self._sock_factory is not None:
             sock = self._sock_factory(timeout)
         else:
-            sock = _open_socket(self.host, self.port, timeout)
+            sock = execution.open_tcp(self.host, self.port, timeout)
         try:
             client.connect(
                 self.host,
@@ -793,15 +793,6 @@ def _send_eof(chan: paramiko.Channel) -> None:
                             transport._send_message(message)
                     return
         transport.clear_to_send.wait(0.1)
-
-
-def _open_socket(host: str, port: int, timeout: float) -> socket.socket:
-    sock = socket.create_connection((host, port), timeout=timeout)
-    # Execs are small request/response exchanges: without TCP_NODELAY, Nagle's algorithm and delayed
-    # ACKs add ~40 ms to channel opens.
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
 
 
 def _until(deadline: float | None) -> float | None:
