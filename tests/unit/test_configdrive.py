@@ -148,3 +148,30 @@ def test_guest_find_drive_recognises_the_host_drive(tmp_path: Path, agent_system
     entries[:] = [via_dev(plain), via_dev(other), via_dev(drive)]
     found = agent_system.find_drive()
     assert found is not None and Path(found).resolve() == drive.resolve()
+
+
+def test_guest_reads_config_json_in_place_from_the_host_drive(tmp_path: Path, agent_system) -> None:
+    """The agent reads the drive without mounting it (no isofs module at boot): its ISO9660 reader must
+    find config.json among other files, whatever their order, and give exactly its bytes."""
+    drive = tmp_path / "config.iso"
+    big = os.urandom(5000)
+    files = {f"note{i}.txt": f"note {i}\n".encode() for i in range(60)}  # the root spans several sectors
+    configdrive.write_iso(drive, configdrive.LABEL, {**files, "config.json": b'{"v": 1}', "big.bin": big})
+    with open(drive, "rb") as f:
+        assert agent_system.read_iso_file(f, agent_system.DRIVE_FILE, 1 << 20) == b'{"v": 1}'
+        assert agent_system.read_iso_file(f, b"BIG.BIN;1", 1 << 20) == big
+        assert agent_system.read_iso_file(f, b"BIG.BIN;1", 100) == big[:100]
+        assert agent_system.read_iso_file(f, b"NOTE59.TXT;1", 100) == b"note 59\n"
+        with pytest.raises(ValueError, match="no NOPE.JSON;1"):
+            agent_system.read_iso_file(f, b"NOPE.JSON;1", 100)
+    configdrive.write(drive, CONFIG)
+    with open(drive, "rb") as f:
+        data = agent_system.read_iso_file(f, agent_system.DRIVE_FILE, agent_system.MAX_CONFIG_BYTES + 1)
+    assert agent_system.parse_config(data) == {"v": configdrive.PROTOCOL_VERSION, **CONFIG}
+
+
+def test_guest_reader_refuses_what_is_not_iso9660(tmp_path: Path, agent_system) -> None:
+    plain = tmp_path / "plain.img"
+    plain.write_bytes(b"\0" * 40000)
+    with open(plain, "rb") as f, pytest.raises(ValueError, match="no ISO9660"):
+        agent_system.read_iso_file(f, agent_system.DRIVE_FILE, 100)

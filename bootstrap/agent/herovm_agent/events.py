@@ -3,13 +3,17 @@ mirrored on the console, replayed to every host that says hello."""
 
 from __future__ import annotations
 
-import json
+import _thread
 import os
-import queue
 import sys
-import threading
 import time
-from collections.abc import Callable
+from _queue import SimpleQueue
+
+from . import jsonio
+
+TYPE_CHECKING = False  # typing and collections.abc are a cost at boot
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 PORT_NAME = "org.herovm.agent.0"
 CONSOLE_PREFIX = "@herovm "
@@ -42,8 +46,8 @@ class Events:
 
     def __init__(self, port: str | None, console=None, vsock_port: int | None = None) -> None:
         self._history: list[str] = []
-        self._lock = threading.Lock()
-        self._outbox: queue.Queue[str | None] = queue.Queue()
+        self._lock = _thread.allocate_lock()
+        self._outbox: SimpleQueue[str | None] = SimpleQueue()
         self._console = console if console is not None else sys.stdout
         self.on_command: Callable[[dict], None] = lambda cmd: None
         self._fd: int | None = None
@@ -54,15 +58,15 @@ class Events:
             except OSError as e:
                 self._mirror(f"cannot open {port}: {e}")
         if self._fd is not None:
-            threading.Thread(target=self._writer, name="events-writer", daemon=True).start()
-            threading.Thread(target=self._reader, name="events-reader", daemon=True).start()
+            _thread.start_new_thread(self._writer, ())
+            _thread.start_new_thread(self._reader, ())
         elif vsock_port is not None:
             self._listen_vsock(vsock_port)
 
     def emit(self, event: str, **fields: object) -> dict:
         with self._lock:
             record = {"event": event, "seq": len(self._history), "t": round(uptime(), 3), **fields}
-            line = json.dumps(record, separators=(",", ":"), default=str)
+            line = jsonio.dumps(record)
             self._history.append(line)
             self._outbox.put(line)
             self._mirror(line)
@@ -108,14 +112,14 @@ class Events:
         def accept() -> None:
             while True:
                 conn, _ = srv.accept()
-                threading.Thread(target=self._reader, args=(conn,), name="events-vsock", daemon=True).start()
+                _thread.start_new_thread(self._reader, (conn,))
 
-        threading.Thread(target=accept, name="events-accept", daemon=True).start()
+        _thread.start_new_thread(accept, ())
 
     def _hello(self, conn) -> None:
         """A new outbox holding the replay, swapped in under the emit lock: nothing is sent out of order."""
         with self._lock:
-            previous, self._outbox = self._outbox, queue.Queue()
+            previous, self._outbox = self._outbox, SimpleQueue()
             for line in self._history:
                 self._outbox.put(line)
             outbox = self._outbox
@@ -128,7 +132,7 @@ class Events:
                 except OSError:
                     return
 
-        threading.Thread(target=send, name="events-vsock-send", daemon=True).start()
+        _thread.start_new_thread(send, ())
 
     def _reader(self, conn=None) -> None:
         buf = b""
@@ -147,7 +151,7 @@ class Events:
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 try:
-                    cmd = json.loads(line)
+                    cmd = jsonio.loads(line)
                 except ValueError:
                     self._mirror(f"ignored command line {line[:80]!r}")
                     continue

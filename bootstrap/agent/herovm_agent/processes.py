@@ -3,30 +3,43 @@
 Only the reaper calls waitpid. Everything the agent starts goes through `spawn`, which registers the child
 under the same lock the reaper takes before deciding whose child it reaped: a child that exits at once is
 still delivered to its owner. Orphans re-parented to PID 1 are reaped and dropped.
+
+The reaper starts with the first child: `threading` (and the functools and collections it imports) is not
+needed before then, which is after `ready` when the bootstrap is empty.
 """
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import os
-import signal
-import threading
 import time
-from collections.abc import Callable
+from _signal import SIGKILL, SIGTERM
 
 TYPE_CHECKING = False  # typing itself is a cost at boot
 if TYPE_CHECKING:
     import subprocess
+    from collections.abc import Callable
 
 
 class Processes:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._have_children = threading.Condition(self._lock)
         self._owned: dict[int, Callable[[int], None] | None] = {}
         self._status: dict[int, int] = {}
-        self._exited = threading.Condition(self._lock)
-        threading.Thread(target=self._reap, name="reaper", daemon=True).start()
+        self._start_lock = _thread.allocate_lock()
+        self._started = False
+
+    def start(self) -> None:
+        """Start the reaper (on the first spawn, if not before)."""
+        with self._start_lock:
+            if self._started:
+                return
+            import threading
+
+            self._lock = threading.Lock()
+            self._have_children = threading.Condition(self._lock)
+            self._exited = threading.Condition(self._lock)
+            threading.Thread(target=self._reap, name="reaper", daemon=True).start()
+            self._started = True
 
     def spawn(
         self, args: list[str], on_exit: Callable[[int], None] | None = None, **popen: object
@@ -34,6 +47,7 @@ class Processes:
         """Start a child; `on_exit(returncode)` runs in the reaper thread when it ends."""
         import subprocess  # first needed after `ready` (~45 ms at boot under TCG, with selectors)
 
+        self.start()
         with self._lock:
             proc = subprocess.Popen(args, **popen)  # type: ignore[call-overload]
             self._owned[proc.pid] = on_exit
@@ -43,6 +57,7 @@ class Processes:
     def wait(self, proc: subprocess.Popen, timeout: float | None = None) -> int | None:
         """The child's return code once the reaper has it (None on timeout)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self.start()
         with self._lock:
             while proc.pid not in self._status:
                 left = None if deadline is None else deadline - time.monotonic()
@@ -54,6 +69,8 @@ class Processes:
         return code
 
     def _reap(self) -> None:
+        import contextlib
+
         while True:
             try:
                 pid, status = os.waitpid(-1, 0)
@@ -94,7 +111,7 @@ class Services:
         self._processes = processes
         self._notify = notify
         self.services: dict[str, Service] = {}
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     def start(self, service: Service) -> None:
         with self._lock:
@@ -132,6 +149,8 @@ class Services:
             "service", name=service.name, state="restarting", exit_code=code, restarts=service.restarts
         )
         delay = min(0.1 * 2 ** min(service.restarts, 6), 5.0)
+        import threading
+
         threading.Timer(delay, self._relaunch, args=(service,)).start()
 
     def _relaunch(self, service: Service) -> None:
@@ -142,13 +161,13 @@ class Services:
         for s in self.services.values():
             s.stopping = True
             if s.pid:
-                _kill_group(s.pid, signal.SIGTERM)
+                _kill_group(s.pid, SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(s.pid for s in self.services.values()):
             time.sleep(0.05)
         for s in self.services.values():
             if s.pid:
-                _kill_group(s.pid, signal.SIGKILL)
+                _kill_group(s.pid, SIGKILL)
 
     def snapshot(self) -> dict[str, dict]:
         return {
@@ -164,5 +183,7 @@ class Services:
 
 
 def _kill_group(pid: int, sig: int) -> None:
+    import contextlib  # not at the top: this module is imported at boot, and contextlib is a cost there
+
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)

@@ -1,48 +1,31 @@
-"""Machine setup done by the agent as PID 1: mounts, the config drive, network, hostname, SSH, power-off.
-System calls go through libc where a fork of a tool would cost tens of milliseconds under emulation."""
+"""Machine setup done by the agent as PID 1: the config drive, network, hostname, SSH, power-off.
+
+Everything up to `ready` uses only the interpreter's C modules (_socket, _thread, fcntl, _struct): the
+pure-Python `socket`, `threading` and `ctypes` cost ~0.1 s each at boot under emulation, mostly in what
+they import (enum, collections, functools). System calls are made directly where a fork of a tool would
+cost tens of milliseconds. The initramfs has mounted /proc, /sys, /dev, /dev/pts, /dev/shm and /run.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import errno
+import _socket
+import _thread
 import fcntl
-import json
 import os
-import socket
 import struct
-import threading
 import time
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+from . import jsonio
 
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 DRIVE_LABEL = b"HEROVM"
-DRIVE_MOUNT = "/run/herovm/drive"
+DRIVE_FILE = b"CONFIG.JSON;1"  # config.json's ISO9660 name (herovm/guest/configdrive.py)
+SECTOR = 2048
 
 
-def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
-    os.makedirs(target, exist_ok=True)
-    if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode() or None) != 0:
-        err = ctypes.get_errno()
-        if err != errno.EBUSY:
-            raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
-
-
-def umount(target: str) -> None:
-    _libc.umount2(target.encode(), 0)
-
-
-def mount_basics() -> None:
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID)
-    mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666")
-    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV)
-    mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+def make_runtime_dirs() -> None:
     os.makedirs("/run/herovm", exist_ok=True)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    os.makedirs("/var/log/herovm", exist_ok=True)
     if not os.path.exists("/dev/ptmx"):
         os.symlink("pts/ptmx", "/dev/ptmx")
     for name, target in (
@@ -75,13 +58,36 @@ def read_drive() -> dict:
     dev = find_drive()
     if dev is None:
         raise RuntimeError("no config drive (ISO9660 volume labelled HEROVM) attached")
-    mount(dev, DRIVE_MOUNT, "iso9660", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    try:
-        with open(os.path.join(DRIVE_MOUNT, "config.json"), "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    finally:
-        umount(DRIVE_MOUNT)
-    return parse_config(data)
+    with open(dev, "rb") as f:
+        return parse_config(read_iso_file(f, DRIVE_FILE, MAX_CONFIG_BYTES + 1))
+
+
+def read_iso_file(f, name: bytes, limit: int) -> bytes:
+    """The first `limit` bytes of the file called `name` in the root directory of the ISO9660 volume `f`
+    (ECMA-119: the primary volume descriptor at sector 16; directory records in the root's extent). Read
+    in place: mounting would need the cdrom and isofs modules loaded at boot, and the mount() call."""
+    f.seek(16 * SECTOR)
+    pvd = f.read(SECTOR)
+    if pvd[:6] != b"\x01CD001":
+        raise ValueError("config drive: no ISO9660 primary volume descriptor")
+    block = int.from_bytes(pvd[128:130], "little")
+    root = pvd[156:190]
+    extent, size = int.from_bytes(root[2:6], "little"), int.from_bytes(root[10:14], "little")
+    f.seek(extent * block)
+    directory = f.read(min(size, 1 << 20))
+    pos = 0
+    while pos < len(directory):
+        length = directory[pos]
+        if length == 0:  # records do not cross a sector: the rest of this one is padding
+            pos = (pos // SECTOR + 1) * SECTOR
+            continue
+        record = directory[pos : pos + length]
+        name_len = record[32]
+        if record[33 : 33 + name_len].upper() == name and not record[25] & 0x02:  # 0x02: a directory
+            f.seek(int.from_bytes(record[2:6], "little") * block)
+            return f.read(min(int.from_bytes(record[10:14], "little"), limit))
+        pos += length
+    raise ValueError(f"config drive: no {name.decode()} in its root directory")
 
 
 MAX_CONFIG_BYTES = 4 << 20
@@ -104,7 +110,7 @@ def parse_config(data: bytes) -> dict:
     if len(data) > MAX_CONFIG_BYTES:
         raise ValueError("config drive: config.json is too large")
     try:
-        config = json.loads(data.decode("utf-8"))
+        config = jsonio.loads(data)
     except (UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"config drive: config.json is not JSON: {e}") from None
     if not isinstance(config, dict) or config.get("v") != 1:
@@ -146,10 +152,26 @@ def parse_config(data: bytes) -> dict:
     return config
 
 
+class Socket(_socket.socket):
+    """The conveniences of `socket.socket` the agent uses (with, accept), without importing `socket`."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Socket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def accept(self) -> tuple[Socket, object]:
+        fd, address = self._accept()
+        return Socket(self.family, self.type, self.proto, fileno=fd), address
+
+
 def setup_network(net: dict | None) -> None:
     """Loopback up; with `net`, the first NIC gets its MTU, IPv4 address and default route. Plain ioctls:
     `ip` is a ~0.1 s start under emulation (it links half a dozen libraries), these take a millisecond."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with Socket(_socket.AF_INET, _socket.SOCK_DGRAM) as sock:
         _link_up(sock, "lo")
         if not net:
             return
@@ -161,7 +183,7 @@ def setup_network(net: dict | None) -> None:
         mask = ((0xFFFFFFFF << (32 - int(prefix or 32))) & 0xFFFFFFFF).to_bytes(4, "big")
         fcntl.ioctl(sock, SIOCSIFMTU, _ifreq(dev, struct.pack("i", int(net.get("mtu", 1500)))))
         fcntl.ioctl(sock, SIOCSIFADDR, _ifreq(dev, _sockaddr_in(address)))
-        fcntl.ioctl(sock, SIOCSIFNETMASK, _ifreq(dev, _sockaddr_in(socket.inet_ntoa(mask))))
+        fcntl.ioctl(sock, SIOCSIFNETMASK, _ifreq(dev, _sockaddr_in(_socket.inet_ntoa(mask))))
         _link_up(sock, dev)
         any_address = _sockaddr_in("0.0.0.0")
         route = struct.pack(
@@ -197,7 +219,7 @@ def _ifreq(dev: str, data: bytes) -> bytes:
 
 
 def _sockaddr_in(address: str) -> bytes:
-    return struct.pack("HH4s8x", socket.AF_INET, 0, socket.inet_aton(address))
+    return struct.pack("HH4s8x", _socket.AF_INET, 0, _socket.inet_aton(address))
 
 
 def _announce(dev: str, address: str) -> None:
@@ -206,14 +228,14 @@ def _announce(dev: str, address: str) -> None:
     (seen: 1 in 10 boots, 5 s). The frame stays on the link to the user-mode stack."""
     with open(f"/sys/class/net/{dev}/address") as f:
         mac = bytes.fromhex(f.read().strip().replace(":", ""))
-    ip = socket.inet_aton(address)
+    ip = _socket.inet_aton(address)
     arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip + b"\0" * 6 + ip  # request: who has ip
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+    with Socket(_socket.AF_PACKET, _socket.SOCK_RAW) as raw:
         raw.bind((dev, 0))
         raw.send(b"\xff" * 6 + mac + b"\x08\x06" + arp)
 
 
-def _link_up(sock: socket.socket, dev: str) -> None:
+def _link_up(sock: Socket, dev: str) -> None:
     flags = struct.unpack_from("H", fcntl.ioctl(sock, SIOCGIFFLAGS, _ifreq(dev, b"")), 16)[0]
     fcntl.ioctl(sock, SIOCSIFFLAGS, _ifreq(dev, struct.pack("H", flags | IFF_UP)))
 
@@ -255,25 +277,25 @@ class SSHListener:
     def __init__(self, port: int, processes, exec_token: bytes | None = None, vsock: bool = False) -> None:
         self._processes = processes
         self._exec_token = exec_token
-        self.sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        self.sock = Socket(_socket.AF_INET6, _socket.SOCK_STREAM)
+        self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 0)
         self.sock.bind(("::", port))
         self.sock.listen(64)
         self.log = open("/run/herovm/sshd.log", "ab", buffering=0)  # noqa: SIM115 - lives as long as PID 1
-        threading.Thread(target=self._serve, args=(self.sock,), name="ssh-listener", daemon=True).start()
+        _thread.start_new_thread(self._serve, (self.sock,))
         if vsock:  # Cloud Hypervisor: the host reaches SSH through vsock port 22, with no NIC at all
-            self.vsock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-            self.vsock.bind((socket.VMADDR_CID_ANY, port))
+            self.vsock = Socket(_socket.AF_VSOCK, _socket.SOCK_STREAM)
+            self.vsock.bind((_socket.VMADDR_CID_ANY, port))
             self.vsock.listen(64)
-            threading.Thread(target=self._serve, args=(self.vsock,), name="ssh-vsock", daemon=True).start()
+            _thread.start_new_thread(self._serve, (self.vsock,))
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, sock: Socket) -> None:
         while True:
             conn, _ = sock.accept()
-            threading.Thread(target=self._dispatch, args=(conn,), name="ssh-conn", daemon=True).start()
+            _thread.start_new_thread(self._dispatch, (conn,))
 
-    def _dispatch(self, conn: socket.socket) -> None:
+    def _dispatch(self, conn: Socket) -> None:
         try:
             if self._exec_token is not None and self._opens_with_exec_magic(conn):
                 from . import exec_server
@@ -289,7 +311,7 @@ class SSHListener:
         finally:
             conn.close()
 
-    def _opens_with_exec_magic(self, conn: socket.socket) -> bool:
+    def _opens_with_exec_magic(self, conn: Socket) -> bool:
         from .exec_server import MAGIC
 
         conn.settimeout(self.PEEK_WAIT_S)
@@ -299,7 +321,7 @@ class SSHListener:
             while len(seen) < len(MAGIC) and MAGIC.startswith(seen):
                 if time.monotonic() > deadline:
                     return False
-                more = conn.recv(len(MAGIC), socket.MSG_PEEK)  # waits only while nothing is buffered
+                more = conn.recv(len(MAGIC), _socket.MSG_PEEK)  # waits only while nothing is buffered
                 if not more:
                     return False
                 if more == seen:
@@ -324,12 +346,19 @@ def load_vsock() -> None:
 
 
 def power_off() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
     os.sync()
     with open("/proc/mounts") as f:
         mounts = [line.split()[1] for line in f]
     for target in reversed(mounts):
         if target not in ("/", "/proc", "/sys", "/dev"):
-            umount(target)
-    _libc.mount(None, b"/", None, MS_REMOUNT | MS_RDONLY, None)
+            libc.umount2(target.encode(), 0)
+    libc.mount(None, b"/", None, MS_REMOUNT | MS_RDONLY, None)
     os.sync()
-    _libc.reboot(0x4321FEDC)  # LINUX_REBOOT_CMD_POWER_OFF
+    libc.reboot(0x4321FEDC)  # LINUX_REBOOT_CMD_POWER_OFF
+
+
+MS_RDONLY, MS_REMOUNT = 1, 32
