@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -297,7 +298,20 @@ def test_image_id_changes_with_initramfs_and_heroscript(tmp_sources: Path) -> No
     ids.add(images.image_id(recipe))
     (tmp_sources / "herovm/heroscript/new_module.py").write_text("X = 1\n")
     ids.add(images.image_id(recipe))
-    assert len(ids) == 3
+    (tmp_sources / "bootstrap/agent/sshd_config").write_text("PasswordAuthentication yes\n")  # not Python
+    ids.add(images.image_id(recipe))
+    assert len(ids) == 4
+
+
+def test_image_id_changes_with_the_assembly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """How the image is put together (herovm/images.py) is part of it: a cached image made by older
+    assembly code must not be taken for the new one."""
+    recipe = images.load_recipe("default")
+    before = images.image_id(recipe)
+    changed = tmp_path / "images.py"
+    changed.write_bytes(Path(images.__file__).read_bytes() + b"\n# assembled differently\n")
+    monkeypatch.setattr(images, "__file__", str(changed))
+    assert images.image_id(recipe) != before
 
 
 def test_image_id_ignores_pycache(tmp_sources: Path) -> None:
@@ -430,7 +444,7 @@ def test_build_initramfs_from_a_fake_root(tmp_path: Path) -> None:
     moddir = root / "usr/lib/modules/6.1.0-test/kernel/drivers"
     moddir.mkdir(parents=True)
     for m in order:
-        (moddir / f"{m}.ko").write_bytes(m.encode())
+        (moddir / f"{m}.ko").write_bytes(m.encode() + SIGNATURE)
     (root / "usr/bin").mkdir(parents=True)
     (root / "usr/bin/busybox").write_bytes(b"\x7fELF busybox")
     out = tmp_path / "initrd.img"
@@ -439,6 +453,7 @@ def test_build_initramfs_from_a_fake_root(tmp_path: Path) -> None:
     assert data.startswith(b"070701")
     for m in order:
         assert f"modules/{m}.ko".encode() in data
+    assert images.MODULE_SIGNATURE_MARKER not in data
     if CPIO:
         listed = subprocess.run([CPIO, "-t", "--quiet"], input=data, capture_output=True, check=True)
         names = listed.stdout.decode().split()
@@ -453,7 +468,32 @@ def test_build_initramfs_from_a_fake_root(tmp_path: Path) -> None:
             "modules.order",
             "bin/busybox",
         ]
-        assert names[9:] == [f"modules/{m}.ko" for m in order]
+        assert names[9:14] == [f"bin/{a}" for a in images.INITRAMFS_APPLETS]
+        assert names[14:] == [f"modules/{m}.ko" for m in order]
+        unpacked = tmp_path / "unpacked"
+        unpacked.mkdir()
+        subprocess.run([CPIO, "-id", "--quiet"], input=data, cwd=unpacked, check=True)
+        assert all(os.readlink(unpacked / "bin" / a) == "busybox" for a in images.INITRAMFS_APPLETS)
+        assert (unpacked / "modules/virtio_net.ko").read_bytes() == b"virtio_net"
+
+
+# What a signed module ends with: the PKCS#7 signature, struct module_signature (its last 4 bytes the
+# signature's length, big-endian), the marker.
+SIGNATURE = b"S" * 300 + bytes(8) + (300).to_bytes(4, "big") + b"~Module signature appended~\n"
+
+
+def test_modules_lose_their_signature_and_nothing_else() -> None:
+    assert images.without_signature(b"\x7fELF module" + SIGNATURE) == b"\x7fELF module"
+    assert images.without_signature(b"\x7fELF unsigned") == b"\x7fELF unsigned"
+
+
+def test_every_applet_the_initramfs_runs_is_linked() -> None:
+    """init calls applets by bare name; each must resolve in a busybox without a standalone shell too."""
+    script = (resources.INITRAMFS / "init").read_text()
+    code = "\n".join(line.split("#")[0] for line in script.splitlines()[1:])
+    for applet in images.INITRAMFS_APPLETS:
+        assert re.search(rf"(^|[\s;(]){applet} ", code, re.M), f"{applet} is linked but init never runs it"
+    assert "/bin/busybox" not in code.replace("exec /bin/busybox", "")
 
 
 def test_build_initramfs_names_missing_modules(tmp_path: Path) -> None:
