@@ -96,19 +96,21 @@ def _run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
         raise RuntimeError(f"{what} failed: {tail}") from e
 
 
-def _load(variant: str, path: Path) -> BenchImage | None:
+def _load(variant: str, path: Path, kernel: Path) -> BenchImage | None:
+    """The cached image at `path`, booted with `kernel`: the default image's, whose sha256 is in the cache
+    key. (The path recorded at build time goes away when that default image is pruned.)"""
     try:
         info = json.loads((path / "info.json").read_text())
     except (OSError, ValueError):
         return None
     disk = path / "base.qcow2" if info.get("disk") else None
-    img = BenchImage(variant, path, Path(info["kernel"]), path / "initrd.img", disk, info["cmdline"], info)
+    img = BenchImage(variant, path, kernel, path / "initrd.img", disk, info["cmdline"], info)
     if not img.kernel.is_file() or not img.initrd.is_file() or (disk is not None and not disk.is_file()):
         return None
     return img
 
 
-def _publish(variant: str, key: str, work: Path, info: dict) -> BenchImage:
+def _publish(variant: str, key: str, work: Path, info: dict, kernel: Path) -> BenchImage:
     (work / "info.json").write_text(json.dumps(info, indent=2))
     os.chmod(work, 0o755)
     for p in work.iterdir():
@@ -116,7 +118,7 @@ def _publish(variant: str, key: str, work: Path, info: dict) -> BenchImage:
     final = bench_dir() / f"{variant}-{key}"
     shutil.rmtree(final, ignore_errors=True)
     work.rename(final)
-    img = _load(variant, final)
+    img = _load(variant, final, kernel)
     assert img is not None
     return img
 
@@ -134,7 +136,7 @@ def floor_image(default: herovm_images.Image, log: Log) -> BenchImage:
     kernel_sha = default.manifest["files"]["vmlinuz"]["sha256"]
     key = _key("floor", FLOOR_INIT, kernel_sha)
     with state.named_lock("bench-image-floor"):
-        if img := _load("floor", bench_dir() / f"floor-{key}"):
+        if img := _load("floor", bench_dir() / f"floor-{key}", default.kernel):
             return img
         log("building the floor initramfs (busybox + /init)")
         rootfs_tar = herovm_images.build_rootfs(
@@ -162,7 +164,7 @@ def floor_image(default: herovm_images.Image, log: Log) -> BenchImage:
                 "disk": False,
                 "initrd_bytes": (work / "initrd.img").stat().st_size,
             }
-            return _publish("floor", key, work, info)
+            return _publish("floor", key, work, info, default.kernel)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -176,7 +178,7 @@ def cloudinit_image(default: herovm_images.Image, log: Log) -> BenchImage:
     recipe = {**CLOUDINIT_RECIPE, "kernel_package": f"linux-image-{kver}"}
     key = _key("cloudinit", recipe, kernel_sha)
     with state.named_lock("bench-image-cloudinit"):
-        if img := _load("cloudinit", bench_dir() / f"cloudinit-{key}"):
+        if img := _load("cloudinit", bench_dir() / f"cloudinit-{key}", default.kernel):
             return img
         work = Path(tempfile.mkdtemp(prefix=".cloudinit-", dir=bench_dir()))
         try:
@@ -219,7 +221,7 @@ def cloudinit_image(default: herovm_images.Image, log: Log) -> BenchImage:
                 "initrd_bytes": (work / "initrd.img").stat().st_size,
                 "disk_bytes": (work / "base.qcow2").stat().st_size,
             }
-            return _publish("cloudinit", key, work, info)
+            return _publish("cloudinit", key, work, info, default.kernel)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
