@@ -121,7 +121,7 @@ def up(
     image: Annotated[str, typer.Option(help="image recipe")] = "default",
     cpus: Annotated[int, typer.Option(help="virtual CPUs")] = 1,
     memory: Annotated[str, typer.Option(help="memory, e.g. 1GB")] = "1GB",
-    disk: Annotated[str, typer.Option(help="disk size, e.g. 10GB")] = "10GB",
+    disk: Annotated[str, typer.Option(help="disk size, e.g. 20GB; at least 10GB")] = "10GB",
     bootstrap: Annotated[str | None, typer.Option(help="HeroScript bootstrap: a file or a URL")] = None,
     bootstrap_sha256: Annotated[str | None, typer.Option(help="sha256 the bootstrap must have")] = None,
     var: Annotated[list[str] | None, typer.Option(help="K=V substituted into the bootstrap")] = None,

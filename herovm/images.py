@@ -106,13 +106,19 @@ def _guest_sources() -> list[Path]:
     return [p for p in files if "__pycache__" not in p.parts]
 
 
+# What mmdebstrap is given: the cached root file system depends on these fields only, so a change to the
+# rest of a recipe (root_size, cmdline, description) reassembles the image in seconds without a download.
+ROOTFS_FIELDS = ("suite", "variant", "packages", "path_excludes", "path_includes", "cached_packages")
+
+
 def recipe_key(recipe: dict) -> str:
-    keyed = {"recipe": recipe, "format": ROOTFS_FORMAT}
+    keyed = {"recipe": {k: recipe.get(k) for k in ROOTFS_FIELDS}, "format": ROOTFS_FORMAT}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def image_id(recipe: dict) -> str:
     h = hashlib.sha256(recipe_key(recipe).encode() + AGENT_VERSION.encode())
+    h.update(json.dumps(recipe, sort_keys=True).encode())
     _hash_files(_guest_sources(), h)
     h.update(Path(__file__).read_bytes())  # the assembly (how the initramfs is written) is part of the image
     return h.hexdigest()[:12]

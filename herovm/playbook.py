@@ -317,7 +317,7 @@ def _describe_create(call: Call) -> str:
         Param("image", "str", default="default", help="image recipe"),
         Param("cpus", "int", default=1, help="virtual CPUs"),
         Param("memory", "size", default="1GB", help="memory, e.g. 1GB"),
-        Param("disk", "size", default="10GB", help="disk size, e.g. 10GB"),
+        Param("disk", "size", default="10GB", help="disk size, e.g. 20GB; at least 10GB"),
         Param(
             "bootstrap",
             "str",

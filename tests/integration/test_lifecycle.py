@@ -76,9 +76,15 @@ def test_up_again_is_noop_and_other_settings_are_refused(box, module_vm_factory)
         m.up(box.name, memory="2GB")
 
 
-def test_stop_start_keeps_files(vm_factory, unique_name):
+def _root_fs_bytes(vm) -> int:
+    return int(vm.exec(["df", "-B1", "--output=size", "/"]).stdout.split()[-1])
+
+
+def test_stop_start_keeps_files_and_the_root_fills_the_disk(vm_factory, unique_name):
     name = unique_name("restart")
-    vm = vm_factory(name)
+    vm = vm_factory(name, disk="12GB")
+    # The image's file system is 10 GB; the first boot grows it to the disk asked for.
+    assert 11.5 * (1 << 30) < _root_fs_bytes(vm) <= 12 << 30
     vm.exec("echo kept > /root/keep.txt && sync")
     m = vm_factory.manager
     m.stop(name)
@@ -88,6 +94,7 @@ def test_stop_start_keeps_files(vm_factory, unique_name):
     m.start(name)
     # The same handle: its kept connection died with the old boot; the next exec makes a new one.
     assert vm.exec(["cat", "/root/keep.txt"]).stdout == b"kept\n"
+    assert 11.5 * (1 << 30) < _root_fs_bytes(vm) <= 12 << 30
     vm.close()
 
 

@@ -248,6 +248,16 @@ def test_image_remove_cannot_escape_the_image_cache(home: Path) -> None:
     assert (victim / "keep").is_dir()
 
 
+def test_assembly_fields_change_the_image_but_not_the_root_file_system() -> None:
+    """root_size and cmdline are applied when the image is assembled: no new mmdebstrap run for them."""
+    recipe = images.load_recipe("default")
+    for change in ({"root_size": "12GB"}, {"cmdline": recipe["cmdline"] + " debug"}):
+        assert images.recipe_key({**recipe, **change}) == images.recipe_key(recipe)
+        assert images.image_id({**recipe, **change}) != images.image_id(recipe)
+    more = {**recipe, "packages": [*recipe["packages"], "tree"]}
+    assert images.recipe_key(more) != images.recipe_key(recipe)
+
+
 def test_recipe_key_is_stable_and_order_independent() -> None:
     a = {"suite": "bookworm", "packages": ["a", "b"]}
     b = {"packages": ["a", "b"], "suite": "bookworm"}

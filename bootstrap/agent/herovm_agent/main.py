@@ -76,6 +76,7 @@ class Agent:
             "boot", nonce=config.get("nonce"), agent=VERSION, kernel=os.uname().release, pid=os.getpid()
         )
         try:
+            self.step("disk", system.grow_root_filesystem)
             self.step("network", system.setup_network, config.get("network"))
             self.step("hostname", system.set_hostname, config.get("hostname") or config.get("name", "herovm"))
             ssh = config.get("ssh") or {}
