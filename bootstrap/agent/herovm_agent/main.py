@@ -180,11 +180,11 @@ class Agent:
                 f.write(digest)
         self.write_status(state="ready")
         self.events.emit("ready", actions=actions, seconds=round(time.monotonic() - self.started, 3))
-        _thread.start_new_thread(self.prepare_for_exec, ())
 
     def prepare_for_exec(self) -> None:
         """Import what the first exec needs, and start the reaper, while the host is still taking in `ready`:
-        ~0.2 s under emulation that would otherwise fall on that exec."""
+        ~0.2 s under emulation that would otherwise fall on that exec. In the main thread, which has nothing
+        else to do then, and is where `threading` expects to be imported."""
         from . import exec_server  # noqa: F401
 
         self.processes.start()
@@ -255,6 +255,10 @@ def main() -> None:
         import traceback
 
         agent.fail("agent", traceback.format_exc(limit=5))
+    try:
+        agent.prepare_for_exec()
+    except Exception as e:  # noqa: BLE001 - PID 1 must not die; an exec will meet the same error and say so
+        print(f"herovm-agent: cannot prepare exec: {e}", flush=True)
     while True:  # the reaper, listener and channel threads do the work from here
         _signal.pause()
 
