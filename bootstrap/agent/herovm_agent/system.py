@@ -1,9 +1,10 @@
 """Machine setup done by the agent as PID 1: the config drive, network, hostname, SSH, power-off.
 
-Everything up to `ready` uses only the interpreter's C modules (_socket, _thread, fcntl, _struct): the
-pure-Python `socket`, `threading` and `ctypes` cost ~0.1 s each at boot under emulation, mostly in what
-they import (enum, collections, functools). System calls are made directly where a fork of a tool would
-cost tens of milliseconds. The initramfs has mounted /proc, /sys, /dev, /dev/pts, /dev/shm and /run.
+Everything up to `ready` uses only the interpreter's C modules (_socket, _thread, fcntl, and _struct through
+the thin `struct`): the pure-Python `socket`, `threading` and `ctypes` cost ~0.1 s each at boot under
+emulation, mostly in what they import (enum, collections, functools). System calls are made directly where
+a fork of a tool would cost tens of milliseconds. The initramfs has mounted /proc, /sys, /dev, /dev/pts,
+/dev/shm and /run.
 """
 
 from __future__ import annotations
@@ -157,8 +158,8 @@ EXT4_IOC_RESIZE_FS = 0x40086610  # _IOW('f', 16, __u64)
 
 def grow_root_filesystem() -> tuple[int, int] | None:
     """Grow the root file system to fill its disk, online; (old, new) size in bytes, or None when it fills
-    it already. The image's file system is made small (root_size) and the host makes each VM's disk as
-    large as asked: the first boot grows it, later boots find nothing to do."""
+    it already. The image's file system is root_size and the host makes each VM's disk as large as asked
+    (root_size at least): the first boot of a larger disk grows it, later boots find nothing to do."""
     st = os.stat("/")
     sysfs = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     with open(f"{sysfs}/size") as f:
@@ -378,6 +379,9 @@ def load_vsock() -> None:
     subprocess.run(["/usr/sbin/modprobe", "-a", "-q", *VSOCK_MODULES], check=False, capture_output=True)
 
 
+MS_RDONLY, MS_REMOUNT = 1, 32
+
+
 def power_off() -> None:
     import ctypes
 
@@ -392,6 +396,3 @@ def power_off() -> None:
     libc.mount(None, b"/", None, MS_REMOUNT | MS_RDONLY, None)
     os.sync()
     libc.reboot(0x4321FEDC)  # LINUX_REBOOT_CMD_POWER_OFF
-
-
-MS_RDONLY, MS_REMOUNT = 1, 32
