@@ -33,6 +33,7 @@ def run_checks(uri: str | None = None) -> list[Check]:
         _tool("mmdebstrap", "mmdebstrap", "builds images"),
         _tool("mkfs.ext4", "e2fsprogs", "builds images"),
         _tool("passt", "passt", "the default network mode: egress without access to this host"),
+        _tool("nft", "nftables", "the default network mode: keeps guests off this host's own addresses"),
     ]
     uri = uri or default_uri()
     try:

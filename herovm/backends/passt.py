@@ -1,7 +1,9 @@
 """passt, the user-mode network stack behind herovm's default network mode.
 
 Unlike QEMU's built-in user networking, passt can refuse to map the gateway address to the host
-(`--no-map-gw`), so a guest reaches the outside but never the host's loopback services. One passt process per
+(`--no-map-gw`); it runs in the group `herovm-net`, whose new flows to any address of this host an nftables
+rule refuses (herovm/backends/hostguard.py), so a guest reaches the outside but never the host's own services,
+on loopback or any other address. One passt process per
 running VM: started just before QEMU, `--one-off` so it exits by itself when QEMU disconnects, and killed by
 its pid file when the domain is destroyed (checked to be our passt first: pids get reused).
 """
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 from ..errors import BackendUnavailable, HeroVMError
+from . import hostguard
 from .base import GUEST_NET
 
 
@@ -38,10 +41,11 @@ def start(net_dir: Path, ssh_port: int, runas: str | None) -> None:
             hint="apt-get install passt (scripts/setup does), or use --net nat",
         )
     stop(net_dir)
+    gid = hostguard.install()
     net_dir.mkdir(mode=0o700, exist_ok=True)
     pw = pwd.getpwnam(runas) if runas else None
     if pw is not None:
-        os.chown(net_dir, pw.pw_uid, pw.pw_gid)
+        os.chown(net_dir, pw.pw_uid, gid)
     sock = socket_path(net_dir)
     sock.unlink(missing_ok=True)
     address, _, netmask = GUEST_NET["address"].partition("/")
@@ -69,7 +73,7 @@ def start(net_dir: Path, ssh_port: int, runas: str | None) -> None:
         "none",
     ]
     if pw is not None:
-        cmd += ["--runas", f"{pw.pw_uid}:{pw.pw_gid}"]
+        cmd += ["--runas", f"{pw.pw_uid}:{gid}"]
     # passt daemonizes once its socket is bound: when this returns, QEMU can connect.
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     if result.returncode != 0 or not sock.exists():
