@@ -2,14 +2,14 @@
 
 passt's `--no-map-gw` only stops the gateway address (10.0.2.2) from meaning the host. A guest that
 connects to one of the host's real addresses (its LAN address, its IPv6 address) is connected by passt like
-any outside address: a probe reached a listener on the host's LAN address that way. So passt runs with a group of its own, `herovm-net`, and one nftables rule refuses every new flow that a
-socket of that group opens to an address of this host (`fib daddr type local`: IPv4 and IPv6, all
-interfaces, addresses added later included). QEMU's own user networking (`--net nat`) runs under another
-group and is untouched.
+any outside address: a probe reached a listener on the host's LAN address that way. So passt runs with a
+group of its own, `herovm-net`, and one nftables rule refuses every new flow that a socket of that group
+opens to an address of this host (`fib daddr type local`: IPv4 and IPv6, all interfaces, addresses added
+later included). QEMU's own user networking (`--net nat`) runs under another group and is untouched.
 
 The one exception is DNS: passt forwards the guest's resolver (10.0.2.3) to the host's first nameserver.
-When that nameserver is an address of this host (a loopback stub resolver such as 127.0.0.53), port 53 of that
-address stays reachable, so names still resolve. docs/security.md says so.
+When that nameserver is an address of this host (a loopback stub resolver such as 127.0.0.53), port 53 of
+that address stays reachable, so names still resolve. docs/security.md says so.
 """
 
 from __future__ import annotations
