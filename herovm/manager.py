@@ -392,6 +392,7 @@ class Manager:
                 capture_output=True,
                 text=True,
             )
+            os.chmod(vmdir.disk, 0o600)  # qemu-img honours the umask only: 0644 made the disk world-readable
             with state.named_lock("ports"):
                 port = None
                 if settings["net"] != "none":

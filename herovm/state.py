@@ -57,8 +57,10 @@ def vms_dir() -> Path:
 
 
 class VMDir:
-    """The per-VM directory. The VM's own top directory is traversable (0711) so QEMU can reach its disk,
-    drive, socket and log; the keys live in `secrets/` (0700, files 0600)."""
+    """The per-VM directory. The VM's own top directory is traversable (0711) so QEMU, and passt in its own
+    group, can reach the disk, drive, socket and log; nobody else can list it, and every file in it is 0600
+    (the disk holds the guest's SSH host key and whatever the guest wrote) or a socket only its owner may
+    connect to. The keys live in `secrets/` (0700, files 0600)."""
 
     def __init__(self, name: str) -> None:
         self.name = validate_name(name)
