@@ -1,8 +1,14 @@
 """PID 1's process duties: the one reaper, spawning with exit notification, and supervised services.
 
-Only the reaper calls waitpid. Everything the agent starts goes through `spawn`, which registers the child
-under the same lock the reaper takes before deciding whose child it reaped: a child that exits at once is
-still delivered to its owner. Orphans re-parented to PID 1 are reaped and dropped.
+Only the reaper reaps. Everything the agent starts goes through `spawn`, which registers the child under the
+lock the reaper holds while it reaps: a child that exits at once is still delivered to its owner, and a pid
+cannot be reused between the reaping and the lookup of whose child it was (the reaper first waits without
+reaping, `WNOWAIT`, then reaps that pid under the lock). Orphans re-parented to PID 1 are reaped and dropped.
+
+An exit status is kept only for a child someone will `wait` for; a child spawned with `waited=False` (an
+`sshd -i` session) has its status dropped, and a spawn discards any status left for its pid, so a command
+that gets a reused pid is never answered with an earlier process's exit. The `Popen` of each child is kept
+until it is reaped and then given its return code, so `subprocess` itself never polls (and never reaps) it.
 
 The reaper starts with the first child: `threading` (and the functools and collections it imports) is not
 needed before then, which is after `ready` when the bootstrap is empty.
@@ -23,7 +29,8 @@ if TYPE_CHECKING:
 
 class Processes:
     def __init__(self) -> None:
-        self._owned: dict[int, Callable[[int], None] | None] = {}
+        # pid -> (its Popen, on_exit: a callback, None: `wait` will ask, False: nobody will ask)
+        self._owned: dict[int, tuple[subprocess.Popen, Callable[[int], None] | None | bool]] = {}
         self._status: dict[int, int] = {}
         self._start_lock = _thread.allocate_lock()
         self._started = False
@@ -42,15 +49,22 @@ class Processes:
             self._started = True
 
     def spawn(
-        self, args: list[str], on_exit: Callable[[int], None] | None = None, **popen: object
+        self,
+        args: list[str],
+        on_exit: Callable[[int], None] | None = None,
+        *,
+        waited: bool = True,
+        **popen: object,
     ) -> subprocess.Popen:
-        """Start a child; `on_exit(returncode)` runs in the reaper thread when it ends."""
+        """Start a child; `on_exit(returncode)` runs in the reaper thread when it ends. Without `on_exit` the
+        caller must `wait` for it, unless `waited=False`: nobody will, and its exit status is dropped."""
         import subprocess  # first needed after `ready` (~45 ms at boot under TCG, with selectors)
 
         self.start()
         with self._lock:
             proc = subprocess.Popen(args, **popen)  # type: ignore[call-overload]
-            self._owned[proc.pid] = on_exit
+            self._status.pop(proc.pid, None)  # an earlier holder of this pid's status: not ours
+            self._owned[proc.pid] = (proc, on_exit if on_exit is not None or waited else False)
             self._have_children.notify()
         return proc
 
@@ -72,21 +86,30 @@ class Processes:
         import contextlib
 
         while True:
-            try:
-                pid, status = os.waitpid(-1, 0)
+            try:  # which child has exited; it stays a zombie (its pid taken) until reaped below
+                pid = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT).si_pid
             except ChildProcessError:
                 with self._lock:
                     self._have_children.wait(1.0)
                 continue
-            code = os.waitstatus_to_exitcode(status)
-            with self._lock:
-                if pid not in self._owned:
+            on_exit: Callable[[int], None] | None | bool = False
+            with self._lock:  # no spawn meanwhile: the owner looked up is the one of the child reaped
+                try:
+                    reaped, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    reaped = 0  # someone else reaped it
+                if reaped != pid:
+                    continue
+                code = os.waitstatus_to_exitcode(status)
+                owner = self._owned.pop(pid, None)
+                if owner is None:
                     continue  # an orphan: reaped, nothing to tell
-                on_exit = self._owned.pop(pid)
+                proc, on_exit = owner
+                proc.returncode = code  # so that subprocess never polls this pid itself
                 if on_exit is None:
                     self._status[pid] = code
                     self._exited.notify_all()
-            if on_exit is not None:
+            if callable(on_exit):
                 with contextlib.suppress(Exception):  # a callback must never stop the reaper
                     on_exit(code)
 

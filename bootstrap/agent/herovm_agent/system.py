@@ -337,8 +337,12 @@ class SSHListener:
                 conn.recv(len(exec_server.MAGIC))
                 exec_server.serve(conn, self._exec_token, self._processes)
                 return
-            self._processes.spawn(
-                ["/usr/sbin/sshd", "-i", "-e"], stdin=conn.fileno(), stdout=conn.fileno(), stderr=self.log
+            self._processes.spawn(  # nobody waits for a session: its exit status is dropped
+                ["/usr/sbin/sshd", "-i", "-e"],
+                waited=False,
+                stdin=conn.fileno(),
+                stdout=conn.fileno(),
+                stderr=self.log,
             )
         except OSError as e:
             self.log.write(f"herovm: cannot serve a connection: {e}\n".encode())
