@@ -411,6 +411,7 @@ class Manager:
                     "bootstrap": boot.url or boot.name if boot.drive_entry() else None,
                     "created": _now(),
                     "backend": self.backend.name,
+                    "home": str(state.home()),  # every HEROVM_HOME shares libvirt: gc, ls keep to theirs
                 }
                 vmdir.write_meta({**meta, "bootstrap_entry": boot.drive_entry(), "vars": variables})
                 spec = self._spec(vmdir, img, meta)
@@ -663,8 +664,14 @@ class Manager:
         fails at once (its guest stopped) and lets go, instead of `down` waiting for its whole boot."""
         state.validate_name(name)
         vmdir = state.VMDir(name)
-        if self.backend.get(name) is None and not vmdir.exists():
+        machine = self.backend.get(name)
+        if machine is None and not vmdir.exists():
             raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
+        if machine is not None and not self._ours(machine):
+            raise NotFound(
+                f"VM {name} belongs to another herovm home ({machine.metadata.get('home')})",
+                hint="run herovm with HEROVM_HOME set to that directory to manage it",
+            )
         self.backend.destroy(name)
         with vmdir.lock(wait=wait):
             self._remove(name)
@@ -674,8 +681,16 @@ class Manager:
         self.backend.undefine(name)
         state.VMDir(name).remove()
 
+    def _ours(self, machine: Machine) -> bool:
+        """Whether a domain belongs to this HEROVM_HOME (domains made before homes were recorded: yes)."""
+        home = machine.metadata.get("home")
+        return home is None or os.path.realpath(home) == os.path.realpath(state.home())
+
+    def _machines(self) -> dict[str, Machine]:
+        return {m.name: m for m in self.backend.list() if self._ours(m)}
+
     def down_all(self) -> list[str]:
-        names = sorted({m.name for m in self.backend.list()} | set(state.list_vm_dirs()))
+        names = sorted(set(self._machines()) | set(state.list_vm_dirs()))
         for name in names:
             self.down(name)
         return names
@@ -684,14 +699,15 @@ class Manager:
         """Remove what crashed or killed herovm processes left behind: VM directories without a domain, and
         domains defined but never started whose directory is gone. Running VMs are never touched."""
         removed = []
-        machines = {m.name: m for m in self.backend.list()}
+        machines = self._machines()
         for name in state.list_vm_dirs():
             if name in machines:
                 continue
             vmdir = state.VMDir(name)
             try:
                 with vmdir.lock(wait=0):
-                    if self.backend.get(name) is None:
+                    machine = self.backend.get(name)
+                    if machine is None or not self._ours(machine):  # another home's domain of that name
                         vmdir.remove()
                         removed.append(f"directory of {name} (no domain)")
             except Busy:
@@ -714,7 +730,7 @@ class Manager:
 
     def ls(self) -> list[dict]:
         rows = []
-        for m in self.backend.list():
+        for m in self._machines().values():
             s = m.metadata.get("settings", {})
             rows.append(
                 {
