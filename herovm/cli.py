@@ -2,13 +2,15 @@
 
 Exit codes: 0 ok; `exec` passes the remote command's code through (124 on --timeout) and keeps 255 for
 herovm's own failures; other commands exit with the error's code (2 bad input, 3 not found, 4 exists,
-5 libvirt unavailable, 6 image, 7 boot failed, 130 interrupted, 255 other).
+5 libvirt unavailable, 6 image, 7 boot failed, 130 interrupted, 143 terminated (SIGTERM: cleaned up as
+Ctrl-C is), 255 other).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from typing import Annotated, NoReturn
@@ -29,6 +31,14 @@ image_app = typer.Typer(help="Build, list and remove guest images.", no_args_is_
 app.add_typer(image_app, name="image")
 
 _options: dict[str, object] = {}
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (an `up` removes its half-made VM), but exiting 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")]
 
 
@@ -157,9 +167,9 @@ def up(
             status = m.status(vm.name)
     except HeroVMError as e:
         _fail(e, json_out)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         typer.echo("herovm: interrupted; the half-made VM was removed", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(143 if isinstance(e, _Terminated) else 130) from None
     if json_out:
         _print_json(status)
     else:
@@ -603,10 +613,11 @@ app.add_typer(_script_app(), name="script", help="Check, parse and format HeroSc
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        sys.exit(143 if isinstance(e, _Terminated) else 130)
 
 
 if __name__ == "__main__":

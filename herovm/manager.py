@@ -294,8 +294,8 @@ class Manager:
         the error carries the last console lines; if an action failed, the VM is kept for inspection.
         `keep_failed` keeps it in every case."""
         state.validate_name(name)
-        memory_b = _size(memory, "memory", minimum=128 << 20)
-        disk_b = _size(disk, "disk", minimum=1 << 30)
+        memory_b = _size(memory, "memory", minimum=128 << 20, maximum=1 << 40)
+        disk_b = _size(disk, "disk", minimum=1 << 30, maximum=64 << 40)
         if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 64:
             raise InvalidInput(f"cpus {cpus!r} must be a whole number from 1 to 64")
         timeout_s = _duration(timeout, "timeout")
@@ -820,7 +820,7 @@ def describe_event(e: dict) -> str:
     return json.dumps(e)
 
 
-def _size(value: str | int, what: str, minimum: int) -> int:
+def _size(value: str | int, what: str, minimum: int, maximum: int) -> int:
     from .heroscript import parse_size
 
     if isinstance(value, int):
@@ -832,6 +832,8 @@ def _size(value: str | int, what: str, minimum: int) -> int:
             raise InvalidInput(f"{what}: {e}", hint="e.g. 1GB or 512MB") from e
     if n < minimum:
         raise InvalidInput(f"{what} {value} is below the minimum of {minimum >> 20} MiB")
+    if n > maximum:
+        raise InvalidInput(f"{what} {value} is above the maximum of {maximum >> 40} TiB")
     return n
 
 

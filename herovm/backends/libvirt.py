@@ -65,7 +65,9 @@ def render_domain_xml(spec: MachineSpec) -> str:
                 "net_dir": str(spec.net_dir) if spec.net_dir else None,
             }
         ),
-        passt_socket=passt.socket_path(spec.net_dir) if spec.net_dir else "",
+        # A raw QEMU option value: a comma would end it (a HEROVM_HOME with a comma added options); QEMU
+        # reads ",," as one comma.
+        passt_socket=str(passt.socket_path(spec.net_dir)).replace(",", ",,") if spec.net_dir else "",
     )
 
 

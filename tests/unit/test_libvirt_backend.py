@@ -97,6 +97,18 @@ def test_rendered_xml_escapes_paths(tmp_path: Path) -> None:
     assert root.find("devices/disk/source").get("file") == str(weird / "disk.qcow2")
 
 
+def test_a_comma_in_the_home_cannot_add_qemu_options(tmp_path: Path) -> None:
+    home = tmp_path / "h,addr.path=/tmp/evil"
+    s = MachineSpec(**{**spec(tmp_path, "xml4").__dict__, "net": "default", "net_dir": home / "net"})
+    args = [a.get("value") for a in ElementTree.fromstring(render_domain_xml(s)).iter(f"{{{QEMU_NS}}}arg")]
+    netdev = args[args.index("-netdev") + 1]
+    # QEMU splits on a single comma only: the path stays one value, with no option of its own
+    assert netdev.endswith(f"addr.path={str(home).replace(',', ',,')}/net/passt.sock")
+    assert [part for part in netdev.replace(",,", "\0").split(",") if "evil" in part] == [
+        f"addr.path={home}/net/passt.sock".replace(",", "\0")
+    ]
+
+
 @pytest.mark.parametrize("ssh_port", [40124, None])
 def test_rendered_xml_passes_libvirts_schema_with_qemu_namespace(
     backend: LibvirtBackend, tmp_path: Path, ssh_port: int | None

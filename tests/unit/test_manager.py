@@ -112,6 +112,8 @@ def assert_nothing_left(backend: LibvirtBackend, name: str) -> None:
         ({"memory": 1 << 20}, "below the minimum"),
         ({"disk": "lots"}, "disk: 'lots' is not a size"),
         ({"disk": "512MB"}, "disk 512MB is below the minimum of 1024 MiB"),
+        ({"disk": "99999999TB"}, "disk 99999999TB is above the maximum of 64 TiB"),
+        ({"memory": "2TB"}, "memory 2TB is above the maximum of 1 TiB"),
         ({"cpus": 0}, "cpus 0 must be a whole number from 1 to 64"),
         ({"cpus": 65}, "cpus 65"),
         ({"cpus": "2"}, "cpus '2'"),
