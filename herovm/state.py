@@ -14,7 +14,7 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import Busy, InvalidInput
@@ -131,37 +131,71 @@ class VMDir:
     def lock(self, wait: float | None = None) -> contextlib.AbstractContextManager[None]:
         """An exclusive lock on this VM name, held across create/boot/remove by one herovm process.
         `wait`: seconds to wait for another holder (None: as long as it takes; 0: fail at once)."""
-        return named_lock(f"vm-{self.name}", wait=wait, what=f"VM {self.name}")
+        return named_lock(
+            f"vm-{self.name}", wait=wait, what=f"VM {self.name}", discard_if=lambda: not self.exists()
+        )
 
 
 @contextlib.contextmanager
-def named_lock(name: str, wait: float | None = None, what: str | None = None) -> Iterator[None]:
+def named_lock(
+    name: str,
+    wait: float | None = None,
+    what: str | None = None,
+    discard_if: Callable[[], bool] | None = None,
+) -> Iterator[None]:
     """A lock file under HEROVM_HOME/locks. The kernel drops it when its holder dies, even by SIGKILL, so a
-    crashed herovm never leaves a VM locked. The holder's PID is written into it for the error message."""
+    crashed herovm never leaves a VM locked. The holder's PID is written into it for the error message.
+
+    `discard_if`: checked on release, while still held; true removes the lock file (a removed VM leaves no
+    lock). A waiter that opened the file before it was removed finds, once it holds the lock, that the path
+    is gone or names a newer file, and starts over on that one: two holders can never hold two files of one
+    name."""
     locks = ensure_dir(home() / "locks", 0o700)
-    fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    path = locks / f"{name}.lock"
+    deadline = None if wait is None else time.monotonic() + wait
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            _flock(fd, deadline, what or name)
+            held = os.fstat(fd)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)  # the holder before us removed this file: lock the one at the path now
     try:
-        if wait is None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        else:
-            deadline = time.monotonic() + wait
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                        raise Busy(
-                            f"{what or name} is busy: another herovm process (pid {holder}) is working on it",
-                            hint="wait for it to finish, or stop that process",
-                        ) from None
-                    time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
-        os.close(fd)
+        try:
+            if discard_if is not None and discard_if():
+                path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+def _flock(fd: int, deadline: float | None, what: str) -> None:
+    if deadline is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise Busy(
+                    f"{what} is busy: another herovm process (pid {holder}) is working on it",
+                    hint="wait for it to finish, or stop that process",
+                ) from None
+            time.sleep(0.05)
 
 
 def list_vm_dirs() -> list[str]:

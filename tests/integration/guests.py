@@ -32,6 +32,7 @@ def assert_nothing_left(name: str) -> None:
     finally:
         conn.close()
     assert not state.VMDir(name).path.exists(), f"{name}: directory left behind"
+    assert not (state.home() / "locks" / f"vm-{name}.lock").exists(), f"{name}: lock file left behind"
     for _ in range(50):  # QEMU may take a moment to exit after destroy
         if not qemu_running(name):
             break

@@ -98,6 +98,7 @@ def assert_nothing_left(backend: LibvirtBackend, name: str) -> None:
         c.close()
     assert not state.VMDir(name).path.exists()
     assert state.list_vm_dirs() == []
+    assert not (state.home() / "locks" / f"vm-{name}.lock").exists()
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -728,6 +729,7 @@ def test_status_and_logs_read_the_last_boot(manager: Manager, backend, tmp_path:
             {
                 "event": "action.end",
                 "seq": 1,
+                "t": 1.5,
                 "index": 0,
                 "action": "cmd.run",
                 "line": 1,
@@ -744,6 +746,7 @@ def test_status_and_logs_read_the_last_boot(manager: Manager, backend, tmp_path:
             {
                 "event": "action.end",
                 "seq": 1,
+                "t": 1.2,
                 "index": 0,
                 "action": "file.write",
                 "line": 4,

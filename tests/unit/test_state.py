@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from herovm import state
-from herovm.errors import InvalidInput
+from herovm.errors import Busy, InvalidInput
 
 
 @pytest.fixture(autouse=True)
@@ -262,3 +262,47 @@ def test_named_lock_is_released_on_exception(home: Path) -> None:
 def test_vmdir_lock_uses_the_vm_name(home: Path) -> None:
     with state.VMDir("lk1").lock():
         assert (home / "locks" / "vm-lk1.lock").exists()
+
+
+def test_a_removed_vm_leaves_no_lock_file_and_a_live_one_keeps_it(home: Path) -> None:
+    vmdir = state.VMDir("lk2")
+    with vmdir.lock():
+        vmdir.create()
+    assert (home / "locks" / "vm-lk2.lock").exists(), "the VM exists: its lock file stays"
+    with vmdir.lock():
+        vmdir.remove()
+    assert not (home / "locks" / "vm-lk2.lock").exists()
+
+
+def test_removing_a_lock_file_never_lets_two_holders_in(home: Path) -> None:
+    """A waiter blocked on the file that its holder then removes must not end up holding a lock of its own
+    while a newcomer holds the new file at the same path."""
+    first_holds, waiter_holds, let_waiter_go = threading.Event(), threading.Event(), threading.Event()
+    release_first = threading.Event()
+
+    def first() -> None:
+        with state.named_lock("vm-race", discard_if=lambda: True):
+            first_holds.set()
+            release_first.wait(10)
+
+    def waiter() -> None:
+        with state.named_lock("vm-race"):
+            waiter_holds.set()
+            let_waiter_go.wait(10)
+
+    a = threading.Thread(target=first, daemon=True)
+    a.start()
+    assert first_holds.wait(5)
+    b = threading.Thread(target=waiter, daemon=True)
+    b.start()
+    time.sleep(0.3)  # the waiter has opened the file the first holder will remove, and blocks on it
+    assert not waiter_holds.is_set()
+    release_first.set()
+    assert waiter_holds.wait(5), "the waiter never got the lock"
+    # the waiter holds the file now at the path, so a newcomer cannot
+    with pytest.raises(Busy), state.named_lock("vm-race", wait=0):
+        pass
+    let_waiter_go.set()
+    b.join(5)
+    with state.named_lock("vm-race", wait=0):
+        pass
