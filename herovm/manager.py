@@ -228,9 +228,13 @@ class VM:
         self.manager.require_running(self.name)
         self.connection().put(local, remote)
 
-    def get(self, remote: str, local: str | os.PathLike) -> None:
+    def get(self, remote: str, local: str | os.PathLike) -> list[str]:
+        """Copy from the guest (GuestConnection.get: nothing it sends is trusted); returns the skipped
+        entries, each also reported through the manager's progress (the CLI prints them on stderr)."""
         self.manager.require_running(self.name)
-        self.connection().get(remote, local)
+        return self.connection().get(
+            remote, local, on_skip=lambda line: self.manager.progress(Progress("cp", line))
+        )
 
     def close(self) -> None:
         if self._conn is not None:

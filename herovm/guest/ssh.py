@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -60,6 +61,7 @@ __all__ = [
     "GuestError",
     "HostKeyMismatch",
     "RemotePathNotFound",
+    "UnsafeGuestPath",
     "build_remote_command",
 ]
 
@@ -75,6 +77,8 @@ _MAX_ATTEMPT_S = 10.0
 _CHANNEL_OPEN_TIMEOUT_S = 30.0
 _KEEPALIVE_S = 15
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_MAX_DEPTH = 128  # directories below the top of a `get`; also bounds the open directory fds
+_SUBDIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class HostKeyMismatch(GuestError):
@@ -91,6 +95,10 @@ class GuestConnectTimeout(GuestError):
 
 class RemotePathNotFound(NotFound, GuestError):
     """A path asked for on the guest does not exist."""
+
+
+class UnsafeGuestPath(GuestError):
+    """The guest sent a name or a tree that copying to the host could turn against the host."""
 
 
 def build_remote_command(
@@ -559,49 +567,190 @@ class GuestConnection:
             sftp.chmod(remote, mode)
         # sockets, fifos and devices are skipped
 
-    def get(self, remote_path: str, local_path: str | os.PathLike[str]) -> None:
-        """Copy a file or directory tree from the guest to ``local_path``, keeping modes.
+    def get(
+        self,
+        remote_path: str,
+        local_path: str | os.PathLike[str],
+        *,
+        on_skip: Callable[[str], None] | None = None,
+    ) -> list[str]:
+        """Copy a file or directory tree from the guest to ``local_path``; return what was skipped.
+
+        Everything the guest sends is treated as hostile (docs/security.md):
+
+        - ``remote_path`` itself is followed on the guest if it is a symlink (like ``scp``), so what
+          arrives is a file or a directory. A file replaces ``local_path`` (a symlink there is replaced,
+          never written through); a directory is created, or merged into an existing one.
+        - The whole tree is listed before anything is written. A listed name that is not one path
+          component (with a ``/`` or a NUL, empty, not UTF-8, listed twice; paramiko drops ``.`` and
+          ``..``) or a tree deeper than ``_MAX_DEPTH`` raises :class:`UnsafeGuestPath`, and nothing
+          is written.
+        - Below ``local_path`` nothing is followed: files are written to a fresh name created with
+          ``O_EXCL|O_NOFOLLOW`` in a directory opened with ``O_NOFOLLOW``, then renamed over the entry;
+          a host symlink where a directory goes is replaced by a directory.
+        - A guest symlink is kept only if it stays inside the copied tree: relative, leading ``..``
+          that do not climb above the top, no ``..`` after a name (it could climb out through
+          another link). Other links, and sockets, fifos and devices, are skipped: one line each,
+          passed to ``on_skip`` and returned.
+        - Modes are ``mode & 0o777 & ~umask`` (no setuid, setgid or sticky bit); directories that
+          already existed keep theirs. Files belong to the calling user.
 
         Raises :class:`RemotePathNotFound` when ``remote_path`` does not exist on the guest.
         """
+        skipped: list[str] = []
+
+        def skip(line: str) -> None:
+            skipped.append(line)
+            if on_skip is not None:
+                on_skip(line)
+
         sftp = self._sftp_client()
         try:
-            attrs = sftp.lstat(remote_path)
+            attrs = sftp.stat(remote_path)
         except FileNotFoundError:
             raise RemotePathNotFound(
                 f"{remote_path} does not exist on the guest {self.target}",
                 hint="check the path, e.g. with `ls` through exec",
                 path=remote_path,
             ) from None
-        except OSError as exc:
+        except (OSError, paramiko.SFTPError) as exc:
             raise GuestError(f"cannot stat {remote_path} on the guest: {_describe(exc)}") from None
+        local = Path(local_path)
         try:
-            self._get(sftp, remote_path, attrs, Path(local_path))
-        except OSError as exc:
+            if stat.S_ISLNK(attrs.st_mode or 0):
+                raise UnsafeGuestPath(
+                    f"the guest says guest:{_show(remote_path)} is a symlink after following it; "
+                    "refusing to copy it",
+                    hint="nothing was copied; the guest's SFTP server is broken or hostile",
+                    path=remote_path,
+                )
+            node = self._plan(sftp, remote_path, attrs, 0, skip)
+            if node is None:
+                return skipped
+            mask = 0o777 & ~_umask()
+            if node.kind == "file":
+                if local.is_dir():
+                    raise GuestError(
+                        f"{local} is a directory; guest:{_show(remote_path)} is a file",
+                        hint=f"name the file to write, e.g. {local / PurePosixPath(remote_path).name}",
+                    )
+                # The user named this path: links in its parent directories are theirs to choose.
+                parent = os.open(local.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    self._write_file(sftp, node, parent, local.name, mask)
+                finally:
+                    os.close(parent)
+            else:
+                created = _mkdir(local, None)
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (os.O_NOFOLLOW if created else 0)
+                top = os.open(local, flags)
+                try:
+                    self._fill(sftp, node, top, mask)
+                    if created:
+                        os.fchmod(top, node.mode & mask)
+                finally:
+                    os.close(top)
+        except GuestError:
+            raise
+        except (OSError, paramiko.SFTPError, paramiko.SSHException, EOFError) as exc:
             raise GuestError(
-                f"copying guest:{remote_path} to {local_path} failed: {_describe(exc)}",
+                f"copying guest:{_show(remote_path)} to {local_path} failed: {_describe(exc)}",
                 hint="check the local path and its permissions",
             ) from None
+        return skipped
 
-    def _get(
-        self, sftp: paramiko.SFTPClient, remote: str, attrs: paramiko.SFTPAttributes, local: Path
-    ) -> None:
-        st_mode = attrs.st_mode or 0
+    def _plan(
+        self,
+        sftp: paramiko.SFTPClient,
+        remote: str,
+        attrs: paramiko.SFTPAttributes,
+        depth: int,
+        skip: Callable[[str], None],
+    ) -> _Node | None:
+        """What to copy from ``remote`` (``depth`` levels down), checked before anything is written."""
+        st_mode = attrs.st_mode
+        if st_mode is None:
+            skip(f"skipped guest:{_show(remote)}: the guest sent no file type")
+            return None
         mode = stat.S_IMODE(st_mode)
+        if stat.S_ISREG(st_mode):
+            return _Node(remote, "file", mode)
         if stat.S_ISLNK(st_mode):
-            if local.is_symlink() or local.exists():
-                local.unlink()
-            os.symlink(sftp.readlink(remote) or "", local)
-        elif stat.S_ISDIR(st_mode):
-            local.mkdir(mode=0o700, exist_ok=True)
-            for child in sorted(sftp.listdir_attr(remote), key=lambda a: a.filename):
-                self._get(sftp, _rjoin(remote, child.filename), child, local / child.filename)
-            os.chmod(local, mode)
-        elif stat.S_ISREG(st_mode):
-            fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            target = sftp.readlink(remote)
+            reason = _unsafe_link(target, depth - 1)
+            if reason is not None:
+                skip(f"skipped the symlink guest:{_show(remote)} -> {target!r}: {reason}")
+                return None
+            assert isinstance(target, str)
+            return _Node(remote, "link", 0, target)
+        if not stat.S_ISDIR(st_mode):
+            skip(f"skipped guest:{_show(remote)}: not a regular file, directory or symlink")
+            return None
+        if depth >= _MAX_DEPTH:
+            raise UnsafeGuestPath(
+                f"guest:{_show(remote[:100])}... is over {_MAX_DEPTH} directories deep; refusing to copy",
+                hint="nothing was copied; copy a deeper part of the tree on its own",
+                path=remote,
+            )
+        try:
+            listing = sftp.listdir_attr(remote)
+        except UnicodeDecodeError:
+            raise UnsafeGuestPath(
+                f"the guest listed a name that is not UTF-8 in guest:{_show(remote)}; refusing to copy",
+                hint="nothing was copied; rename the file on the guest",
+                path=remote,
+            ) from None
+        node = _Node(remote, "dir", mode)
+        names = [entry.filename for entry in listing]
+        for name in names:
+            _check_name(name, remote)
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise UnsafeGuestPath(
+                f"the guest listed {twice[0]!r} twice in guest:{_show(remote)}; refusing to copy",
+                hint="nothing was copied; the guest's SFTP server is broken or hostile",
+                path=remote,
+            )
+        for entry in sorted(listing, key=lambda a: a.filename):
+            child = self._plan(sftp, _rjoin(remote, entry.filename), entry, depth + 1, skip)
+            if child is not None:
+                node.children[entry.filename] = child
+        return node
+
+    def _fill(self, sftp: paramiko.SFTPClient, node: _Node, dir_fd: int, mask: int) -> None:
+        """Write ``node``'s children into the directory open as ``dir_fd``, following no host link."""
+        for name, child in node.children.items():
+            if child.kind == "file":
+                self._write_file(sftp, child, dir_fd, name, mask)
+            elif child.kind == "link":
+                tmp = _temp_name()
+                os.symlink(child.target, tmp, dir_fd=dir_fd)
+                _rename_over(dir_fd, tmp, name)
+            else:
+                created = _mkdir(name, dir_fd)
+                sub = os.open(name, _SUBDIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    self._fill(sftp, child, sub, mask)
+                    if created:  # last, so a read-only directory can still be filled
+                        os.fchmod(sub, child.mode & mask)
+                finally:
+                    os.close(sub)
+
+    @staticmethod
+    def _write_file(sftp: paramiko.SFTPClient, node: _Node, dir_fd: int, name: str, mask: int) -> None:
+        tmp = _temp_name()
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
+        )
+        try:
             with os.fdopen(fd, "wb") as fh:
-                sftp.getfo(remote, fh)
-            os.chmod(local, mode)
+                sftp.getfo(node.remote, fh)
+                os.fchmod(fh.fileno(), node.mode & mask)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        _rename_over(dir_fd, tmp, name)
 
     # -- interactive shell ------------------------------------------------------------------------
 
@@ -836,6 +985,105 @@ def _is_remote_dir(sftp: paramiko.SFTPClient, path: str) -> bool:
         return stat.S_ISDIR(sftp.stat(path).st_mode or 0)
     except OSError:
         return False
+
+
+@dataclass
+class _Node:
+    """One entry of a tree to copy from the guest, as listed (and checked) before anything is written."""
+
+    remote: str
+    kind: str  # "file", "dir" or "link"
+    mode: int
+    target: str = ""
+    children: dict[str, _Node] = field(default_factory=dict)
+
+
+def _check_name(name: object, remote_dir: str) -> None:
+    """Refuse a listed name that is not exactly one path component: it could land outside the copy."""
+    if isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name:
+        return
+    raise UnsafeGuestPath(
+        f"the guest listed the unsafe name {name!r} in guest:{_show(remote_dir)}; refusing to copy",
+        hint="nothing was copied; a name must be one path component, so the guest's SFTP server is "
+        "broken or hostile",
+        path=remote_dir,
+        name=repr(name),
+    )
+
+
+def _unsafe_link(target: object, ups_allowed: int) -> str | None:
+    """Why a symlink whose directory is ``ups_allowed`` levels below the top cannot be kept, or None.
+
+    Checking the normalised target is not enough: with ``self -> .``, ``x -> self/../y`` normalises to
+    ``y`` but resolves to the parent of the top. So ``..`` may only lead the target, climbing the real
+    directories this copy made, and every link kept that way stays inside the tree.
+    """
+    if not isinstance(target, str):
+        return "its target is not UTF-8"
+    if not target or "\0" in target:
+        return "its target is empty or has a NUL"
+    if target.startswith("/"):
+        return "an absolute target; only relative links inside the copied tree are kept"
+    ups = 0
+    named = False
+    for part in target.split("/"):
+        if part == "..":
+            if named:
+                return "'..' after a name could climb out through another link"
+            ups += 1
+        elif part not in ("", "."):
+            named = True
+    if ups > ups_allowed:
+        return "it points outside the copied tree"
+    return None
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # a thread creating a file meanwhile gets the stricter mask
+    os.umask(mask)
+    return mask
+
+
+def _temp_name() -> str:
+    return f".herovm-get-{os.urandom(8).hex()}"
+
+
+def _rename_over(dir_fd: int, tmp: str, name: str) -> None:
+    """Put ``tmp`` in place of ``name``: a file or link there is replaced, never followed."""
+    try:
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def _mkdir(path: str | Path, dir_fd: int | None) -> bool:
+    """Make a directory (0700 until filled); True when this call made it.
+
+    Below the top (``dir_fd`` given) a symlink in the way is replaced by the directory, never followed.
+    """
+    try:
+        os.mkdir(path, 0o700, dir_fd=dir_fd)
+        return True
+    except FileExistsError:
+        if dir_fd is None or not stat.S_ISLNK(os.stat(path, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            return False
+    os.unlink(path, dir_fd=dir_fd)
+    os.mkdir(path, 0o700, dir_fd=dir_fd)
+    return True
+
+
+def _show(path: str) -> str:
+    """A path for a one-line message: as is, or quoted when it has a newline or another control character."""
+    return path if path.isprintable() else repr(path)
 
 
 def _rjoin(base: str, name: str) -> str:

@@ -64,13 +64,21 @@ class LocalSshd:
     """``sshd -D -e`` on 127.0.0.1:<port> with its own host key and authorized_keys.
 
     ``start()`` returns once the server accepts TCP connections; ``stop()`` kills exactly the PID we
-    started. Use ``port=`` to bind a port chosen in advance (e.g. to test connect retries).
+    started. Use ``port=`` to bind a port chosen in advance (e.g. to test connect retries), and
+    ``sftp=`` for another ``Subsystem sftp`` command line (e.g. a hostile SFTP server; no spaces in paths).
     """
 
     def __init__(
-        self, workdir: Path, keys: ClientKeys, *, port: int | None = None, clean_home: bool = True
+        self,
+        workdir: Path,
+        keys: ClientKeys,
+        *,
+        port: int | None = None,
+        clean_home: bool = True,
+        sftp: str = "internal-sftp",
     ) -> None:
         self.workdir = workdir
+        self.sftp = sftp
         self.clean_home = clean_home
         self.keys = keys
         self.port = port if port is not None else free_port()
@@ -109,7 +117,7 @@ class LocalSshd:
                     "PrintLastLog no",
                     "MaxSessions 64",
                     "MaxStartups 100:30:200",
-                    "Subsystem sftp internal-sftp",
+                    f"Subsystem sftp {self.sftp}",
                     "PermitUserEnvironment HOME",
                     "LogLevel ERROR",
                     "",

@@ -5,15 +5,18 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import io
+import json
 import os
 import socket
 import stat
 import struct
+import sys
 import termios
 import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,10 +29,11 @@ from herovm.guest.ssh import (
     GuestConnectTimeout,
     HostKeyMismatch,
     RemotePathNotFound,
+    UnsafeGuestPath,
     build_remote_command,
 )
 
-from .conftest import ClientKeys, LocalSshd, free_port
+from .conftest import ClientKeys, LocalSshd, free_port, sshd_unavailable_reason
 
 MB = 1000 * 1000
 
@@ -515,6 +519,297 @@ def test_put_into_a_missing_remote_directory_is_a_clear_error(conn: GuestConnect
     src.write_text("x")
     with pytest.raises(GuestError, match="failed"):
         conn.put(src, str(tmp_path / "no" / "such" / "dir" / "f"))
+
+
+# -- get: everything the guest sends is hostile ----------------------------------------------------
+# The "guest" of the private sshd is this machine's file system, so a guest-side symlink is a real one.
+
+STOCK_SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
+HOSTILE_SFTP = Path(__file__).with_name("hostile_sftp.py")
+
+
+def snapshot(root: Path, *, besides: Path) -> dict[str, tuple[int, bytes | str]]:
+    """Every entry under ``root`` but ``besides`` and what is below it, links not followed."""
+    out: dict[str, tuple[int, bytes | str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path == besides or besides in path.parents:
+                continue
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                content: bytes | str = os.readlink(path)
+            else:
+                content = path.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+            out[str(path.relative_to(root))] = (st.st_mode, content)
+    return out
+
+
+def masked(mode: int) -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return mode & 0o777 & ~umask
+
+
+@pytest.fixture(scope="module")
+def stock_conn(
+    tmp_path_factory: pytest.TempPathFactory, session_keys: ClientKeys
+) -> Iterator[GuestConnection]:
+    """Like the guest's sshd: OpenSSH's sftp-server program rather than internal-sftp."""
+    reason = sshd_unavailable_reason()
+    if reason or not STOCK_SFTP_SERVER.exists():
+        pytest.skip(reason or f"{STOCK_SFTP_SERVER} is not installed")
+    workdir = tmp_path_factory.mktemp("stock-sftp-sshd")
+    with (
+        LocalSshd(workdir, session_keys, sftp=str(STOCK_SFTP_SERVER)).start() as server,
+        connection(server).connect(deadline_s=10) as c,
+    ):
+        yield c
+
+
+def test_get_symlink_swap_attack_never_writes_through_a_link(
+    stock_conn: GuestConnection, tmp_path: Path
+) -> None:
+    target = tmp_path / "target"
+    target.write_text("precious\n")
+    target_dir = tmp_path / "target-dir"
+    target_dir.mkdir()
+    guest = tmp_path / "guest" / "d"
+    guest.mkdir(parents=True)
+    (guest / "f").symlink_to(target)  # ln -sfn /tmp/target /root/d/f
+    (guest / "sub").symlink_to(target_dir)
+    out = tmp_path / "out"
+
+    skipped = stock_conn.get(str(guest), out)
+    assert len(skipped) == 2 and all("\n" not in line for line in skipped)
+    assert f"guest:{guest / 'f'} -> '{target}'" in skipped[0] and "absolute" in skipped[0]
+    assert not os.path.lexists(out / "f") and not os.path.lexists(out / "sub")
+
+    # The guest swaps its links for a file and a directory. Host links at those places (from an older
+    # herovm, which kept links verbatim) are replaced, not followed.
+    (guest / "f").unlink()
+    (guest / "f").write_text("from the guest\n")
+    (guest / "sub").unlink()
+    (guest / "sub").mkdir()
+    (guest / "sub" / "x").write_text("from the guest\n")
+    (out / "f").symlink_to(target)
+    (out / "sub").symlink_to(target_dir)
+    before = snapshot(tmp_path, besides=out)
+
+    assert stock_conn.get(str(guest), out) == []
+    assert snapshot(tmp_path, besides=out) == before
+    assert target.read_text() == "precious\n" and list(target_dir.iterdir()) == []
+    assert not (out / "f").is_symlink() and (out / "f").read_text() == "from the guest\n"
+    assert not (out / "sub").is_symlink() and (out / "sub" / "x").read_text() == "from the guest\n"
+
+
+def test_get_drops_setuid_setgid_sticky_and_guest_owners(conn: GuestConnection, tmp_path: Path) -> None:
+    guest = tmp_path / "guest"
+    (guest / "shared").mkdir(parents=True)
+    modes = {"suid": 0o4755, "sgid": 0o2775, "both": 0o6777, "shared": 0o3777}
+    for name in ("suid", "sgid", "both"):
+        (guest / name).write_text(name)
+    for name, mode in modes.items():
+        os.chmod(guest / name, mode)
+        if os.geteuid() == 0:
+            os.chown(guest / name, 12345, 12345)
+    out = tmp_path / "out"
+    out.mkdir(mode=0o700)  # a directory the user chose keeps its mode
+
+    assert conn.get(str(guest), out) == []
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    for name, mode in modes.items():
+        st = (out / name).lstat()
+        assert stat.S_IMODE(st.st_mode) == masked(mode), name
+        assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid()), name
+    conn.get(str(guest / "suid"), tmp_path / "one")
+    assert stat.S_IMODE((tmp_path / "one").stat().st_mode) == masked(0o755)
+
+
+def test_get_keeps_links_inside_the_tree_and_skips_escaping_ones(
+    conn: GuestConnection, tmp_path: Path
+) -> None:
+    guest = tmp_path / "guest"
+    (guest / "sub" / "deeper").mkdir(parents=True)
+    (guest / "a.txt").write_text("a")
+    (guest / "sub" / "b").write_text("b")
+    kept = {
+        "sub/up": "../a.txt",
+        "sub/deeper/x": "../../a.txt",
+        "self": ".",
+        "rel": "sub/b",
+        "dangling": "not-there",
+        "sub/top": "..",
+    }
+    escaping = {
+        "abs": "/etc/passwd",
+        "out": "../outside",
+        "sub/out2": "../../outside",
+        "sub/deeper/out3": "../../../../outside",
+        "climb": "sub/../../outside",
+        "sneaky": "self/../outside",  # normalises to "outside", resolves to guest/../outside
+    }
+    for rel, target in {**kept, **escaping}.items():
+        (guest / rel).symlink_to(target)
+    out = tmp_path / "out"
+
+    skipped = conn.get(str(guest), out)
+    assert sorted(
+        line.split(" -> ")[0].removeprefix(f"skipped the symlink guest:{guest}/") for line in skipped
+    ) == (sorted(escaping))
+    assert all("\n" not in line for line in skipped)
+    assert {rel: os.readlink(out / rel) for rel in kept} == kept
+    assert not any(os.path.lexists(out / rel) for rel in escaping)
+    assert (out / "sub" / "up").read_text() == "a" and (out / "self" / "rel").read_text() == "b"
+    assert (out / "sub" / "b").read_text() == "b"
+
+
+def test_get_of_one_file_follows_the_guest_link_and_replaces_a_host_link(
+    conn: GuestConnection, tmp_path: Path
+) -> None:
+    guest = tmp_path / "guest"
+    (guest / "dir").mkdir(parents=True)
+    (guest / "real.txt").write_text("guest data\n")
+    (guest / "dir" / "inner").write_text("inner\n")
+    (guest / "link").symlink_to("real.txt")
+    (guest / "dirlink").symlink_to("dir")
+    target = tmp_path / "target"
+    target.write_text("precious\n")
+    local = tmp_path / "copy"
+    local.symlink_to(target)  # LOCAL is an existing host symlink
+
+    assert conn.get(str(guest / "link"), local) == []
+    assert target.read_text() == "precious\n"
+    assert not local.is_symlink() and local.read_text() == "guest data\n"
+    conn.get(str(guest / "dirlink"), tmp_path / "dircopy")
+    assert (tmp_path / "dircopy" / "inner").read_text() == "inner\n"
+
+    with pytest.raises(GuestError, match="is a directory") as info:
+        conn.get(str(guest / "real.txt"), tmp_path / "dircopy")
+    assert sorted(os.listdir(tmp_path / "dircopy")) == ["inner"] and "\n" not in str(info.value)
+
+
+@dataclass
+class Hostile:
+    conn: GuestConnection
+    scenario: Path
+
+    def serve(self, tree: dict) -> None:
+        self.scenario.write_text(json.dumps(tree))
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory, session_keys: ClientKeys) -> Iterator[Hostile]:
+    """An sshd whose sftp subsystem is tests/unit/guest/hostile_sftp.py: a guest root that lies."""
+    reason = sshd_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    workdir = tmp_path_factory.mktemp("hostile-sshd")
+    scenario = workdir / "scenario.json"
+    scenario.write_text("{}")
+    command = f"{sys.executable} -I {HOSTILE_SFTP} {scenario}"
+    with (
+        LocalSshd(workdir, session_keys, sftp=command).start() as server,
+        connection(server).connect(deadline_s=10) as c,
+    ):
+        yield Hostile(c, scenario)
+
+
+def file(data: str = "evil", mode: int = 0o4755) -> dict:
+    return {"kind": "file", "mode": mode, "data": data}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../escaped",
+        "../../../escaped",
+        "{tmp}/abs-escaped",
+        "a/b",
+        "sub/../../../escaped",
+        "",
+        "x\x00y",
+        "hex:2e2e2fff",  # "../" and a byte that is not UTF-8
+    ],
+)
+def test_hostile_names_are_refused_and_nothing_is_written(
+    hostile: Hostile, tmp_path: Path, name: str
+) -> None:
+    name = name.replace("{tmp}", str(tmp_path))
+    hostile.serve(
+        {
+            "d": {
+                "kind": "dir",
+                "mode": 0o755,
+                "entries": {"a-first": file("fine"), name: file(), "sub": {"kind": "dir"}},
+            }
+        }
+    )
+    dest = tmp_path / "o" / "i" / "dest"
+    dest.parent.mkdir(parents=True)
+    before = snapshot(tmp_path, besides=dest)
+    with pytest.raises(UnsafeGuestPath) as info:
+        hostile.conn.get("/d", dest)
+    message = str(info.value)
+    assert "\n" not in message and "refusing to copy" in message and "nothing was copied" in message
+    assert isinstance(info.value, GuestError)
+    assert not os.path.lexists(dest)
+    assert snapshot(tmp_path, besides=dest) == before
+
+
+def test_hostile_duplicate_names_deep_trees_and_top_links_are_refused(
+    hostile: Hostile, tmp_path: Path
+) -> None:
+    dest = tmp_path / "dest"
+    cases = {
+        "twice": {
+            "kind": "dir",
+            "entries": [["a", file()], ["a", {"kind": "dir", "entries": {"b": file()}}]],
+        },
+        "loop": {"kind": "dir", "mode": 0o755, "entries": {"again": "@loop"}},
+        "top": {"kind": "link", "target": "x"},
+    }
+    hostile.serve(cases)
+    for path, expected in [("/twice", "'a' twice"), ("/loop", "over 128"), ("/top", "is a symlink")]:
+        with pytest.raises(UnsafeGuestPath, match=expected) as info:
+            hostile.conn.get(path, dest)
+        assert "\n" not in str(info.value)
+        assert not os.path.lexists(dest)
+
+
+def test_hostile_dot_names_modes_and_link_targets(hostile: Hostile, tmp_path: Path) -> None:
+    hostile.serve(
+        {
+            "d": {
+                "kind": "dir",
+                "mode": 0o7777,
+                "entries": {
+                    "..": file(),  # paramiko drops "." and ".." from listings
+                    ".": file(),
+                    "suid": file("s", 0o4755),
+                    "all": file("a", 0o7777),
+                    "sub": {"kind": "dir", "mode": 0o3777, "entries": {"x": file("x", 0o2755)}},
+                    "ok": {"kind": "link", "target": "suid"},
+                    "abs": {"kind": "link", "target": str(tmp_path / "escaped")},
+                    "nul": {"kind": "link", "target": "a\x00b"},
+                    "newline": {"kind": "link", "target": "a\nb/../../.."},
+                    "binary": {"kind": "link", "target": "hex:ff"},
+                },
+            }
+        }
+    )
+    dest = tmp_path / "dest"
+    skipped = hostile.conn.get("/d", dest)
+    assert [line.split(" -> ")[0] for line in skipped] == [
+        f"skipped the symlink guest:/d/{name}" for name in ("abs", "binary", "newline", "nul")
+    ]
+    assert all("\n" not in line for line in skipped)
+    assert sorted(os.listdir(dest)) == ["all", "ok", "sub", "suid"]
+    assert os.readlink(dest / "ok") == "suid"
+    for rel, mode in {".": 0o7777, "suid": 0o4755, "all": 0o7777, "sub": 0o3777, "sub/x": 0o2755}.items():
+        assert stat.S_IMODE((dest / rel).stat().st_mode) == masked(mode), rel
+    assert (dest / "sub" / "x").read_text() == "x"
+    assert sorted(os.listdir(tmp_path)) == ["dest"]
 
 
 # -- shell ----------------------------------------------------------------------------------------
