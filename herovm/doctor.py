@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
+import stat
 from dataclasses import dataclass
 
 from . import accel, images
@@ -22,6 +25,44 @@ def _tool(name: str, package: str, why: str) -> Check:
     if path:
         return Check(name, "ok", f"{path} ({why})")
     return Check(name, "fail", f"not found ({why})", f"apt-get install {package}  (or run scripts/setup)")
+
+
+def kvm_device_access(device: str = "/dev/kvm", user: str = "libvirt-qemu") -> Check | None:
+    """Whether the user QEMU runs as may open an existing /dev/kvm. Where it may not (0600 root, no udev),
+    libvirt's capability probe (as root) sees KVM and its validity check (as that user) does not, so it
+    re-probes QEMU on every call: each define took 60-150 s on a fresh machine. None: nothing to check."""
+    try:
+        st = os.stat(device)
+        pw = pwd.getpwnam(user)
+    except (FileNotFoundError, KeyError):
+        return None
+    if not stat.S_ISCHR(st.st_mode):
+        return None
+    groups = set(os.getgrouplist(user, pw.pw_gid))
+    if st.st_uid == pw.pw_uid:
+        allowed = st.st_mode & 0o600 == 0o600
+    elif st.st_gid in groups:
+        allowed = st.st_mode & 0o060 == 0o060
+    else:
+        allowed = st.st_mode & 0o006 == 0o006
+    mode = f"{stat.S_IMODE(st.st_mode):04o} {_name(pwd.getpwuid, st.st_uid)}:{_name(grp.getgrgid, st.st_gid)}"
+    if allowed:
+        return Check("kvm device", "ok", f"{device} ({mode}) opens for {user}")
+    return Check(
+        "kvm device",
+        "fail",
+        f"{device} is {mode}: {user} (QEMU under libvirt) cannot open it, so libvirt re-probes QEMU on "
+        "every call (each define takes minutes)",
+        f"groupadd --system kvm; chgrp kvm {device}; chmod 0660 {device}; usermod -aG kvm {user}  "
+        "(what Debian's udev rule does; scripts/setup does it)",
+    )
+
+
+def _name(lookup, number: int) -> str:
+    try:
+        return lookup(number)[0]
+    except KeyError:
+        return str(number)
 
 
 def run_checks(uri: str | None = None) -> list[Check]:
@@ -56,6 +97,8 @@ def run_checks(uri: str | None = None) -> list[Check]:
             else "check the URI given with --connect / HEROVM_LIBVIRT_URI"
         )
         checks.append(Check("libvirt", "fail", f"cannot connect to {uri}: {e}", fix))
+    if uri.startswith("qemu:///system") and (kvm := kvm_device_access()) is not None:
+        checks.append(kvm)
     choice = accel.detect()
     checks.append(
         Check(
