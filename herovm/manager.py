@@ -30,7 +30,7 @@ from .guest import vsock
 from .guest.agent_exec import AgentExec
 from .guest.events import TERMINAL, AgentChannel, console_events, console_tail
 from .guest.execution import ExecResult, open_tcp
-from .progress import Progress, Reporter, silent
+from .progress import Progress, Reporter, silent, still_waiting
 
 if TYPE_CHECKING:
     from .guest.ssh import GuestConnection
@@ -425,7 +425,12 @@ class Manager:
                         f"defining {name} ({settings['accel']}, {settings['memory'] >> 20} MiB, port {port})",
                     )
                 )
-                self.backend.define(spec)
+                with still_waiting(
+                    self.progress,
+                    "define",
+                    f"waiting for {self.backend.name} to define {name} (see herovm doctor)",
+                ):
+                    self.backend.define(spec)
                 defined = True
         except BaseException as e:
             # Only what this call made is removed: a domain someone else defined meanwhile stays.
@@ -501,7 +506,8 @@ class Manager:
         try:
             # QEMU binds the SSH forward as it starts: a port taken meanwhile makes the start fail, so a
             # started VM owns its port (the allocation lock keeps herovm's own VMs apart).
-            self.backend.start(name)
+            with still_waiting(self.progress, "boot", f"waiting for {self.backend.name} to start {name}"):
+                self.backend.start(name)
         except HeroVMError as e:
             raise BootFailed(f"{name} could not start: {e.message}", stage="start") from e
         report = self._follow(vmdir, nonce, deadline, t0, console_start)
