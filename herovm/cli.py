@@ -9,7 +9,6 @@ Ctrl-C is), 255 other).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -39,6 +38,8 @@ class _Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")]
 
 
@@ -337,6 +338,8 @@ def status(name: str, json_out: JsonOpt = False) -> None:
     if json_out:
         _print_json(st)
         return
+    from .protocol import printable  # what the guest wrote is shown, never obeyed by the terminal
+
     s = st["settings"] or {}
     typer.echo(f"{st['name']}: {st['state']}, agent {st['agent']}")
     typer.echo(
@@ -347,17 +350,20 @@ def status(name: str, json_out: JsonOpt = False) -> None:
         typer.echo(f"  ssh 127.0.0.1:{st['ssh_port']}")
     if st["bootstrap"]:
         typer.echo(f"  bootstrap {st['bootstrap']}")
+    if st.get("events") == "cut":
+        typer.echo("  the start of this boot is no longer in the console log: its steps are unknown")
     for step in st["steps"]:
-        mark = "ok" if step["ok"] else f"FAILED ({step.get('error')})"
+        mark = "ok" if step["ok"] else f"FAILED ({printable(step.get('error'), one_line=True)})"
         typer.echo(
-            f"  [{step['index'] + 1}] line {step['line']:<4} {step['action']:<16} {mark} "
-            f"{step['seconds']:.2f}s"
+            f"  [{step['index'] + 1}] line {step['line']:<4} {printable(step['action'], one_line=True):<16} "
+            f"{mark} {step['seconds']:.2f}s"
         )
     if st["failure"]:
         f = st["failure"]
-        typer.echo(f"  failed in {f.get('stage')}: {f.get('error')}")
+        typer.echo(f"  failed in {printable(f.get('stage'), True)}: {printable(f.get('error'), True)}")
         if f.get("output"):
-            typer.echo("  output:\n" + "\n".join("    " + line for line in f["output"].splitlines()[-20:]))
+            lines = printable(f["output"].replace("\r\n", "\n")).splitlines()[-20:]
+            typer.echo("  output:\n" + "\n".join("    " + line for line in lines))
 
 
 @app.command()
@@ -366,34 +372,42 @@ def logs(
     console: Annotated[bool, typer.Option("--console", help="the raw serial console")] = False,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing as it grows")] = False,
 ) -> None:
-    """The agent's events of the last boot (or the raw console with --console)."""
+    """The agent's events (or the raw console with --console), from the newest MiB of the console log.
+
+    Events the guest wrote that do not count (after its boot's `ready` or `failed`, or a second `boot`) are
+    shown marked "ignored": a process in the guest can write anything to the console."""
     from . import state
-    from .guest.events import console_event
-    from .manager import describe_event
+    from .guest.events import follow_console, read_console
+    from .protocol import Story, console_event, describe_event, printable
 
     try:
         with _manager() as m:
-            m.get(name)
+            vm = m.get(name)
     except HeroVMError as e:
         _fail(e)
+    nonce = (vm.meta.get("last_boot") or {}).get("nonce")
+    story = Story(nonce if isinstance(nonce, str) else None)
     path = state.VMDir(name).console_log
-    with open(path, errors="replace") if path.exists() else open(os.devnull) as f:
-        while True:
-            line = f.readline()
-            if not line:
-                if not follow:
-                    return
-                time.sleep(0.2)
-                continue
-            if console:
-                sys.stdout.write(line)
-            elif (event := console_event(line)) is not None:
-                typer.echo(f"{event.get('t', 0):8.2f}s {describe_event(event)}")
-                if event.get("event") == "action.end" and event.get("output"):
-                    typer.echo(
-                        "\n".join("          | " + x for x in event["output"].rstrip().splitlines()[-20:])
-                    )
-            sys.stdout.flush()
+    window = read_console(path)
+    tty = sys.stdout.isatty()
+
+    def show(line: str) -> None:
+        if console:  # raw, as asked; on a terminal its control characters are shown, not obeyed
+            sys.stdout.write((printable(line) if tty else line) + "\n")
+        elif (event := console_event(line)) is not None:
+            verdict = story.take(event)
+            ignored = "" if verdict in (Story.THIS, Story.EARLIER) else f"ignored ({verdict}): "
+            typer.echo(f"{event['t']:8.2f}s {ignored}{describe_event(event)}")
+            if not ignored and event["event"] == "action.end" and event.get("output"):
+                lines = printable(event["output"].replace("\r\n", "\n")).rstrip().splitlines()[-20:]
+                typer.echo("\n".join("          | " + x for x in lines))
+        sys.stdout.flush()
+
+    for line in window.lines():
+        show(line)
+    if follow:
+        for line in follow_console(path, window.end):
+            show(line)
 
 
 def _vm_op(name: str, op: str, *args: object) -> object:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import secrets
 import socket
@@ -28,9 +27,10 @@ from .backends.base import GUEST_NET, NET_MODES
 from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, InvalidInput, NotFound
 from .guest import vsock
 from .guest.agent_exec import AgentExec
-from .guest.events import TERMINAL, AgentChannel, console_events, console_tail
+from .guest.events import AgentChannel, console_events, console_story, console_tail
 from .guest.execution import ExecResult, open_tcp
 from .progress import Progress, Reporter, silent, still_waiting
+from .protocol import TERMINAL, Story, describe_event, printable
 
 if TYPE_CHECKING:
     from .guest.ssh import GuestConnection
@@ -142,7 +142,8 @@ class BootReport:
 
     @property
     def outcome(self) -> str | None:
-        return next((e["event"] for e in reversed(self.events) if e["event"] in TERMINAL), None)
+        """The first `ready` or `failed`: what decides a boot (herovm.protocol.Story)."""
+        return next((e["event"] for e in self.events if e["event"] in TERMINAL), None)
 
     def actions(self) -> list[dict]:
         return [e for e in self.events if e["event"] == "action.end"]
@@ -502,6 +503,10 @@ class Manager:
         deadline = t0 + timeout_s
         vmdir.agent_socket.unlink(missing_ok=True)
         console_start = vmdir.console_log.stat().st_size if vmdir.console_log.exists() else 0
+        # The nonce is the domain's before the guest runs: `status` tells this boot's events from any other
+        # (an earlier boot's, or a guest's forgery) even if this process is killed before the end.
+        started = _now()
+        self.backend.set_metadata(name, {**meta, "last_boot": {"nonce": nonce, "started": started}})
         self.progress(Progress("boot", f"starting {name}"))
         try:
             # QEMU binds the SSH forward as it starts: a port taken meanwhile makes the start fail, so a
@@ -515,7 +520,7 @@ class Manager:
             **meta,
             "last_boot": {
                 "nonce": nonce,
-                "started": _now(),
+                "started": started,
                 "outcome": report.outcome,
                 "seconds": round(time.monotonic() - t0, 3),
             },
@@ -524,18 +529,23 @@ class Manager:
         if report.outcome == "ready":
             return meta
         failed = next((e for e in reversed(report.events) if e["event"] == "failed"), {})
+
+        def said(key: str) -> str:  # what the guest said, safe to print
+            return printable(failed.get(key), one_line=True)
+
         if failed.get("stage") == "action":
             raise BootFailed(
-                f"bootstrap of {name} failed at {failed.get('file')}:{failed.get('line')} "
-                f"({failed.get('action')}): {failed.get('error')}",
+                f"bootstrap of {name} failed at {said('file')}:{failed.get('line')} "
+                f"({said('action')}): {said('error')}",
                 hint=f"the VM is kept for inspection: `herovm ssh {name}`, then `herovm down {name}`",
                 stage="action",
                 action=failed.get("action"),
                 line=failed.get("line"),
                 output=failed.get("output", ""),
             )
+        why = said("error") if failed.get("error") else "no answer"
         raise BootFailed(
-            f"{name} did not become ready: {failed.get('stage')}: {failed.get('error') or 'no answer'}",
+            f"{name} did not become ready: {said('stage')}: {why}",
             hint=f"the VM is kept for inspection (`herovm logs {name} --console`); "
             f"remove it with `herovm down {name}`",
             stage=failed.get("stage"),
@@ -549,8 +559,13 @@ class Manager:
         console output too: the initramfs reports its failures there, before any agent exists."""
         report = BootReport()
         name = vmdir.name
+        # Only this boot's agent writes the channel (the socket is new with each start), so a `boot` event
+        # without a nonce (the agent could not read its drive) is this boot's too.
+        story = Story(nonce, unnamed=True)
 
         def check_console() -> None:
+            if story.begun:  # the agent speaks: what the console says now is no longer the initramfs
+                return
             for event in console_events(vmdir.console_log, offset=console_start):
                 if event["event"] == "failed" and event.get("stage") == "initramfs":
                     report.events.append(event)
@@ -566,8 +581,7 @@ class Manager:
             ) from e
         try:
             for event in channel.events(deadline, on_idle=check_console):
-                if event["event"] == "boot" and event.get("nonce") != nonce:
-                    report.events.clear()
+                if story.take(event) != Story.THIS:
                     continue
                 report.events.append(event)
                 self.progress(
@@ -577,7 +591,7 @@ class Manager:
                         {**event, "host_seconds": round(time.monotonic() - t0, 3)},
                     )
                 )
-                if event["event"] in TERMINAL:
+                if story.outcome is not None:
                     return report
         except _EarlyFailure:
             return report
@@ -772,12 +786,20 @@ class Manager:
         return sorted(rows, key=lambda r: r["name"])
 
     def status(self, name: str) -> dict:
+        """The VM's facts, and what its last boot came to. The outcome is what `up` (or `start`) saw on the
+        agent channel, recorded in the domain; if that process did not see the end (it was killed), the
+        console decides: the first `ready` or `failed` of the boot with the recorded nonce. Nothing the guest
+        writes after that, or with another nonce, counts (herovm.protocol.Story). When the beginning of the
+        boot is no longer in the console (rotated away) the steps are unknown, and so is an outcome nobody
+        recorded: `agent` is then "unknown" rather than a guess."""
         machine = self.machine(name)
         meta = machine.metadata
         vmdir = state.VMDir(name)
         last = meta.get("last_boot") or {}
-        events = console_events(vmdir.console_log, last.get("nonce"))
-        report = BootReport(events)
+        nonce = last.get("nonce") if isinstance(last.get("nonce"), str) else None
+        story, whole = console_story(vmdir.console_log, nonce)
+        recorded = last.get("outcome") if last.get("outcome") in TERMINAL else None
+        agent = recorded or story.outcome or ("booting" if story.begun else "unknown")
         return {
             "name": name,
             "state": machine.state,
@@ -789,45 +811,30 @@ class Manager:
             "bootstrap": meta.get("bootstrap"),
             "created": meta.get("created"),
             "last_boot": last,
-            "agent": report.outcome or ("booting" if events else "unknown"),
+            "agent": agent,
+            # whole: the boot's events from its start; cut: its start is no longer in the console (a guest
+            # that writes a lot: virtlogd rotates the log); none: the console holds nothing of this boot.
+            "events": "whole" if story.begun else ("none" if whole else "cut"),
             "steps": [
                 {k: e.get(k) for k in ("index", "action", "line", "ok", "seconds", "exit_code", "error")}
-                for e in report.actions()
+                for e in story.events_of("action.end")
             ],
-            "failure": next((e for e in reversed(events) if e["event"] == "failed"), None),
+            "failure": story.failure if agent == "failed" else None,
         }
 
     def logs(self, name: str, console: bool = False) -> Path | list[dict]:
+        """The events of the VM's last boot as the console mirrors them (see `status`), or with `console`
+        the console log's path."""
         vm = self.get(name)
         vmdir = state.VMDir(name)
         if console:
             return vmdir.console_log
-        return console_events(vmdir.console_log, (vm.meta.get("last_boot") or {}).get("nonce"))
+        nonce = (vm.meta.get("last_boot") or {}).get("nonce")
+        return console_story(vmdir.console_log, nonce if isinstance(nonce, str) else None)[0].events
 
 
 class _EarlyFailure(Exception):
     """The boot failed before the agent ran (seen on the console)."""
-
-
-def describe_event(e: dict) -> str:
-    kind = e["event"]
-    if kind == "action.start":
-        return f"[{e['index'] + 1}] {e['action']} (line {e['line']}) ..."
-    if kind == "action.end":
-        result = "ok" if e["ok"] else f"FAILED: {e.get('error')}"
-        return f"[{e['index'] + 1}] {e['action']} {result} in {e['seconds']:.2f}s"
-    if kind == "setup":
-        return f"setup {e['step']} {'ok' if e['ok'] else 'FAILED: ' + str(e.get('error'))}"
-    if kind == "boot":
-        return f"agent {e.get('agent')} started at {e['t']:.2f}s (kernel {e.get('kernel')})"
-    if kind == "bootstrap":
-        return f"bootstrap from {e['source']}: {e['actions']} actions"
-    if kind == "ready":
-        return f"ready at {e['t']:.2f}s guest time"
-    if kind == "failed":
-        where = f" at line {e['line']} ({e.get('action')})" if e.get("line") else ""
-        return f"FAILED in {e['stage']}{where}: {e.get('error')}"
-    return json.dumps(e)
 
 
 def _size(value: str | int, what: str, minimum: int, maximum: int) -> int:
