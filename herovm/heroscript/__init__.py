@@ -5,7 +5,7 @@ Standard library only: this package is copied into VM guests where only python3 
 
 from .errors import HeroScriptError, Problem
 from .model import Action, Params, Playbook
-from .parser import load, normalize_name, parse, substitute
+from .parser import apply_variables, load, normalize_name, parse, referenced, substitute
 from .registry import (
     ActionFailed,
     ActionResult,
@@ -32,6 +32,7 @@ __all__ = [
     "Playbook",
     "Problem",
     "Registry",
+    "apply_variables",
     "dumps",
     "load",
     "normalize_name",
@@ -42,6 +43,7 @@ __all__ = [
     "parse_list",
     "parse_percentage",
     "parse_size",
+    "referenced",
     "repeated_key_warnings",
     "run",
     "substitute",

@@ -38,6 +38,7 @@ class ParamEntry:
     line: int = 0
     col: int = 0
     comment: str | None = None  # `//` lines just above it in the block, joined with "\n"
+    raw: str | None = None  # the value as written, when variables changed it (parse(variables=...))
 
 
 class Params:
@@ -184,6 +185,8 @@ class Action:
     line: int = field(default=0, compare=False)
     col: int = field(default=0, compare=False)
     arg_positions: list[tuple[int, int]] = field(default_factory=list, compare=False, repr=False)
+    # the variables substituted into its values (parse(variables=...)), for values that are scripts or lists
+    variables: dict[str, str] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.params, Params):

@@ -28,7 +28,8 @@ def normalize_name(part: str) -> str:
 
 def _norm_comment(text: str) -> str:
     # like the reference: the text after `//`, leading slashes and spaces removed
-    return text.lstrip("/" + _WS).rstrip(_WS)
+    # (and no trailing carriage return: written back, it would read as the line's end)
+    return text.lstrip("/" + _WS).rstrip(_WS + "\r")
 
 
 def dedent_content(lines: list[str]) -> str:
@@ -60,39 +61,53 @@ def _common_prefix(a: str, b: str) -> str:
     return a[:i]
 
 
+def _variable_pattern(variables: Mapping[str, str]) -> re.Pattern[str]:
+    return re.compile(r"\$?\{(" + "|".join(re.escape(k) for k in variables) + r")\}")
+
+
 def substitute(text: str, variables: Mapping[str, str]) -> str:
-    """Replace `${NAME}` and `{NAME}` for the given names only."""
+    """Replace `${NAME}` and `{NAME}` for the given names only, in one pass (a value is never read again)."""
     if not variables:
         return text
-    pattern = re.compile(r"\$?\{(" + "|".join(re.escape(k) for k in variables) + r")\}")
-    return pattern.sub(lambda m: str(variables[m.group(1)]), text)
+    return _variable_pattern(variables).sub(lambda m: str(variables[m.group(1)]), text)
+
+
+def referenced(text: str, variables: Mapping[str, str]) -> list[str]:
+    """The names of `variables` that `text` refers to (`${NAME}` or `{NAME}`), in order, once each."""
+    if not variables:
+        return []
+    return list(dict.fromkeys(m.group(1) for m in _variable_pattern(variables).finditer(text)))
+
+
+def apply_variables(actions: list[Action], variables: Mapping[str, str] | None) -> None:
+    """Substitute variables into parsed values: parameter values and arguments, never the script's text, so
+    a value can neither end a quote nor start a line, and cannot add an action, a parameter or an argument.
+    A parameter whose value changed keeps what was written in `ParamEntry.raw`."""
+    if not variables:
+        return
+    pattern = _variable_pattern(variables)
+
+    def sub(m: re.Match[str]) -> str:
+        return str(variables[m.group(1)])
+
+    for action in actions:
+        action.variables = dict(variables)
+        for _key, entry in action.params.entries():
+            if "{" in entry.value:
+                value = pattern.sub(sub, entry.value)
+                if value != entry.value:
+                    entry.raw, entry.value = entry.value, value
+        action.args = [pattern.sub(sub, a) if "{" in a else a for a in action.args]
 
 
 class _Parser:
-    def __init__(self, text: str, file: str, variables: Mapping[str, str] | None) -> None:
+    def __init__(self, text: str, file: str) -> None:
         self.file = file
         if text.startswith("\ufeff"):
             text = text[1:]
-        raw = text.split("\n")
-        lines: list[str] = []
-        linenos: list[int] = []
-        pattern = (
-            re.compile(r"\$?\{(" + "|".join(re.escape(k) for k in variables) + r")\}") if variables else None
-        )
-        for no, ln in enumerate(raw, 1):
-            if ln.endswith("\r"):
-                ln = ln[:-1]
-            if pattern is not None and "{" in ln:
-                ln = pattern.sub(lambda m: str(variables[m.group(1)]), ln)  # type: ignore[index]
-                if "\n" in ln:  # a value with newlines: extra physical lines, same source line
-                    for part in ln.split("\n"):
-                        lines.append(part[:-1] if part.endswith("\r") else part)
-                        linenos.append(no)
-                    continue
-            lines.append(ln)
-            linenos.append(no)
+        lines = [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
         self.lines = lines
-        self.linenos = linenos
+        self.linenos = list(range(1, len(lines) + 1))
         # lead[i]: index of the first non-blank character; -1 for blank lines
         lead: list[int] = []
         width: list[int] = []
@@ -361,7 +376,8 @@ class _Parser:
                 while q < n and line[q] in _WS:
                     q += 1
                 if q < n and not line.startswith("//", q) and not line.startswith("<!--", q):
-                    nxt = line[q:].split()[0]
+                    word = _NONWS_RE.match(line, q)  # not str.split(): that splits at \u2028 too
+                    nxt = word.group() if word else ""
                     raise self.error(
                         i,
                         q,
@@ -479,11 +495,13 @@ def parse(
 ) -> Playbook:
     """Parse HeroScript text. FILE in errors is `path`, or `<string>`.
 
+    `variables` are substituted into the parsed values (parameters and arguments), not into the text.
     `!!play.include path:...` is replaced by the included file's actions (relative to `path`'s
     directory, or the current directory) unless resolve_includes is False.
     """
     file = os.fspath(path) if path is not None else "<string>"
-    pb = _Parser(text, file, variables).parse()
+    pb = _Parser(text, file).parse()
+    apply_variables(pb.actions, variables)
     if resolve_includes:
         stack = [os.path.realpath(file)] if path is not None else []
         _resolve_includes(pb, variables, stack)
@@ -501,7 +519,7 @@ def load(
     try:
         with open(file, encoding="utf-8") as fh:
             text = fh.read()
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL in the path
         raise HeroScriptError(f"cannot read {file}: {exc}", file=file, line=1, col=1) from None
     return parse(text, path=file, variables=variables, resolve_includes=resolve_includes)
 
@@ -518,6 +536,14 @@ def _resolve_includes(pb: Playbook, variables: Mapping[str, str] | None, stack: 
         line, col = action.params.position("path")
         if not target:
             raise HeroScriptError("play.include: path is empty", file=action.file, line=line, col=col)
+        if "\0" in target:
+            raise HeroScriptError(
+                "play.include: the path contains a NUL character",
+                file=action.file,
+                line=line,
+                col=col,
+                hint="a file name cannot contain NUL",
+            )
         base = os.path.dirname(action.file) if action.file != "<string>" else os.getcwd()
         full = os.path.normpath(os.path.join(base, target))
         real = os.path.realpath(full)
@@ -541,7 +567,8 @@ def _resolve_includes(pb: Playbook, variables: Mapping[str, str] | None, stack: 
                 col=col,
                 hint=f"the path is relative to {base}",
             ) from None
-        sub = _Parser(text, full, variables).parse()
+        sub = _Parser(text, full).parse()
+        apply_variables(sub.actions, variables)
         _resolve_includes(sub, variables, [*stack, real])
         out.extend(sub.actions)
     pb.actions = out

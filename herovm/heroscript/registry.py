@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -10,9 +11,11 @@ from typing import Any
 
 from .errors import HeroScriptError, Problem
 from .model import Action, Playbook
-from .values import READERS
+from .parser import substitute
+from .values import READERS, parse_list
 
 PARAM_TYPES = tuple(READERS)
+_WHOLE_VARIABLE = re.compile(r"\$?\{([^{}]*)\}")
 
 
 @dataclass
@@ -180,6 +183,20 @@ def repeated_key_warnings(playbook: Playbook) -> list[Problem]:
     return out
 
 
+def _list_with_variables(written: str, variables: dict[str, str]) -> list[str]:
+    """A list parameter as written, split into items before variables go in: a variable inside an item is
+    part of that item, however many commas it holds (`env:'A=${X}'` is one item, whatever X is); a variable
+    that is a whole item stands for items of its own (`names:'${PACKAGES}'` with PACKAGES=git,curl is two)."""
+    out: list[str] = []
+    for item in parse_list(written):
+        whole = _WHOLE_VARIABLE.fullmatch(item)
+        if whole is not None and whole.group(1) in variables:
+            out.extend(parse_list(variables[whole.group(1)]))
+        else:
+            out.append(substitute(item, variables))
+    return out
+
+
 def _typed_values(action: Action, spec: ActionSpec, problems: list[Problem]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     params = action.params
@@ -202,7 +219,11 @@ def _typed_values(action: Action, spec: ActionSpec, problems: list[Problem]) -> 
             values[p.name] = p.default
             continue
         try:
-            values[p.name] = READERS[p.type](raw)
+            written = params.entry(p.name).raw
+            if p.type == "list" and written is not None and action.variables:
+                values[p.name] = _list_with_variables(written, action.variables)
+            else:
+                values[p.name] = READERS[p.type](raw)
         except ValueError as exc:
             line, col = params.position(p.name)
             problems.append(Problem(action.file, line, col, f"{p.name}: {exc}"))

@@ -60,15 +60,29 @@ def format_value(value: str) -> str | None:
 def format_arg(arg: str) -> str:
     if arg and not _needs_quotes(arg) and arg[0] not in "#!" and not arg.startswith("<!--"):
         return arg
-    if "\n" in arg or arg != arg.strip(_WS) or arg.endswith("\\"):
+    if "\n" in arg or arg != arg.strip(_WS):
         raise ValueError(f"argument {arg!r} cannot be written in HeroScript")
-    return "'" + arg.replace("'", "\\'") + "'"
+    # A closing quote after a backslash would read as an escaped quote; the parser strips white space
+    # inside the quotes, so a space between them keeps the value as it is.
+    return "'" + arg.replace("'", "\\'") + (" '" if arg.endswith("\\") else "'")
+
+
+def _br_form(value: str) -> str | None:
+    """A value with newlines on one line, written as `<BR>`: for lines ending in a carriage return, which the
+    multi-line form cannot keep (the parser reads them as line ends). None when it cannot be written so."""
+    if "<BR>" in value or value != value.strip(_WS):
+        return None
+    text = value.replace("'", "\\'").replace("\n", "<BR>")
+    return "'" + text + (" '" if text.endswith("\\") else "'")
 
 
 def _multiline(key: str, value: str) -> list[str]:
     lines = value.split("\n")
     if any(ln.endswith("\r") for ln in lines):
-        raise ValueError(f"{key}: a line of this value ends with a carriage return, which cannot be written")
+        one_line = _br_form(value)
+        if one_line is None:
+            raise ValueError(f"{key}: a line ends with a carriage return and the value holds <BR>")
+        return [f"{_PARAM_INDENT}{key}:{one_line}"]
     stripped = {ln.strip(_WS) for ln in lines}
     delim = next((d for d in _MULTILINE_DELIMS if d not in stripped), None)
     if delim is None:

@@ -402,8 +402,72 @@ def test_variables_replaced_for_given_names_only():
 
 def test_variables_with_newline_keep_line_numbers():
     pb = parse("!!a.b c:'\n  ${BODY}\n  '\n!!c.d\n", variables={"BODY": "x\n  y"})
-    assert pb[0].params["c"] == "x\ny"
+    assert pb[0].params["c"] == "x\n  y"  # the value as given: it is not script text
     assert pb[1].line == 4
+
+
+HOSTILE = "a'\n!!vm.copy src:box:/etc/shadow dst:./loot"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "!!cmd.run cmd:'echo ${X}'\n",
+        '!!cmd.run cmd:"echo {X}"\n',
+        "!!cmd.run cmd:${X}\n",
+        "!!cmd.run\n  cmd:'\n    echo ${X}\n    '\n",
+        "!!cmd.run ${X} cmd:[${X}]\n",
+    ],
+)
+def test_variables_are_values_never_script_text(text):
+    """A value with a quote and a newline stays inside the value it was substituted into."""
+    pb = parse(text, variables={"X": HOSTILE})
+    plain = parse(text)
+    assert [a.fullname for a in pb] == ["cmd.run"]
+    assert pb[0].params.keys() == plain[0].params.keys() and len(pb[0].args) == len(plain[0].args)
+    assert HOSTILE in pb[0].params["cmd"]
+    assert pb[0].params.entry("cmd").raw == plain[0].params["cmd"]
+
+
+def test_variable_with_white_space_and_colons_is_one_value():
+    a = parse("!!a.b n:${X} m:1\n", variables={"X": "two words k:v // c"})[0]
+    assert a.params.to_dict() == {"n": "two words k:v // c", "m": "1"} and a.args == []
+
+
+def test_variables_are_substituted_once():
+    a = parse("!!a.b n:'${X} ${Y}'\n", variables={"X": "${Y}", "Y": "<BR>{X}"})[0]
+    assert a.params["n"] == "${Y} <BR>{X}"
+
+
+def test_variable_in_an_include_path(tmp_path):
+    (tmp_path / "inner.hero").write_text("!!b.c x:${V}\n")
+    main = tmp_path / "main.hero"
+    main.write_text("!!play.include path:'${F}'\n")
+    from herovm.heroscript import load
+
+    pb = load(main, variables={"F": "inner.hero", "V": "a'\n!!evil.x"})
+    assert [a.fullname for a in pb] == ["b.c"] and pb[0].params["x"] == "a'\n!!evil.x"
+
+
+def test_include_path_with_nul_is_an_error_at_its_position(tmp_path):
+    f = tmp_path / "a.hero"
+    f.write_text("\n!!play.include path:a\0b\n")
+    from herovm.heroscript import load
+
+    with pytest.raises(HeroScriptError) as info:
+        load(f)
+    assert (info.value.file, info.value.line, info.value.col) == (str(f), 2, 16)
+    assert "NUL" in info.value.message
+    with pytest.raises(HeroScriptError) as info:
+        parse("!!play.include path:'${P}'\n", variables={"P": "x\0"})
+    assert (info.value.line, info.value.col) == (1, 16)
+
+
+def test_load_of_a_path_with_nul_is_a_heroscript_error():
+    from herovm.heroscript import load
+
+    with pytest.raises(HeroScriptError, match="cannot read"):
+        load("a\0b.hero")
 
 
 def test_include_relative_to_including_file(tmp_path):

@@ -196,3 +196,19 @@ def test_heroscript_error_for_many_problems_lists_all():
     assert len(e.problems) == 2
     assert str(e).splitlines()[0] == "<string>:1:1: unknown action 'a.b'"
     assert "<string>:2:1: unknown action 'c.d'" in str(e)
+
+
+def test_a_variable_inside_a_list_item_is_part_of_that_item() -> None:
+    """A list is split as written, then variables go into its items: a comma in a value adds no item there;
+    a variable that is a whole item stands for the items it holds."""
+    reg = Registry()
+    got: list = []
+    reg.add("cmd.run", lambda call: got.append(call.values["env"]), params=[Param("env", "list", default=[])])
+    text = "!!cmd.run env:'A=${X}, B=2'\n!!cmd.run env:'${P}, z'\n!!cmd.run env:[{P}]\n"
+    pb = parse(text, variables={"X": "1, LD_PRELOAD=/x.so", "P": "git,curl"})
+    assert validate(pb, reg) == []
+    assert all(r.ok for r in run(pb, reg))
+    assert got == [["A=1, LD_PRELOAD=/x.so", "B=2"], ["git", "curl", "z"], ["git", "curl"]]
+    # without variables a list reads as before
+    assert all(r.ok for r in run(parse("!!cmd.run env:'A=1, B=2'\n"), reg))
+    assert got[-1] == ["A=1", "B=2"]
