@@ -9,6 +9,7 @@ Ctrl-C is), 255 other).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -122,6 +123,25 @@ def _kv(items: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
+def _secrets(items: list[str] | None) -> dict[str, str]:
+    """`--secret NAME=VALUE`, or `--secret NAME` for the value of the environment variable NAME (which keeps
+    it out of the process list). Errors never repeat what was given: it may be the secret itself."""
+    out = {}
+    for n, item in enumerate(items or [], 1):
+        key, sep, value = item.partition("=")
+        if not key:
+            raise InvalidInput(f"--secret number {n} is not NAME=VALUE or NAME")
+        if not sep:
+            if key not in os.environ:
+                raise InvalidInput(
+                    f"--secret number {n} names an environment variable that is not set",
+                    hint="--secret NAME takes the value of the environment variable NAME",
+                )
+            value = os.environ[key]
+        out[key] = value
+    return out
+
+
 def _print_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
@@ -136,6 +156,16 @@ def up(
     bootstrap: Annotated[str | None, typer.Option(help="HeroScript bootstrap: a file or a URL")] = None,
     bootstrap_sha256: Annotated[str | None, typer.Option(help="sha256 the bootstrap must have")] = None,
     var: Annotated[list[str] | None, typer.Option(help="K=V substituted into the bootstrap")] = None,
+    secret: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="K=V substituted like --var but kept out of metadata, vm.json, logs and output; "
+            "K alone takes the environment variable K"
+        ),
+    ] = None,
+    allow_empty: Annotated[
+        bool, typer.Option(help="accept a bootstrap with no actions (refused otherwise)")
+    ] = False,
     timeout: Annotated[str, typer.Option(help="how long to wait for ready, e.g. 5m")] = "5m",
     accel: Annotated[str, typer.Option(help="kvm, tcg or auto")] = "auto",
     net: Annotated[
@@ -159,6 +189,8 @@ def up(
                 bootstrap=bootstrap,
                 bootstrap_sha256=bootstrap_sha256,
                 variables=_kv(var, "--var"),
+                secrets=_secrets(secret),
+                allow_empty=allow_empty,
                 timeout=timeout,
                 accel=accel,
                 kernel_args=kernel_args,

@@ -7,15 +7,18 @@ where they are used: `herovm exec` pays for none of them (tens of ms per call).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
+import json
 import os
 import secrets
 import socket
+import stat
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
 # bash -c true 53 ms vs 10 ms. Guests under KVM keep ASLR. docs/benchmarks.md: how to turn it back on.
 TCG_KERNEL_ARGS = "norandmaps"
 BOOTSTRAP_LIMIT = 1 << 20
+SECRETS_FILE = "vars.json"  # in the VM's secrets/ (0700; the file 0600): `--secret` values, nowhere else
 
 
 @dataclass
@@ -65,13 +69,20 @@ class Bootstrap:
 
 
 def load_bootstrap(
-    source: str | os.PathLike | None, sha256: str | None = None, *, variables: dict[str, str] | None = None
+    source: str | os.PathLike | None,
+    sha256: str | None = None,
+    *,
+    variables: Mapping[str, str] | None = None,
+    secrets: Mapping[str, str] | None = None,
+    allow_empty: bool = False,
 ) -> Bootstrap:
     """Read a bootstrap from a file, a URL (needs sha256) or inline text (contains a newline or starts with
-    `!`), and check it against the guest's actions before any VM exists."""
+    `!`), and check it against the guest's actions before any VM exists. None or "" is no bootstrap; a
+    bootstrap that is given but has no action is refused unless `allow_empty` (a shell script, a data file
+    given by mistake would otherwise boot as an empty bootstrap)."""
     if source is None or source == "":
         return Bootstrap()
-    text = str(source)
+    text = os.fspath(source)
     if text.startswith(("http://", "https://")):
         if not sha256 or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
             raise InvalidInput(
@@ -87,29 +98,74 @@ def load_bootstrap(
         bootstrap = Bootstrap(script=text)
     else:
         path = Path(text)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise InvalidInput(
-                f"cannot read bootstrap {path}: {e.strerror}", hint="give a .hero file or a URL"
-            ) from e
-        if len(data) > BOOTSTRAP_LIMIT:
-            raise InvalidInput(f"bootstrap {path} is larger than {BOOTSTRAP_LIMIT} bytes")
+        data = read_bootstrap_file(path)
         bootstrap = Bootstrap(name=path.name, script=data.decode("utf-8", "replace"))
     if sha256 and bootstrap.digest != sha256.lower():
         raise InvalidInput(f"bootstrap sha256 is {bootstrap.digest}, not the {sha256} given")
-    check_bootstrap(bootstrap.script or "", bootstrap.name, variables)
+    check_bootstrap(
+        bootstrap.script or "", bootstrap.name, variables, secrets=secrets, allow_empty=allow_empty
+    )
     return bootstrap
 
 
-def fetch_on_host(boot: Bootstrap, variables: dict[str, str] | None, timeout: float) -> Bootstrap:
-    """Fetch a URL bootstrap on the host (for guests without egress), verify its sha256, inline it."""
-    import urllib.request
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
+
+def read_bootstrap_file(path: Path, limit: int = BOOTSTRAP_LIMIT) -> bytes:
+    """A bootstrap file's bytes. Looked at before it is opened: only a regular file of at most `limit` bytes
+    is read (a FIFO would block, a device never ends), and never more than `limit` + 1 bytes of it."""
     try:
-        with urllib.request.urlopen(boot.url, timeout=timeout) as resp:  # noqa: S310 - http(s) only, checked
-            data = resp.read(BOOTSTRAP_LIMIT + 1)
-    except (OSError, ValueError) as e:
+        st = os.stat(path)
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        why = e.strerror if isinstance(e, OSError) else str(e)
+        raise InvalidInput(f"cannot read bootstrap {path}: {why}", hint="give a .hero file or a URL") from e
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a file")
+        raise InvalidInput(f"bootstrap {path} is {kind}, not a regular file")
+    if st.st_size > limit:
+        raise InvalidInput(f"bootstrap {path} is larger than {limit} bytes")
+    try:
+        # O_NONBLOCK: should the path have become a FIFO since the stat, opening it does not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise InvalidInput(f"cannot read bootstrap {path}: {e.strerror}") from e
+    with os.fdopen(fd, "rb") as f:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
+            raise InvalidInput(f"bootstrap {path} was replaced while it was read")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidInput(f"bootstrap {path} is larger than {limit} bytes")
+    return data
+
+
+def fetch_on_host(
+    boot: Bootstrap,
+    variables: Mapping[str, str] | None,
+    timeout: float,
+    *,
+    secrets: Mapping[str, str] | None = None,
+    allow_empty: bool = False,
+) -> Bootstrap:
+    """Fetch a URL bootstrap on the host (for guests without egress), verify its sha256, inline it. The
+    whole fetch (connect, redirects, headers, body) has `timeout` seconds."""
+    import http.client
+
+    assert boot.url is not None
+    try:
+        data = fetch_url(boot.url, BOOTSTRAP_LIMIT, timeout)
+    except TimeoutError as e:
+        raise InvalidInput(
+            f"cannot fetch bootstrap {boot.url}: no complete answer within {timeout:g}s",
+            hint="is the server up and fast enough? --timeout bounds the fetch too",
+        ) from e
+    except (OSError, ValueError, http.client.HTTPException) as e:
         raise InvalidInput(f"cannot fetch bootstrap {boot.url}: {e}") from e
     if len(data) > BOOTSTRAP_LIMIT:
         raise InvalidInput(f"bootstrap {boot.url} is larger than the limit of {BOOTSTRAP_LIMIT} bytes")
@@ -117,21 +173,130 @@ def fetch_on_host(boot: Bootstrap, variables: dict[str, str] | None, timeout: fl
     if got != boot.sha256:
         raise InvalidInput(f"bootstrap {boot.url}: sha256 {got} does not match the pinned {boot.sha256}")
     fetched = Bootstrap(name=boot.name, script=data.decode("utf-8", "replace"))
-    check_bootstrap(fetched.script or "", fetched.name, variables)
+    check_bootstrap(fetched.script or "", fetched.name, variables, secrets=secrets, allow_empty=allow_empty)
     return fetched
 
 
-def check_bootstrap(script: str, name: str, variables: dict[str, str] | None) -> None:
+def fetch_url(url: str, limit: int, timeout: float) -> bytes:
+    """GET an http(s) URL, redirects followed: at most `limit` + 1 bytes, and the whole of it within `timeout`
+    seconds (TimeoutError after that). A socket timeout alone bounds each read, not their sum: a server that
+    sends a byte a second would hold the caller for ever. The fetch runs in a thread that the caller stops
+    waiting for at the deadline; its connection is shut down then, which ends any read it is blocked in."""
+    import http.client
+    import threading
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    connections: list[http.client.HTTPConnection] = []
+    given_up = threading.Event()
+    finished = threading.Event()
+    outcome: dict[str, object] = {}
+
+    class Deadline:
+        """Mixed into http.client's connections: each connect gets what is left of the deadline."""
+
+        timeout: float | None
+
+        def connect(self) -> None:
+            left = deadline - time.monotonic()
+            if left <= 0 or given_up.is_set():
+                raise TimeoutError("the deadline passed")
+            self.timeout = left
+            connections.append(self)  # type: ignore[arg-type]
+            super().connect()  # type: ignore[misc]
+
+    class HTTP(Deadline, http.client.HTTPConnection):
+        pass
+
+    class HTTPS(Deadline, http.client.HTTPSConnection):
+        pass
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):  # type: ignore[no-untyped-def]
+            return self.do_open(HTTP, req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):  # type: ignore[no-untyped-def]
+            return self.do_open(HTTPS, req, context=self._context)  # type: ignore[attr-defined]
+
+    def fetch() -> None:
+        try:
+            opener = urllib.request.build_opener(HTTPHandler, HTTPSHandler)
+            with opener.open(url, timeout=timeout) as resp:
+                chunks: list[bytes] = []
+                size = 0
+                while size <= limit and not given_up.is_set():
+                    chunk = resp.read1(min(65536, limit + 1 - size))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+            outcome["data"] = b"".join(chunks)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = e
+        finally:
+            finished.set()
+
+    worker = threading.Thread(target=fetch, name="herovm-fetch", daemon=True)
+    worker.start()
+    if not finished.wait(max(0.0, deadline - time.monotonic())):
+        given_up.set()
+        for conn in connections:
+            sock = conn.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        raise TimeoutError(f"no complete answer within {timeout:g}s")
+    error = outcome.get("error")
+    if isinstance(error, BaseException):
+        raise error
+    return outcome["data"]  # type: ignore[return-value]
+
+
+def check_bootstrap(
+    script: str,
+    name: str,
+    variables: Mapping[str, str] | None,
+    *,
+    secrets: Mapping[str, str] | None = None,
+    allow_empty: bool = False,
+) -> None:
+    """Parse and validate a bootstrap as the guest will (variables and secrets substituted into the parsed
+    values); a secret's value never appears in the error. No action at all is an error unless allow_empty."""
     from .guest.registry import guest_registry
     from .heroscript import HeroScriptError, parse, validate
 
+    given = {**(variables or {}), **(secrets or {})}
     try:
-        playbook = parse(script, path=name, variables=variables or None)
+        playbook = parse(script, path=name, variables=given or None)
     except HeroScriptError as e:
-        raise InvalidInput(f"bootstrap does not parse: {e}") from e
+        raise InvalidInput(redact(f"bootstrap does not parse: {e}", secrets)) from None
     errors = [p for p in validate(playbook, guest_registry()) if p.severity == "error"]
     if errors:
-        raise InvalidInput("bootstrap is invalid:\n" + "\n".join(str(p) for p in errors))
+        raise InvalidInput(redact("bootstrap is invalid:\n" + "\n".join(str(p) for p in errors), secrets))
+    if not playbook.actions and not allow_empty:
+        raise InvalidInput(
+            f"bootstrap {name} has no actions (no `!!actor.name` line): is it a HeroScript file?",
+            hint="to boot with an empty bootstrap anyway: --allow-empty (allow_empty:true in !!vm.create)",
+        )
+
+
+def redact(text: str, secrets: Mapping[str, str] | None) -> str:
+    """`text` with every secret's value replaced by `[secret NAME]` (longest values first)."""
+    for key, value in sorted((secrets or {}).items(), key=lambda kv: -len(kv[1])):
+        if value:
+            text = text.replace(value, f"[secret {key}]")
+    return text
+
+
+def _redacted(obj: object, secrets: Mapping[str, str]) -> object:
+    if isinstance(obj, str):
+        return redact(obj, secrets)
+    if isinstance(obj, dict):
+        return {k: _redacted(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_redacted(v, secrets) for v in obj)
+    return obj
 
 
 @dataclass
@@ -285,7 +450,9 @@ class Manager:
         disk: str | int = "10GB",
         bootstrap: str | os.PathLike | None = None,
         bootstrap_sha256: str | None = None,
-        variables: dict[str, str] | None = None,
+        variables: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str] | None = None,
+        allow_empty: bool = False,
         timeout: str | float = "5m",
         accel: str | None = None,
         net: str = "default",
@@ -297,7 +464,58 @@ class Manager:
         An existing running VM with the same settings is returned as it is. If the boot fails before any
         bootstrap action ran (no agent, a bad drive, a refused bootstrap), the half-made VM is removed and
         the error carries the last console lines; if an action failed, the VM is kept for inspection.
-        `keep_failed` keeps it in every case."""
+        `keep_failed` keeps it in every case.
+
+        `variables` and `secrets` are substituted into the bootstrap's parsed values (`${NAME}`, `{NAME}`).
+        A secret reaches the guest (its config drive) and is kept in the VM's `secrets/` for later boots, but
+        never in the domain's metadata, vm.json, progress or errors (its value is shown as `[secret NAME]`);
+        the agent keeps it out of its events and so out of the console log. A bootstrap that is given but
+        holds no action is refused unless `allow_empty`."""
+        secret_vars = dict(secrets or {})
+        both = sorted(set(variables or {}) & set(secret_vars))
+        if both:
+            raise InvalidInput(f"{', '.join(both)}: given both as a variable and as a secret")
+        plain = dict(variables or {})
+        pairs = (*plain.items(), *secret_vars.items())
+        if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in pairs):
+            raise InvalidInput("variables and secrets must map names to strings")
+        args = (name, image, cpus, memory, disk, bootstrap, bootstrap_sha256, plain, secret_vars)
+        more = (allow_empty, timeout, accel, net, kernel_args, keep_failed)
+        if not secret_vars:
+            return self._up(*args, *more)
+        report = self.progress
+        self.progress = lambda p: report(
+            Progress(p.stage, redact(p.message, secret_vars), _redacted(p.data, secret_vars))  # type: ignore[arg-type]
+        )
+        try:
+            return self._up(*args, *more)
+        except HeroVMError as e:
+            e.message = redact(e.message, secret_vars)
+            e.hint = redact(e.hint, secret_vars) if e.hint else e.hint
+            e.details = _redacted(e.details, secret_vars)  # type: ignore[assignment]
+            e.args = (e.message,)
+            raise
+        finally:
+            self.progress = report
+
+    def _up(
+        self,
+        name: str,
+        image: str,
+        cpus: int,
+        memory: str | int,
+        disk: str | int,
+        bootstrap: str | os.PathLike | None,
+        bootstrap_sha256: str | None,
+        variables: Mapping[str, str],
+        secret_vars: dict[str, str],
+        allow_empty: bool,
+        timeout: str | float,
+        accel: str | None,
+        net: str,
+        kernel_args: str,
+        keep_failed: bool,
+    ) -> VM:
         state.validate_name(name)
         memory_b = _size(memory, "memory", minimum=128 << 20, maximum=1 << 40)
         disk_b = _size(disk, "disk", minimum=1 << 30, maximum=64 << 40)
@@ -306,9 +524,14 @@ class Manager:
         timeout_s = _duration(timeout, "timeout")
         if net not in NET_MODES:
             raise InvalidInput(f"unknown network mode {net!r}", hint=f"use one of: {', '.join(NET_MODES)}")
-        boot = load_bootstrap(bootstrap, bootstrap_sha256, variables=variables)
-        if boot.url and net in ("restricted", "none"):
-            boot = fetch_on_host(boot, variables, self.fetch_timeout)  # the guest itself has no egress
+        boot = load_bootstrap(
+            bootstrap, bootstrap_sha256, variables=variables, secrets=secret_vars, allow_empty=allow_empty
+        )
+        if boot.url and net in ("restricted", "none"):  # the guest itself has no egress
+            fetch_started = time.monotonic()
+            fetch_s = min(self.fetch_timeout, timeout_s)
+            boot = fetch_on_host(boot, variables, fetch_s, secrets=secret_vars, allow_empty=allow_empty)
+            timeout_s -= time.monotonic() - fetch_started  # one --timeout for the fetch and the boot
         if net == "nat":
             self.progress(
                 Progress("up", "warning: --net nat lets the guest reach this host's loopback services")
@@ -322,22 +545,21 @@ class Manager:
             "accel": choice.accel,
             "bootstrap": boot.digest,
             "net": net,
-            "vars": dict(sorted((variables or {}).items())),
+            "vars": dict(sorted(variables.items())),
             "kernel_args": kernel_args,
         }
+        if secret_vars:  # their names: the values stay in the VM's secrets/ directory
+            settings["secrets"] = sorted(secret_vars)
         vmdir = state.VMDir(name)
         with vmdir.lock(wait=0):  # a second `up` of the same name fails at once instead of queueing
             existing = self.backend.get(name)
             if existing is not None:
                 ready = (existing.metadata.get("last_boot") or {}).get("outcome") == "ready"
-                if existing.metadata.get("settings") == settings and existing.state == "running" and ready:
+                same = existing.metadata.get("settings") == settings and _same_secrets(vmdir, secret_vars)
+                if same and existing.state == "running" and ready:
                     self.progress(Progress("up", f"{name} is already up with these settings"))
                     return VM(self, name, existing.metadata)
-                why = (
-                    "with other settings"
-                    if existing.metadata.get("settings") != settings
-                    else "but not ready"
-                )
+                why = "with other settings" if not same else "but not ready"
                 raise AlreadyExists(
                     f"VM {name} already exists ({existing.state}) {why}",
                     hint=f"pick another name or remove it with `herovm down {name}`",
@@ -345,7 +567,7 @@ class Manager:
             from . import images
 
             img = images.ensure(image, self.progress)
-            self._create(vmdir, img, settings, boot, variables or {})
+            self._create(vmdir, img, settings, boot, dict(variables), secret_vars)
             try:
                 meta = self._boot(vmdir, timeout_s)
             except KeyboardInterrupt:
@@ -367,6 +589,7 @@ class Manager:
         settings: dict,
         boot: Bootstrap,
         variables: dict[str, str],
+        secret_vars: dict[str, str] | None = None,
     ) -> None:
         name = vmdir.name
         if vmdir.exists():  # left by a crashed herovm: libvirt has no such VM, so it is garbage
@@ -376,6 +599,8 @@ class Manager:
             vmdir.create()
             from .guest import keys
 
+            if secret_vars:  # for every boot's config drive; never in vm.json or the domain
+                keys.write_secret(vmdir.secrets / SECRETS_FILE, json.dumps(secret_vars).encode())
             client_pub = keys.generate_keypair(vmdir.client_key, comment=f"herovm-client@{name}")
             host_pub = keys.generate_keypair(vmdir.host_key, comment=f"herovm-host@{name}")
             keys.generate_token(vmdir.exec_token)
@@ -486,6 +711,7 @@ class Manager:
                 },
                 "bootstrap": local.get("bootstrap_entry"),
                 "vars": local.get("vars") or {},
+                "secrets": _read_secrets(vmdir),
                 "limits": {"bootstrap_bytes": BOOTSTRAP_LIMIT, "fetch_timeout": self.fetch_timeout},
             },
         )
@@ -835,6 +1061,31 @@ class Manager:
 
 class _EarlyFailure(Exception):
     """The boot failed before the agent ran (seen on the console)."""
+
+
+def _read_secrets(vmdir: state.VMDir) -> dict[str, str]:
+    """The VM's `--secret` values (its secrets/ directory), {} when it has none."""
+    try:
+        found = json.loads((vmdir.secrets / SECRETS_FILE).read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise HeroVMError(f"cannot read the secrets of {vmdir.name}: {e}") from e
+    if not isinstance(found, dict) or not all(isinstance(v, str) for v in found.values()):
+        raise HeroVMError(f"the secrets file of {vmdir.name} is damaged")
+    return found
+
+
+def _same_secrets(vmdir: state.VMDir, secret_vars: Mapping[str, str]) -> bool:
+    """Whether the VM was made with these secret values, compared without a timing leak."""
+    import hmac
+
+    try:
+        kept = _read_secrets(vmdir)
+    except HeroVMError:
+        return False
+    mine = json.dumps(dict(sorted(secret_vars.items()))).encode()
+    return hmac.compare_digest(json.dumps(dict(sorted(kept.items()))).encode(), mine)
 
 
 def _size(value: str | int, what: str, minimum: int, maximum: int) -> int:

@@ -37,6 +37,7 @@ from .heroscript import (
     Problem,
     Registry,
     parse,
+    referenced,
     validate,
 )
 from .heroscript import run as run_actions
@@ -129,14 +130,45 @@ def _check_name(call: Call, key: str = "name", value: str | None = None) -> None
         raise _problem_at(call, key, e.message, e.hint) from None
 
 
-def _pairs(call: Call, key: str) -> dict[str, str]:
+def _pairs(call: Call, key: str, *, secret: bool = False) -> dict[str, str]:
+    """NAME=VALUE items of a list parameter. A secret item is never repeated in an error."""
     out: dict[str, str] = {}
-    for item in call.values[key] or []:
+    for n, item in enumerate(call.values[key] or [], 1):
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise _problem_at(call, key, f"{item!r} is not NAME=VALUE", "e.g. vars:'USER=agent, PORT=8080'")
+            what = f"item {n} of {key}" if secret else repr(item)
+            raise _problem_at(call, key, f"{what} is not NAME=VALUE", f"e.g. {key}:'USER=agent, PORT=8080'")
         out[name] = value
     return out
+
+
+def _bootstrap_inputs(call: Call) -> tuple[str | None, dict[str, str], dict[str, str]]:
+    """vm.create's bootstrap (resolved), its variables and its secrets. An inline bootstrap is a script: the
+    playbook's variables are not pasted into its text (a value could add actions to it), they are passed on
+    to it as variables, like vars: (which wins), for the names it uses."""
+    action = call.action
+    value = call.values["bootstrap"]
+    inherited: dict[str, str] = {}
+    written = action.params.entry("bootstrap").raw if "bootstrap" in action.params else None
+    if written is not None:
+        if is_inline(written):
+            playbook_vars = action.variables or {}
+            value = written
+            inherited = {k: playbook_vars[k] for k in referenced(written, playbook_vars)}
+        elif is_inline(value):
+            raise _problem_at(
+                call,
+                "bootstrap",
+                "a variable turned this bootstrap into an inline script",
+                "write the script inline (variables are then substituted into its values), or give a file",
+            )
+    variables = _pairs(call, "vars")
+    secret_vars = _pairs(call, "secrets", secret=True)
+    both = sorted(set(variables) & set(secret_vars))
+    if both:
+        raise _problem_at(call, "secrets", f"{', '.join(both)}: given both in vars and in secrets")
+    variables = {k: v for k, v in {**inherited, **variables}.items() if k not in secret_vars}
+    return resolve_bootstrap(value, action.file), variables, secret_vars
 
 
 def _positive(call: Call, key: str) -> None:
@@ -238,14 +270,13 @@ def _check_create(call: Call) -> None:
             call, "net", f"unknown network mode {v['net']!r}", f"use one of: {', '.join(NET_MODES)}"
         )
     _positive(call, "timeout")
-    variables = _pairs(call, "vars")
-    source = resolve_bootstrap(v["bootstrap"], call.action.file)
+    source, variables, secret_vars = _bootstrap_inputs(call)
     if source is None:
         if v["bootstrap_sha256"]:
             raise _problem_at(call, "bootstrap_sha256", "bootstrap_sha256 without a bootstrap")
         return
     if is_inline(source):
-        _check_inline(call, source, variables)
+        _check_inline(call, source, {**variables, **secret_vars}, secret_vars)
     elif not source.startswith(("http://", "https://")) and not os.path.isfile(source):
         raise _problem_at(
             call,
@@ -254,14 +285,24 @@ def _check_create(call: Call) -> None:
             "a bootstrap path is relative to the playbook's directory",
         )
     try:
-        load_bootstrap(source, v["bootstrap_sha256"] or None, variables=variables)
+        load_bootstrap(
+            source,
+            v["bootstrap_sha256"] or None,
+            variables=variables,
+            secrets=secret_vars,
+            allow_empty=v["allow_empty"],
+        )
     except HeroVMError as e:
         raise _problem_at(call, "bootstrap", e.message, e.hint) from None
 
 
-def _check_inline(call: Call, script: str, variables: dict[str, str]) -> None:
-    """Check an inline bootstrap against the guest's actions, reporting at the playbook's lines."""
+def _check_inline(
+    call: Call, script: str, variables: dict[str, str], secret_vars: dict[str, str] | None = None
+) -> None:
+    """Check an inline bootstrap against the guest's actions, reporting at the playbook's lines (a secret's
+    value shown as `[secret NAME]`)."""
     from .guest.registry import guest_registry
+    from .manager import redact
 
     action = call.action
     line0, _ = action.params.position("bootstrap")
@@ -272,6 +313,7 @@ def _check_inline(call: Call, script: str, variables: dict[str, str]) -> None:
     content = script.split("\n")
 
     def moved(p: Problem) -> Problem:
+        p = Problem(p.file, p.line, p.col, redact(p.message, secret_vars), p.hint, p.severity)
         if not multiline:
             return Problem(action.file, line0, p.col, f"inline bootstrap: {p.message}", p.hint, p.severity)
         line = line0 + p.line
@@ -326,6 +368,13 @@ def _describe_create(call: Call) -> str:
         ),
         Param("bootstrap_sha256", "str", default="", help="sha256 a URL bootstrap must have"),
         Param("vars", "list", default=[], help="K=V substituted into the bootstrap"),
+        Param(
+            "secrets",
+            "list",
+            default=[],
+            help="K=V substituted like vars; kept out of the VM's metadata, logs and output",
+        ),
+        Param("allow_empty", "bool", default=False, help="accept a bootstrap with no actions"),
         Param("accel", "str", default="auto", help="kvm, tcg or auto"),
         Param(
             "net", "str", default="default", help="default, restricted, none or nat (see herovm up --help)"
@@ -340,14 +389,17 @@ def vm_create(call: Call, ctx: PlayContext) -> dict:
     v = call.values
     name = v["name"]
     m = ctx.manager()
+    source, variables, secret_vars = _bootstrap_inputs(call)
     kwargs = {
         "image": v["image"],
         "cpus": v["cpus"],
         "memory": v["memory"],
         "disk": v["disk"],
-        "bootstrap": resolve_bootstrap(v["bootstrap"], call.action.file),
+        "bootstrap": source,
         "bootstrap_sha256": v["bootstrap_sha256"] or None,
-        "variables": _pairs(call, "vars"),
+        "variables": variables,
+        "secrets": secret_vars,
+        "allow_empty": v["allow_empty"],
         "timeout": v["timeout"],
         "accel": v["accel"],
         "net": v["net"],

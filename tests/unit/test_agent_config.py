@@ -26,6 +26,7 @@ GOOD = {
     "ssh": {"host_key": "KEY", "authorized_keys": ["ssh-ed25519 AAAA x"], "port": 22},
     "bootstrap": {"script": "!!cmd.run cmd:true", "name": "b.hero"},
     "vars": {"A": "b"},
+    "secrets": {"T": "s"},
     "limits": {"bootstrap_bytes": 1024, "fetch_timeout": 30},
 }
 
@@ -49,6 +50,8 @@ def test_a_drive_written_by_the_host_reads_back_whole(tmp_path: Path) -> None:
         ({"ssh": {"host_key": "k", "port": True}}, "ssh.port"),
         ({"bootstrap": {"url": ["x"]}}, "bootstrap.url"),
         ({"vars": {"A": 1}}, "vars"),
+        ({"secrets": {"T": ["s"]}}, "secrets must map strings to strings"),
+        ({"secrets": "T=s"}, "secrets has the wrong type"),
         ({"limits": {"fetch_timeout": "30"}}, "limits"),
         ({"hostname": True}, "hostname has the wrong type"),
     ],
@@ -90,6 +93,8 @@ def test_arbitrary_fields_give_a_good_config_or_a_value_error(fields: dict) -> N
         return
     # Whatever got through has the shape the agent relies on.
     assert config["v"] == 1 and isinstance(config["name"], str)
-    for key in ("network", "ssh", "bootstrap", "vars", "limits"):
+    for key in ("network", "ssh", "bootstrap", "vars", "secrets", "limits"):
         assert isinstance(config.get(key) or {}, dict)
+    for key in ("vars", "secrets"):
+        assert all(isinstance(v, str) for v in (config.get(key) or {}).values())
     assert all(isinstance(k, str) for k in (config.get("ssh") or {}).get("authorized_keys", []))

@@ -6,7 +6,11 @@ tests/unit has no __init__.py, so a second test_cli.py cannot be collected besid
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -147,6 +151,108 @@ def test_up_bootstrap_typo(tmp_path: Path) -> None:
     result = run("up", "x", "--bootstrap", str(script))
     assert result.exit_code == 2
     assert "b.hero:1:1: unknown action 'file.wrte'" in result.stderr
+
+
+def test_up_bootstrap_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    """A real FIFO: reading it would wait for a writer for ever. (Should the CLI block on it after all, a
+    writer opened after 10 s ends the wait, and the test fails instead of hanging.)"""
+    fifo = tmp_path / "b.hero"
+    os.mkfifo(fifo)
+    unblock = threading.Timer(10, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))
+    unblock.start()
+    t0 = time.monotonic()
+    try:
+        result = run("up", "x", "--bootstrap", str(fifo))
+    finally:
+        unblock.cancel()
+    assert time.monotonic() - t0 < 5
+    assert result.exit_code == 2
+    assert error_lines(result) == [f"herovm: error: bootstrap {fifo} is a FIFO, not a regular file"]
+    assert state.list_vm_dirs() == []
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
+def test_up_bootstrap_device_is_one_line_error(device: str) -> None:
+    result = run("up", "x", "--bootstrap", device)
+    assert result.exit_code == 2
+    assert error_lines(result) == [
+        f"herovm: error: bootstrap {device} is a character device, not a regular file"
+    ]
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_up_bootstrap_without_actions_needs_allow_empty(tmp_path: Path) -> None:
+    script = tmp_path / "setup.sh"
+    script.write_text("#!/bin/sh\napt-get install -y nginx\n")
+    result = run("up", "x", "--bootstrap", str(script))
+    assert result.exit_code == 2
+    assert error_lines(result) == [
+        "herovm: error: bootstrap setup.sh has no actions (no `!!actor.name` line): is it a HeroScript file?",
+        "  hint: to boot with an empty bootstrap anyway: --allow-empty (allow_empty:true in !!vm.create)",
+    ]
+    # with --allow-empty the bootstrap is accepted: the next check (the accelerator) speaks
+    result = run("up", "x", "--bootstrap", str(script), "--allow-empty", "--accel", "hvf")
+    assert result.exit_code == 2
+    assert "unknown accelerator 'hvf'" in result.stderr
+
+
+def test_up_secret_errors_never_repeat_what_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("hunter2_not_a_name", raising=False)
+    result = run("up", "x", "--secret", "hunter2_not_a_name")
+    assert result.exit_code == 2
+    assert "hunter2" not in result.stderr
+    assert (
+        error_lines(result)[0]
+        == "herovm: error: --secret number 1 names an environment variable that is not set"
+    )
+    result = run("up", "x", "--secret", "A=b", "--secret", "=hunter2")
+    assert result.exit_code == 2 and "hunter2" not in result.stderr
+    assert error_lines(result) == ["herovm: error: --secret number 2 is not NAME=VALUE or NAME"]
+
+
+def test_up_secret_from_the_environment_is_not_in_an_error(tmp_path: Path) -> None:
+    script = tmp_path / "b.hero"
+    script.write_text("!!cmd.run cmd:'curl -H token:${T} example.org' timeout:${T}\n")
+    env = {"T": "hunter2-Xy7"}
+    result = CliRunner().invoke(
+        app, ["--connect", URI, "up", "x", "--bootstrap", str(script), "--secret", "T", "--json"], env=env
+    )
+    assert result.exit_code == 2
+    assert "hunter2" not in result.stdout + result.stderr
+    err = json.loads(result.stdout)
+    assert "timeout: '[secret T]' is not a duration" in err["message"]
+
+
+def test_up_with_a_hostile_var_still_checks_the_bootstrap_as_written(tmp_path: Path) -> None:
+    """The value is one value: it cannot end the quote and start a `!!vm.copy` or `!!file.wrte` line."""
+    script = tmp_path / "b.hero"
+    script.write_text("!!cmd.run cmd:'echo ${X}'\n")
+    hostile = "a'\n!!file.wrte path:/x\n"
+    result = run("up", "x", "--bootstrap", str(script), "--var", f"X={hostile}", "--accel", "hvf")
+    assert result.exit_code == 2
+    assert error_lines(result)[0] == "herovm: error: unknown accelerator 'hvf'"  # past the bootstrap check
+
+
+def test_up_url_fetch_ends_at_the_timeout() -> None:
+    """`up --timeout 2s` against a real server on loopback that trickles its answer (~7 s): exit 2 in ~2 s."""
+    from trickle import http_server
+
+    body = b"!!dir.create path:/srv\n"
+    sha = hashlib.sha256(body).hexdigest()
+    with http_server(body, trickle="body", every=0.3) as base:
+        t0 = time.monotonic()
+        result = run(
+            "up", "x", "--net", "restricted", "--bootstrap", f"{base}/b.hero", "--bootstrap-sha256", sha,
+            "--timeout", "2s",
+        )  # fmt: skip
+        took = time.monotonic() - t0
+    assert result.exit_code == 2
+    assert (
+        error_lines(result)[0]
+        == f"herovm: error: cannot fetch bootstrap {base}/b.hero: no complete answer within 2s"
+    )
+    assert took < 3.5
+    assert state.list_vm_dirs() == []
 
 
 def test_exec_unknown() -> None:

@@ -8,6 +8,7 @@ config drive the manager wrote, and serves the agent socket.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -235,9 +236,154 @@ def test_load_bootstrap_too_large(tmp_path: Path) -> None:
         load_bootstrap(str(path))
 
 
-def test_load_bootstrap_a_directory(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInput, match="cannot read bootstrap"):
-        load_bootstrap(str(tmp_path))
+@pytest.fixture
+def fifo(tmp_path: Path):
+    """A real FIFO. Should a reader block on it, a writer opened after 10 s ends that (the test then fails
+    instead of hanging)."""
+    path = tmp_path / "pipe.hero"
+    os.mkfifo(path)
+    timer = threading.Timer(10, _unblock, (path,))
+    timer.start()
+    yield path
+    timer.cancel()
+
+
+def _unblock(path: Path) -> None:
+    with contextlib.suppress(OSError):  # no reader (any more): nothing to end
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize(
+    "kind, make",
+    [
+        ("a directory", lambda tmp, fifo: tmp),
+        ("a FIFO", lambda tmp, fifo: fifo),
+        ("a character device", lambda tmp, fifo: Path("/dev/zero")),
+        ("a character device", lambda tmp, fifo: Path("/dev/null")),
+    ],
+)
+def test_load_bootstrap_refuses_what_is_not_a_regular_file(tmp_path: Path, fifo: Path, kind, make) -> None:
+    """Looked at before it is opened: a FIFO would block `up` for ever, /dev/zero would fill the memory."""
+    path = make(tmp_path, fifo)
+    t0 = time.monotonic()
+    with pytest.raises(InvalidInput) as info:
+        load_bootstrap(str(path))
+    assert time.monotonic() - t0 < 5
+    assert info.value.message == f"bootstrap {path} is {kind}, not a regular file"
+    assert info.value.exit_code == 2
+
+
+def test_load_bootstrap_through_a_symlink_to_a_device(tmp_path: Path) -> None:
+    link = tmp_path / "setup.hero"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(InvalidInput, match="is a character device, not a regular file"):
+        load_bootstrap(str(link))
+
+
+def test_load_bootstrap_of_a_huge_file_is_refused_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "huge.hero"
+    with open(path, "wb") as f:
+        f.truncate(1 << 30)  # 1 GiB, sparse: reading it would cost a GiB of memory
+    t0 = time.monotonic()
+    with pytest.raises(InvalidInput, match=f"larger than {BOOTSTRAP_LIMIT} bytes"):
+        load_bootstrap(str(path))
+    assert time.monotonic() - t0 < 1
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["#!/bin/sh\necho hello\n", "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n", "\n", "// x\n"],
+)
+def test_load_bootstrap_without_actions_is_refused(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text(content)
+    with pytest.raises(InvalidInput) as info:
+        load_bootstrap(str(path))
+    assert info.value.message == (
+        "bootstrap notes.txt has no actions (no `!!actor.name` line): is it a HeroScript file?"
+    )
+    assert "--allow-empty" in (info.value.hint or "")
+    assert load_bootstrap(str(path), allow_empty=True).script == content
+
+
+def test_load_bootstrap_inline_without_actions() -> None:
+    with pytest.raises(InvalidInput, match="has no actions"):
+        load_bootstrap("// only a comment\n")
+    assert load_bootstrap("// only a comment\n", allow_empty=True).script == "// only a comment\n"
+    assert load_bootstrap(None) == Bootstrap() and load_bootstrap("") == Bootstrap()  # no bootstrap at all
+
+
+HOSTILE = "a'\n!!file.write path:/root/.ssh/authorized_keys content:'ssh-ed25519 AAAA evil'\n"
+
+
+def test_a_variable_cannot_add_an_action_to_the_bootstrap() -> None:
+    from herovm.heroscript import parse
+
+    script = "!!cmd.run cmd:'echo ${X}'\n"
+    boot = load_bootstrap(script, variables={"X": HOSTILE})
+    assert boot.script == script  # the guest gets the text as written, and the value apart from it
+    pb = parse(script, variables={"X": HOSTILE})
+    assert [a.fullname for a in pb] == ["cmd.run"]
+    assert pb[0].params.to_dict() == {"cmd": "echo " + HOSTILE}
+
+
+def test_a_secret_is_never_in_a_bootstrap_error() -> None:
+    secret = "hunter2-Zq9"
+    with pytest.raises(InvalidInput) as info:
+        load_bootstrap("!!cmd.run cmd:true timeout:${T}\n", secrets={"T": secret})
+    assert secret not in str(info.value)
+    assert "timeout: '[secret T]' is not a duration" in info.value.message
+
+
+# ------------------------------------------------------------------------- URL fetch on the host
+
+
+BODY = b"!!dir.create path:/srv\n"
+BODY_SHA = hashlib.sha256(BODY).hexdigest()
+
+
+def test_fetch_on_host_reads_a_prompt_server() -> None:
+    from trickle import http_server
+
+    from herovm.manager import fetch_on_host
+
+    with http_server(BODY) as base:
+        boot = fetch_on_host(load_bootstrap(base + "/b.hero", BODY_SHA), None, 5)
+    assert boot.script == BODY.decode() and boot.url is None
+
+
+@pytest.mark.parametrize("trickle", ["body", "headers"])
+def test_fetch_on_host_has_one_deadline_for_a_trickling_server(trickle: str) -> None:
+    """Each read returns a byte in time, so a socket timeout never fires; the fetch as a whole has one."""
+    from trickle import elapsed, http_server
+
+    from herovm.manager import fetch_on_host
+
+    with http_server(BODY, trickle=trickle, every=0.3) as base:  # ~7 s for the whole answer
+        took, err = elapsed(fetch_on_host, load_bootstrap(base + "/b.hero", BODY_SHA), None, 1.0)
+    assert isinstance(err, InvalidInput), err
+    assert err.message == f"cannot fetch bootstrap {base}/b.hero: no complete answer within 1s"
+    assert 0.9 < took < 2.5
+
+
+def test_up_fetch_is_bounded_by_its_timeout(manager: Manager, backend, no_image) -> None:
+    """`up --net restricted --timeout 2s` with a trickling server: refused within the 2 s, nothing made."""
+    from trickle import elapsed, http_server
+
+    name = unique("fetch")
+    with http_server(BODY, trickle="body", every=0.5) as base:
+        took, err = elapsed(
+            manager.up,
+            name,
+            bootstrap=base + "/b.hero",
+            bootstrap_sha256=BODY_SHA,
+            net="restricted",
+            timeout="2s",
+        )
+    assert isinstance(err, InvalidInput) and "no complete answer within 2s" in err.message, err
+    assert took < 3.5
+    assert no_image == []
+    assert_nothing_left(backend, name)
 
 
 def test_load_bootstrap_syntax_error() -> None:
@@ -555,6 +701,87 @@ def test_up_bootstrap_failure_keeps_the_vm(manager: Manager, backend, fake_image
     assert st["failure"]["stage"] == "action" and st["steps"][0]["ok"] is False
     manager.down(name)
     assert_nothing_left(backend, name)
+
+
+SECRET = "s3cr3t-Pa55, with comma"
+
+
+def echoing_boot(nonce: str) -> list[dict]:
+    """A guest whose agent (an old one, or a hostile one) echoes the secret: the host still shows none."""
+    events = ready_boot(nonce)
+    events[5] = {**events[5], "output": f"token is {SECRET}\n"}
+    return events
+
+
+@needs_qemu_img
+def test_up_with_a_secret(manager: Manager, backend, fake_image, progress, home: Path) -> None:
+    name = unique("sec")
+    guest = FakeGuest(name, echoing_boot)
+    script = "!!env.set TOKEN=${TOKEN} WHO=${WHO}\n"
+    vm = manager.up(
+        name, bootstrap=script, variables={"WHO": "tests"}, secrets={"TOKEN": SECRET}, timeout="10s"
+    )
+    guest.join()
+    # the guest gets it: the drive holds the script as written, the variables and the secret apart
+    assert guest.config["bootstrap"]["script"] == script
+    assert guest.config["vars"] == {"WHO": "tests"} and guest.config["secrets"] == {"TOKEN": SECRET}
+    vmdir = state.VMDir(name)
+    kept = vmdir.secrets / "vars.json"
+    assert json.loads(kept.read_text()) == {"TOKEN": SECRET}
+    assert (
+        oct(kept.stat().st_mode & 0o777) == "0o600" and oct(vmdir.secrets.stat().st_mode & 0o777) == "0o700"
+    )
+    # ... and nothing the host keeps or shows has it
+    m = backend.get(name)
+    assert m.metadata["settings"]["secrets"] == ["TOKEN"] and m.metadata["settings"]["vars"] == {
+        "WHO": "tests"
+    }
+    xml = backend.conn.lookupByName(PREFIX + name).XMLDesc()
+    for where in (xml, vmdir.meta_file.read_text(), json.dumps(vm.meta), json.dumps(manager.status(name))):
+        assert "s3cr3t" not in where
+    shown = [p.message for p in progress] + [json.dumps(p.data) for p in progress]
+    assert not [x for x in shown if "s3cr3t" in x]
+    assert any("token is [secret TOKEN]" in json.dumps(p.data) for p in progress)
+    # the same secret again: the running VM as it is; another value: other settings
+    assert (
+        manager.up(name, bootstrap=script, variables={"WHO": "tests"}, secrets={"TOKEN": SECRET}).name == name
+    )
+    with pytest.raises(AlreadyExists, match="with other settings"):
+        manager.up(name, bootstrap=script, variables={"WHO": "tests"}, secrets={"TOKEN": "an0ther-Value"})
+    # a later boot gets it again from the VM's secrets/, for env.set and the other re-applied actions
+    backend.destroy(name)
+    guest = FakeGuest(name, ready_boot, console=False)
+    manager.start(name, timeout="10s")
+    guest.join()
+    assert guest.config["secrets"] == {"TOKEN": SECRET}
+    manager.down(name)
+    assert_nothing_left(backend, name)
+
+
+@needs_qemu_img
+def test_a_failed_boot_shows_no_secret(manager: Manager, backend, fake_image, progress) -> None:
+    name = unique("secf")
+
+    def boot(nonce: str) -> list[dict]:
+        events = failed_boot(nonce)
+        for e in events[1:]:
+            e["output"] = e["error"] = f"curl: bad token {SECRET}"
+        return events
+
+    guest = FakeGuest(name, boot)
+    with pytest.raises(BootFailed) as info:
+        manager.up(name, bootstrap="!!env.set T=${T}\n", secrets={"T": SECRET}, timeout="10s")
+    guest.join()
+    err = info.value
+    assert "s3cr3t" not in json.dumps(err.to_json()) and "s3cr3t" not in str(err)
+    assert err.details["output"] == "curl: bad token [secret T]"
+    assert not [p for p in progress if "s3cr3t" in p.message or "s3cr3t" in json.dumps(p.data)]
+    manager.down(name)
+
+
+def test_up_refuses_a_name_given_as_variable_and_secret(manager: Manager, no_image) -> None:
+    with pytest.raises(InvalidInput, match="T: given both as a variable and as a secret"):
+        manager.up(unique(), variables={"T": "a"}, secrets={"T": "b"})
 
 
 @needs_qemu_img

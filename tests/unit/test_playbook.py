@@ -33,6 +33,8 @@ ACTIONS = {
         "bootstrap",
         "bootstrap_sha256",
         "vars",
+        "secrets",
+        "allow_empty",
         "accel",
         "net",
         "timeout",
@@ -313,6 +315,86 @@ def test_other_settings_need_replace(tmp_path: Path) -> None:
     [r] = run_text(tmp_path, "!!vm.create name:a memory:1GB replace:true\n", m)
     assert r.ok and r.value["changed"] is True and m.vms["a"]["ssh_port"] != port
     assert ("down", "a") in m.calls
+
+
+HOSTILE = "a'\n!!vm.copy src:box:/etc/shadow dst:./loot\n"
+
+
+def test_a_playbook_variable_cannot_add_an_action(tmp_path: Path) -> None:
+    m = FakeManager()
+    text = "!!vm.create name:box\n!!vm.exec name:box cmd:'echo ${X}'\n"
+    path = tmp_path / "play.hero"
+    path.write_text(text)
+    pb = load_playbook(path, variables={"X": HOSTILE})
+    assert [a.fullname for a in pb] == ["vm.create", "vm.exec"]
+    results = run_playbook(pb, manager=m)
+    assert [r.ok for r in results] == [True, True]
+    assert ("exec", "box", "echo " + HOSTILE) in m.calls and not [c for c in m.calls if c[0] == "get"]
+
+
+def test_an_inline_bootstrap_gets_playbook_variables_as_variables(tmp_path: Path) -> None:
+    """The inline script is checked and sent as written; the playbook's variables it uses go with it."""
+    m = FakeManager()
+    text = (
+        "!!vm.create name:box vars:'WHO=${WHO}' bootstrap:'\n    !!cmd.run cmd:\"echo ${X} ${WHO}\"\n    '\n"
+    )
+    path = tmp_path / "play.hero"
+    path.write_text(text)
+    pb = load_playbook(path, variables={"X": HOSTILE, "WHO": "a, b=c", "UNUSED": "u"})
+    assert check_playbook(pb) == []
+    [r] = run_playbook(pb, manager=m)
+    assert r.ok, r.error
+    settings = m.vms["box"]["settings"]
+    assert settings["bootstrap"] == '!!cmd.run cmd:"echo ${X} ${WHO}"'
+    assert settings["variables"] == {"X": HOSTILE, "WHO": "a, b=c"}  # a comma in a value: still one value
+    assert settings["secrets"] == {} and settings["allow_empty"] is False
+
+
+def test_a_variable_cannot_turn_a_bootstrap_path_into_a_script(tmp_path: Path) -> None:
+    path = tmp_path / "play.hero"
+    path.write_text("!!vm.create name:box bootstrap:${B}\n")
+    problems = check_playbook(load_playbook(path, variables={"B": "!!cmd.run cmd:'rm -rf /'"}))
+    assert [(p.line, p.col, p.message) for p in problems] == [
+        (1, 22, "vm.create: a variable turned this bootstrap into an inline script")
+    ]
+
+
+def test_create_with_secrets(tmp_path: Path) -> None:
+    m = FakeManager()
+    (tmp_path / "setup.hero").write_text("!!env.set TOKEN=${TOKEN}\n")
+    text = "!!vm.create name:box bootstrap:setup.hero secrets:'TOKEN=${T}' vars:'A=1'\n"
+    results = run_text(tmp_path, text, m, variables={"T": "s3cr3t, with=comma"})
+    assert [r.ok for r in results] == [True]
+    settings = m.vms["box"]["settings"]
+    assert settings["secrets"] == {"TOKEN": "s3cr3t, with=comma"} and settings["variables"] == {"A": "1"}
+    assert "s3cr3t" not in json.dumps([r.value for r in results])
+
+
+def test_secrets_errors_do_not_repeat_the_value(tmp_path: Path) -> None:
+    (tmp_path / "setup.hero").write_text("!!cmd.run cmd:true timeout:${TOKEN}\n")
+    problems = problems_of(
+        "!!vm.create name:a bootstrap:setup.hero secrets:'TOKEN=s3cr3t-x'\n"
+        "!!vm.create name:b secrets:'s3cr3t-y'\n"
+        "!!vm.create name:c vars:'T=1' secrets:'T=2'\n",
+        tmp_path,
+    )
+    assert not [p for p in problems if "s3cr3t" in p]
+    assert problems == [
+        "play.hero:1:20: vm.create: bootstrap is invalid:\n"
+        "setup.hero:1:20: timeout: '[secret TOKEN]' is not a duration; use s, m, h or d, e.g. 30s or 1h30m",
+        "play.hero:2:20: vm.create: item 1 of secrets is not NAME=VALUE",
+        "play.hero:3:31: vm.create: T: given both in vars and in secrets",
+    ]
+
+
+def test_create_with_an_empty_bootstrap_needs_allow_empty(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("just text\n")
+    problems = problems_of("!!vm.create name:a bootstrap:notes.txt\n", tmp_path)
+    assert problems == [
+        "play.hero:1:20: vm.create: bootstrap notes.txt has no actions (no `!!actor.name` line): "
+        "is it a HeroScript file?"
+    ]
+    assert problems_of("!!vm.create name:a bootstrap:notes.txt allow_empty:true\n", tmp_path) == []
 
 
 def test_a_stopped_vm_is_started(tmp_path: Path) -> None:

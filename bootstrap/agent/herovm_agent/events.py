@@ -46,6 +46,7 @@ class Events:
 
     def __init__(self, port: str | None, console=None, vsock_port: int | None = None) -> None:
         self._history: list[str] = []
+        self._secrets: list[tuple[str, str]] = []  # (value, name), longest value first
         self._lock = _thread.allocate_lock()
         self._outbox: SimpleQueue[str | None] = SimpleQueue()
         self._console = console if console is not None else sys.stdout
@@ -63,7 +64,28 @@ class Events:
         elif vsock_port is not None:
             self._listen_vsock(vsock_port)
 
+    def keep_secret(self, secrets: dict[str, str]) -> None:
+        """From now on every event carries `[secret NAME]` where a secret's value would be (an action's
+        output, an error quoting a parameter): events are mirrored on the console, which the host keeps."""
+        self._secrets = sorted(((v, k) for k, v in secrets.items() if v), key=lambda s: -len(s[0]))
+
+    def redact(self, obj):
+        if not self._secrets:
+            return obj
+        if isinstance(obj, str):
+            for value, name in self._secrets:
+                if value in obj:
+                    obj = obj.replace(value, "[secret " + name + "]")
+            return obj
+        if isinstance(obj, dict):
+            return {k: self.redact(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [self.redact(v) for v in obj]
+        return obj
+
     def emit(self, event: str, **fields: object) -> dict:
+        if self._secrets:
+            fields = self.redact(fields)
         with self._lock:
             record = {"event": event, "seq": len(self._history), "t": round(uptime(), 3), **fields}
             line = jsonio.dumps(record)

@@ -72,6 +72,7 @@ class Agent:
             self.events.emit("boot", nonce=None, agent=VERSION, kernel=os.uname().release, pid=os.getpid())
             self.fail("drive", str(e))
             return
+        self.events.keep_secret(config.get("secrets") or {})
         self.events.emit(
             "boot", nonce=config.get("nonce"), agent=VERSION, kernel=os.uname().release, pid=os.getpid()
         )
@@ -114,7 +115,9 @@ class Agent:
 
         name = spec.get("name") or "bootstrap.hero"
         try:
-            playbook = parse(text, path=name, variables=config.get("vars") or None)
+            # substituted into the parsed values: a value can never add an action or a parameter
+            variables = {**(config.get("vars") or {}), **(config.get("secrets") or {})}
+            playbook = parse(text, path=name, variables=variables or None)
             errors = [p for p in validate(playbook, registry) if p.severity == "error"]
             if errors:
                 raise (
@@ -139,7 +142,8 @@ class Agent:
 
         def on_end(result) -> None:
             value = result.value if isinstance(result.value, dict) else {}
-            out = result.output or str(value.get("output", ""))
+            # redacted before the tail is cut, which could leave the end of a secret otherwise
+            out = self.events.redact(result.output or str(value.get("output", "")))
             exit_code = result.exit_code if result.exit_code is not None else value.get("exit_code")
             fields = {
                 "index": result.index,
@@ -166,7 +170,7 @@ class Agent:
                 line=failed.action.line,
                 file=failed.action.file,
                 exit_code=failed.exit_code,
-                output=(failed.output or "")[-4096:],
+                output=self.events.redact(failed.output or "")[-4096:],
             )
             return
         self.finish(digest, source, len(results))

@@ -101,6 +101,7 @@ _SHAPE = {  # key: (types allowed, required)
     "ssh": ((dict, type(None)), False),
     "bootstrap": ((dict, type(None)), False),
     "vars": ((dict, type(None)), False),
+    "secrets": ((dict, type(None)), False),
     "limits": ((dict, type(None)), False),
 }
 
@@ -144,9 +145,10 @@ def parse_config(data: bytes) -> dict:
     for key in ("script", "url", "sha256", "name"):
         if key in boot and not isinstance(boot[key], str):
             raise ValueError(f"config drive: bootstrap.{key} must be a string")
-    variables = config.get("vars") or {}
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in variables.items()):
-        raise ValueError("config drive: vars must map strings to strings")
+    for key in ("vars", "secrets"):
+        variables = config.get(key) or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in variables.items()):
+            raise ValueError(f"config drive: {key} must map strings to strings")
     limits = config.get("limits") or {}
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in limits.values()):
         raise ValueError("config drive: limits must be numbers")
