@@ -415,6 +415,7 @@ def logs(
     try:
         with _manager() as m:
             vm = m.get(name)
+            redact = m.redactor(name)
     except HeroVMError as e:
         _fail(e)
     nonce = (vm.meta.get("last_boot") or {}).get("nonce")
@@ -425,13 +426,14 @@ def logs(
 
     def show(line: str) -> None:
         if console:  # raw, as asked; on a terminal its control characters are shown, not obeyed
-            sys.stdout.write((printable(line) if tty else line) + "\n")
+            sys.stdout.write(redact(printable(line) if tty else line) + "\n")
         elif (event := console_event(line)) is not None:
             verdict = story.take(event)
             ignored = "" if verdict in (Story.THIS, Story.EARLIER) else f"ignored ({verdict}): "
-            typer.echo(f"{event['t']:8.2f}s {ignored}{describe_event(event)}")
+            typer.echo(redact(f"{event['t']:8.2f}s {ignored}{describe_event(event)}"))
             if not ignored and event["event"] == "action.end" and event.get("output"):
-                lines = printable(event["output"].replace("\r\n", "\n")).rstrip().splitlines()[-20:]
+                output = redact(event["output"].replace("\r\n", "\n"))
+                lines = printable(output).rstrip().splitlines()[-20:]
                 typer.echo("\n".join("          | " + x for x in lines))
         sys.stdout.flush()
 

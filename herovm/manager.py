@@ -1026,7 +1026,7 @@ class Manager:
         story, whole = console_story(vmdir.console_log, nonce)
         recorded = last.get("outcome") if last.get("outcome") in TERMINAL else None
         agent = recorded or story.outcome or ("booting" if story.begun else "unknown")
-        return {
+        facts = {
             "name": name,
             "state": machine.state,
             "backend": self.backend.name,
@@ -1047,16 +1047,24 @@ class Manager:
             ],
             "failure": story.failure if agent == "failed" else None,
         }
+        return _redacted(facts, _read_secrets(vmdir))  # type: ignore[return-value]
 
     def logs(self, name: str, console: bool = False) -> Path | list[dict]:
         """The events of the VM's last boot as the console mirrors them (see `status`), or with `console`
-        the console log's path."""
+        the console log's path (raw: pass what you show of it through `redactor`)."""
         vm = self.get(name)
         vmdir = state.VMDir(name)
         if console:
             return vmdir.console_log
         nonce = (vm.meta.get("last_boot") or {}).get("nonce")
-        return console_story(vmdir.console_log, nonce if isinstance(nonce, str) else None)[0].events
+        events = console_story(vmdir.console_log, nonce if isinstance(nonce, str) else None)[0].events
+        return _redacted(events, _read_secrets(vmdir))  # type: ignore[return-value]
+
+    def redactor(self, name: str) -> Callable[[str], str]:
+        """Replaces the VM's secret values by `[secret NAME]` in text read from the guest. The agent redacts
+        its own events already; this also covers what a guest process wrote to the console itself."""
+        secrets = _read_secrets(state.VMDir(state.validate_name(name)))
+        return lambda text: redact(text, secrets)
 
 
 class _EarlyFailure(Exception):

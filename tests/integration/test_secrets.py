@@ -84,6 +84,18 @@ def test_a_secret_reaches_the_guest_and_nothing_else(image, unique_name, tmp_pat
         assert secret not in console
         # the agent wrote the output of cmd.run with the secret's name in its place
         assert "token=[secret TOKEN]" in console and "token=[secret TOKEN]" in logs.stdout
+        # A guest process that writes the secret to the console itself, raw and inside a well-formed event
+        # of this boot: what the host shows of it still names the secret instead of showing it.
+        with Manager() as m, m.get(name) as vm:
+            nonce = m.status(name)["last_boot"]["nonce"]
+            event = {"event": "status", "nonce": nonce, "t": 9.0, "services": {}, "note": secret}
+            line = "@herovm " + json.dumps(event)
+            r = vm.exec(["sh", "-c", 'printf "%s\\n%s\\n" "$1" "$2" > /dev/console', "sh", secret, line])
+            assert r.exit_code == 0, r
+        for args in (("logs", name), ("logs", name, "--console"), ("status", name, "--json")):
+            shown = herovm(*args)
+            assert shown.returncode == 0 and secret not in shown.stdout + shown.stderr, args
+        assert "[secret TOKEN]" in herovm("logs", name, "--console").stdout
         # it lives in the VM's secrets/ (0700, file 0600) for later boots, and on the per-boot drive (0600)
         kept = vmdir.secrets / "vars.json"
         assert json.loads(kept.read_text()) == {"TOKEN": secret}
