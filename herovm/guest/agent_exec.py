@@ -2,9 +2,13 @@
 
 The agent answers on the guest's SSH port: a connection that opens with :data:`MAGIC` is served by the
 agent, which spawns the command itself. There is no SSH handshake per connection and no sshd session or
-login shell per command, the two costs that dominate an SSH ``exec`` under emulation. The host proves it
-holds the VM's exec token (a file in its secrets directory, 0600) by answering a fresh challenge with
-HMAC-SHA256; the token itself never crosses the wire.
+login shell per command, the two costs that dominate an SSH ``exec`` under emulation.
+
+Both sides prove they hold the VM's exec token (a file in its secrets directory, 0600) with HMAC-SHA256 over
+both sides' fresh nonces, the agent first: we send nothing but a nonce until the agent has proved it, so a
+process that holds a stopped VM's port gets no command, environment or stdin. The token never crosses the
+wire. Our answer travels with the first request, so the handshake costs no round trip more than the
+agent's greeting did before.
 
 Same contract as :meth:`herovm.guest.ssh.GuestConnection.exec`: a list is run as it is (no shell), a
 string by ``bash -c``; on timeout the command's process group is killed and the result says so.
@@ -29,14 +33,27 @@ from ..errors import GuestError
 from . import execution
 from .execution import TIMEOUT_EXIT_CODE, ExecResult
 
-MAGIC = b"HEROVM-EXEC/1\n"
+MAGIC = b"HEROVM-EXEC/2\n"
 _HEADER = struct.Struct(">cI")
-_CHUNK = 64 * 1024
+_CHUNK = 64 * 1024  # the most stdin in one frame: the agent refuses more
+_MAX_CHALLENGE = 512  # the agent's CHALLENGE frame, at most: we read no more from a peer not yet proved
 _CONNECT_ATTEMPT_S = 5.0
 # guest -> host
 _CHALLENGE, _STDOUT, _STDERR, _EXIT, _ERROR, _PONG = b"C", b"1", b"2", b"X", b"E", b"P"
 # host -> guest
-_REQUEST, _STDIN, _KILL, _PING = b"R", b"0", b"K", b"P"
+_HELLO, _AUTH, _REQUEST, _STDIN, _KILL, _PING = b"H", b"A", b"R", b"0", b"K", b"P"
+# The labels that begin what each side's HMAC covers (bootstrap/agent/herovm_agent/exec_server.py).
+_AGENT_PROOF_LABEL = b"herovm-exec/2 agent proof\n"
+_HOST_ANSWER_LABEL = b"herovm-exec/2 host answer\n"
+_HEX = frozenset("0123456789abcdef")
+
+
+class _NotTheAgent(Exception):
+    """The peer answered, but did not prove it holds the VM's exec token."""
+
+    def __init__(self, reason: str, where: str = "") -> None:
+        super().__init__(reason)
+        self.reason, self.where = reason, where
 
 
 class _Stream:
@@ -46,19 +63,26 @@ class _Stream:
         self.sock = sock
         self._buffer = bytearray()
         self._send_lock = threading.Lock()
-        self.authenticated = False
-        self.challenge = ""
+        self.challenge = ""  # the agent's, for this connection: names it in a kill_session request
+        self.pending = b""  # our AUTH frame, sent with the first request
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
         with self._send_lock:
-            self.sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
+            self.sock.sendall(self.pending + _HEADER.pack(kind, len(payload)) + payload)
+            self.pending = b""
 
-    def read(self, timeout: float | None) -> tuple[bytes, bytes] | None:
-        """The next frame, or None if none arrived within ``timeout``; EOFError when the agent hung up."""
+    def read(self, timeout: float | None, limit: int | None = None) -> tuple[bytes, bytes] | None:
+        """The next frame, or None if none arrived within ``timeout``; EOFError when the agent hung up.
+        With a ``limit`` (a peer not yet proved): _NotTheAgent for a longer frame (we do not wait for its
+        payload) or an SSH server's greeting."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if limit is not None and self._buffer.startswith(b"SSH-"):
+                raise _NotTheAgent("it answered as an SSH server")
             if len(self._buffer) >= _HEADER.size:
                 kind, length = _HEADER.unpack_from(self._buffer)
+                if limit is not None and length > limit:
+                    raise _NotTheAgent(f"it announced a {kind!r} frame of {length} bytes")
                 if len(self._buffer) >= _HEADER.size + length:
                     payload = bytes(self._buffer[_HEADER.size : _HEADER.size + length])
                     del self._buffer[: _HEADER.size + length]
@@ -123,7 +147,10 @@ class AgentExec:
         """Run ``command`` and wait for it; see :meth:`herovm.guest.ssh.GuestConnection.exec`."""
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be >= 0")
-        request: dict[str, object] = {"env": dict(env or {}), "cwd": os.fspath(cwd) if cwd else None}
+        request: dict[str, object] = {
+            "env": {str(k): str(v) for k, v in (env or {}).items()},
+            "cwd": os.fspath(cwd) if cwd else None,
+        }
         if isinstance(command, str):
             if not command.strip():
                 raise ValueError("command is empty")
@@ -144,10 +171,7 @@ class AgentExec:
         reusable = False
         feeder: _Feeder | None = None
         try:
-            if not stream.authenticated:
-                request["auth"] = self._answer(stream)
             stream.send(_REQUEST, json.dumps(request).encode())
-            stream.authenticated = True
             feeder = _Feeder(stream, stdin)
             exit_code, timed_out = self._wait(stream, feeder, emit, deadline)
             reusable = not timed_out and feeder.finished(timeout=1.0)
@@ -236,15 +260,15 @@ class AgentExec:
             return True
         other = self._open(_CONNECT_ATTEMPT_S)
         try:
-            request = {"auth": self._answer(other), "kill_session": stream.challenge}
-            other.send(_REQUEST, json.dumps(request).encode())
+            other.send(_REQUEST, json.dumps({"kill_session": stream.challenge}).encode())
             other.read(_CONNECT_ATTEMPT_S)
         finally:
             other.close()
         return False
 
-    def _answer(self, stream: _Stream) -> str:
-        return hmac.new(self._token, stream.challenge.encode(), hashlib.sha256).hexdigest()
+    def _hmac(self, label: bytes, nonce: str, challenge: str) -> str:
+        message = label + nonce.encode() + b" " + challenge.encode()
+        return hmac.new(self._token, message, hashlib.sha256).hexdigest()
 
     def _take(self, deadline: float) -> _Stream:
         while True:
@@ -260,6 +284,12 @@ class AgentExec:
         while True:
             try:
                 return self._open(min(_CONNECT_ATTEMPT_S, max(0.1, deadline - time.monotonic())))
+            except _NotTheAgent as exc:
+                raise GuestError(
+                    f"the process on {exc.where} did not prove it is VM {self.target}'s agent: {exc.reason}",
+                    hint=f"another process may hold the port while {self.target} is stopped (nothing was "
+                    "sent to it), or the VM's agent or exec token is not this herovm's: recreate the VM",
+                ) from None
             except (OSError, EOFError, ValueError) as exc:
                 if last is None and self._on_unreachable is not None:
                     self._on_unreachable()
@@ -276,15 +306,40 @@ class AgentExec:
         stream = _Stream(sock)
         try:
             sock.settimeout(None)  # waits are bounded by select() in _Stream.read
-            sock.sendall(MAGIC)
-            frame = stream.read(timeout)
-            if frame is None or frame[0] != _CHALLENGE:
-                raise EOFError("the guest did not answer as a herovm agent")
-            stream.challenge = str(json.loads(frame[1])["challenge"])
+            nonce = os.urandom(32).hex()
+            hello = json.dumps({"nonce": nonce}).encode()
+            sock.sendall(MAGIC + _HEADER.pack(_HELLO, len(hello)) + hello)
+            try:
+                frame = stream.read(timeout, limit=_MAX_CHALLENGE)
+                if frame is None:
+                    raise EOFError("the guest did not answer as a herovm agent")
+                stream.challenge = self._verify(nonce, *frame)
+            except _NotTheAgent as exc:
+                raise _NotTheAgent(exc.reason, _describe_peer(sock)) from None
+            answer = json.dumps({"answer": self._hmac(_HOST_ANSWER_LABEL, nonce, stream.challenge)}).encode()
+            stream.pending = _HEADER.pack(_AUTH, len(answer)) + answer
         except BaseException:
             stream.close()
             raise
         return stream
+
+    def _verify(self, nonce: str, kind: bytes, payload: bytes) -> str:
+        """The challenge in the agent's CHALLENGE frame, once its proof shows it holds the token."""
+        if kind != _CHALLENGE:
+            raise _NotTheAgent(f"it answered with a {kind!r} frame, not a challenge")
+        try:
+            greeting = json.loads(payload)
+        except ValueError:
+            greeting = None
+        if not isinstance(greeting, dict) or not all(
+            isinstance(greeting.get(k), str) and len(greeting[k]) == 64 and set(greeting[k]) <= _HEX
+            for k in ("challenge", "proof")
+        ):
+            raise _NotTheAgent("its challenge is malformed")
+        challenge = greeting["challenge"]
+        if not hmac.compare_digest(greeting["proof"], self._hmac(_AGENT_PROOF_LABEL, nonce, challenge)):
+            raise _NotTheAgent("its proof is wrong")
+        return challenge
 
 
 class _Feeder:
@@ -329,9 +384,21 @@ class _Feeder:
             else:
                 chunks = iter(lambda: stdin.read(_CHUNK), b"")
             for chunk in chunks:
-                if self._stop.is_set():
-                    return
-                self._stream.send(_STDIN, chunk)
+                for start in range(0, len(chunk), _CHUNK):  # a read may return more than asked
+                    if self._stop.is_set():
+                        return
+                    self._stream.send(_STDIN, bytes(chunk[start : start + _CHUNK]))
             self._stream.send(_STDIN)
         except (OSError, ValueError):
             pass  # the connection is gone; the reader reports it
+
+
+def _describe_peer(sock: socket.socket) -> str:
+    """Where ``sock`` leads, for an error message: ``127.0.0.1:PORT`` for the usual forward."""
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "the VM's exec port"
+    if isinstance(peer, tuple) and len(peer) >= 2 and isinstance(peer[0], str):
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer) if peer else "the VM's exec port"

@@ -1,12 +1,17 @@
 """`exec` served by the agent itself, on the SSH port (bootstrap/PROTOCOL.md, "Exec without SSH").
 
 The SSH listener hands us a connection that began with MAGIC. Each command is spawned straight from PID 1:
-no sshd session process and no login shell, which under emulation is most of an SSH exec's cost. The host
-proves it holds the VM's exec token by answering a fresh challenge with HMAC-SHA256(token, challenge), so
-the token never crosses the wire and a recorded answer is worth nothing on another connection.
+no sshd session process and no login shell, which under emulation is most of an SSH exec's cost.
 
-Frames both ways: 1 byte kind, 4 bytes big-endian length, payload. One command at a time per connection;
-the connection then waits for the next request.
+Frames both ways: 1 byte kind, 4 bytes big-endian length, payload. Before authentication only two small
+frames are read, within AUTH_DEADLINE_S, and at most MAX_UNAUTHENTICATED connections are at that stage at
+once: whoever can reach the port cannot make the agent hold more than a few hundred bytes or a thread for
+long without the VM's exec token. The proof goes both ways, over both sides' fresh nonces: the host sends
+HELLO{nonce}, we answer CHALLENGE{challenge, proof}, proving we hold the token before the host sends anything
+that matters (a process squatting a stopped VM's port learns nothing), and the host answers AUTH{answer}.
+The token itself never crosses the wire, and an answer is worth nothing on another connection or in the
+other direction. After that every frame kind has its cap; one command at a time per connection, which then
+waits for the next request.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import signal
 import struct
 import subprocess
 import threading
+import time
 from _operator import _compare_digest as compare_digest  # what hmac.compare_digest falls back to
 from _sha256 import sha256
 
@@ -29,15 +35,25 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .system import Socket
 
-MAGIC = b"HEROVM-EXEC/1\n"
+MAGIC = b"HEROVM-EXEC/2\n"
 HEADER = struct.Struct(">cI")
+MAX_HANDSHAKE = 256  # HELLO and AUTH payloads: the only frames read before authentication
 MAX_REQUEST = 1 << 20
-CHUNK = 64 * 1024
+CHUNK = 64 * 1024  # the most stdin in one frame (what the host sends at most)
 STDIN_BUFFERED_CHUNKS = 64  # stdin read ahead of the command, at most this many frames
+AUTH_DEADLINE_S = 5.0  # from the magic to a verified AUTH
+MAX_UNAUTHENTICATED = 32  # connections between the magic and a verified AUTH, at once; more are closed
+ERROR_SEND_S = 2.0  # how long an E frame may wait for room in the send buffer before we hang up anyway
 # guest -> host
 CHALLENGE, STDOUT, STDERR, EXIT, ERROR, PONG = b"C", b"1", b"2", b"X", b"E", b"P"
 # host -> guest
-REQUEST, STDIN, KILL, PING = b"R", b"0", b"K", b"P"
+HELLO, AUTH, REQUEST, STDIN, KILL, PING = b"H", b"A", b"R", b"0", b"K", b"P"
+AUTHENTICATED_LIMITS = {REQUEST: MAX_REQUEST, STDIN: CHUNK, KILL: 0, PING: 0}
+# What each side's HMAC covers begins with its direction, so that neither proof can stand in for the other.
+AGENT_PROOF_LABEL = b"herovm-exec/2 agent proof\n"
+HOST_ANSWER_LABEL = b"herovm-exec/2 host answer\n"
+REQUEST_FIELDS = frozenset(("argv", "shell", "kill_session", "env", "cwd", "stdin"))
+HEX = frozenset("0123456789abcdef")
 
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -62,37 +78,82 @@ SHELL_ONLY = frozenset(_SHELL_ONLY_WORDS.split())
 
 
 class Disconnected(Exception):
-    pass
+    """The peer hung up, or did not finish the handshake in time."""
 
 
-def _read_exact(conn: Socket, n: int) -> bytes:
+class ProtocolError(Exception):
+    """A frame the protocol does not allow here; its message goes to the host in an E frame."""
+
+
+def _read_exact(conn: Socket, n: int, deadline: float | None = None) -> bytes:
     data = bytearray()
     while len(data) < n:
-        chunk = conn.recv(n - len(data))
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Disconnected
+            conn.settimeout(left)
+        try:
+            chunk = conn.recv(min(n - len(data), CHUNK))
+        except TimeoutError:
+            raise Disconnected from None
         if not chunk:
             raise Disconnected
         data += chunk
     return bytes(data)
 
 
-def read_frame(conn: Socket) -> tuple[bytes, bytes]:
-    kind, length = HEADER.unpack(_read_exact(conn, HEADER.size))
-    if length > MAX_REQUEST and kind != STDIN:
-        raise Disconnected
-    return kind, _read_exact(conn, length)
+def read_frame(conn: Socket, limits: dict[bytes, int], deadline: float | None = None) -> tuple[bytes, bytes]:
+    """The next frame, of one of the kinds in `limits` and at most that long; anything else is refused
+    from its header alone, before any of its payload is read."""
+    kind, length = HEADER.unpack(_read_exact(conn, HEADER.size, deadline))
+    limit = limits.get(kind)
+    if limit is None:
+        raise ProtocolError(f"unexpected frame kind {kind!r}")
+    if length > limit:
+        raise ProtocolError(f"a {kind!r} frame of {length} bytes is over its limit of {limit}")
+    return kind, _read_exact(conn, length, deadline)
+
+
+def agent_proof(token: bytes, nonce: str, challenge: str) -> str:
+    """The agent's proof that it holds the token: HMAC-SHA256 over the host's nonce and its challenge."""
+    return hmac_sha256(token, AGENT_PROOF_LABEL + nonce.encode() + b" " + challenge.encode())
+
+
+def host_answer(token: bytes, nonce: str, challenge: str) -> str:
+    """What the host answers to prove it holds the token, over the same two values, the other label."""
+    return hmac_sha256(token, HOST_ANSWER_LABEL + nonce.encode() + b" " + challenge.encode())
 
 
 _sessions: dict[str, Session] = {}  # by challenge: the host may kill a session's command from another
 _sessions_lock = threading.Lock()
+_unauthenticated = 0  # connections between the magic and a verified AUTH
+_unauthenticated_lock = threading.Lock()
+
+
+def _admit() -> bool:
+    global _unauthenticated
+    with _unauthenticated_lock:
+        if _unauthenticated >= MAX_UNAUTHENTICATED:
+            return False
+        _unauthenticated += 1
+        return True
+
+
+def _authenticated_or_gone() -> None:
+    global _unauthenticated
+    with _unauthenticated_lock:
+        _unauthenticated -= 1
 
 
 class Session:
-    """One authenticated connection; runs its commands one after another."""
+    """One connection: the handshake, then its commands one after another."""
 
     def __init__(self, conn: Socket, token: bytes, processes) -> None:
         self.conn = conn
         self.token = token
         self.processes = processes
+        self.challenge = ""
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self.proc: subprocess.Popen | None = None
@@ -106,61 +167,86 @@ class Session:
         self.send(kind, jsonio.dumps(obj).encode())
 
     def serve(self) -> None:
-        challenge = os.urandom(32).hex()
-        expected = hmac_sha256(self.token, challenge.encode())
-        with _sessions_lock:
-            _sessions[challenge] = self
         try:
-            self.send_json(CHALLENGE, {"challenge": challenge})
-            authenticated = False
-            while True:
-                kind, payload = read_frame(self.conn)
-                if kind == PING:
-                    self.send(PONG)
-                elif kind == REQUEST:
-                    request = jsonio.loads(payload)
-                    if not isinstance(request, dict):
-                        raise ValueError("a request is a JSON object")
-                    if not authenticated:
-                        if not compare_digest(str(request.get("auth", "")).encode(), expected.encode()):
-                            self.send_json(ERROR, {"error": "exec refused: wrong or missing token"})
-                            return
-                        authenticated = True
-                    if "kill_session" in request:
-                        self.kill_session(str(request["kill_session"]))
-                        continue
-                    if self.proc is not None:
-                        self.send_json(ERROR, {"error": "one command at a time per connection"})
-                        return
-                    self.start(request)
-                elif kind == STDIN:
-                    self.feed(payload)
-                elif kind == KILL:
-                    self.kill()
-        except (Disconnected, OSError, ValueError):
+            if not _admit():
+                return  # too many connections are not authenticated yet: hang up at once
+            try:
+                self.authenticate()
+            finally:
+                _authenticated_or_gone()
+            self.run()
+        except ProtocolError as e:
+            self.refuse(str(e))
+        except (Disconnected, OSError):
             pass
+        except Exception as e:  # PID 1 prints no traceback on the console for what a client sent
+            self.refuse(f"internal error: {type(e).__name__}: {e}"[:200])
         finally:
             with _sessions_lock:
-                _sessions.pop(challenge, None)
+                _sessions.pop(self.challenge, None)
             self.kill()  # the host went away: its command must not outlive it
             with contextlib.suppress(OSError):
                 self.conn.close()
 
+    def authenticate(self) -> None:
+        """HELLO in, CHALLENGE (with our proof) out, AUTH in: returns once the host has proved it holds the
+        token; raises ProtocolError (wrong answer, another frame) or Disconnected (hung up, too slow)."""
+        deadline = time.monotonic() + AUTH_DEADLINE_S
+        _, payload = read_frame(self.conn, {HELLO: MAX_HANDSHAKE}, deadline)
+        nonce = _hex_field(payload, "nonce")
+        challenge = os.urandom(32).hex()
+        proof = agent_proof(self.token, nonce, challenge)
+        self.send_json(CHALLENGE, {"challenge": challenge, "proof": proof})
+        _, payload = read_frame(self.conn, {AUTH: MAX_HANDSHAKE}, deadline)
+        answer = _hex_field(payload, "answer")
+        if not compare_digest(answer.encode(), host_answer(self.token, nonce, challenge).encode()):
+            raise ProtocolError("exec refused: wrong token")
+        self.conn.settimeout(None)
+        self.challenge = challenge
+        with _sessions_lock:
+            _sessions[challenge] = self
+
+    def run(self) -> None:
+        while True:
+            kind, payload = read_frame(self.conn, AUTHENTICATED_LIMITS)
+            if kind == PING:
+                self.send(PONG)
+            elif kind == REQUEST:
+                request = parse_request(payload)
+                if "kill_session" in request:
+                    self.kill_session(request["kill_session"])
+                    continue
+                if self.proc is not None:
+                    raise ProtocolError("one command at a time per connection")
+                self.start(request)
+            elif kind == STDIN:
+                self.feed(payload)
+            elif kind == KILL:
+                self.kill()
+
+    def refuse(self, message: str) -> None:
+        """Tell the host why (an E frame), then the caller hangs up. A peer that does not read gets the
+        frame only if it fits in the send buffer within ERROR_SEND_S."""
+        with contextlib.suppress(OSError):
+            self.conn.settimeout(ERROR_SEND_S)
+            self.send_json(ERROR, {"error": message})
+            self.conn.shutdown(_socket.SHUT_WR)
+
     def start(self, request: dict) -> None:
-        argv = request.get("argv") or _simple_command(request.get("shell") or "")
+        argv = request["argv"] if "argv" in request else _simple_command(request["shell"])
         env = dict(BASE_ENV)
-        env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
+        env.update(request.get("env") or {})
         cwd = os.path.normpath(os.path.join("/root", request.get("cwd") or "."))  # relative to home, as SSH
         env.setdefault("PWD", cwd)
         refused = _refusal(argv[0], cwd, env["PATH"], explicit_cwd=bool(request.get("cwd")))
         if refused is not None:
             code, message = refused
-            self.send(STDERR, f"herovm: {message}\n".encode())
+            self.send(STDERR, f"herovm: {message}\n".encode(errors="replace"))
             self.send_json(EXIT, {"exit_code": code})
             return
         try:
             proc = self.processes.spawn(
-                [str(a) for a in argv],
+                argv,
                 stdin=subprocess.PIPE if request.get("stdin") else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -169,7 +255,7 @@ class Session:
                 start_new_session=True,  # its own process group, so a kill takes its children too
             )
         except OSError as e:
-            self.send(STDERR, f"herovm: {argv[0]}: {e.strerror}\n".encode())
+            self.send(STDERR, f"herovm: {argv[0]}: {e.strerror}\n".encode(errors="replace"))
             self.send_json(EXIT, {"exit_code": 127 if isinstance(e, FileNotFoundError) else 126})
             return
         stdin_queue: queue.Queue | None = None
@@ -243,8 +329,75 @@ def hmac_sha256(key: bytes, message: bytes) -> str:
     if len(key) > 64:
         key = sha256(key).digest()
     key = key.ljust(64, b"\0")
-    inner = sha256(bytes(b ^ 0x36 for b in key) + message).digest()
-    return sha256(bytes(b ^ 0x5C for b in key) + inner).hexdigest()
+    inner = sha256(key.translate(_IPAD) + message).digest()
+    return sha256(key.translate(_OPAD) + inner).hexdigest()
+
+
+_IPAD = bytes(b ^ 0x36 for b in range(256))  # each byte of the key XOR 0x36, by bytes.translate
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
+def parse_request(payload: bytes) -> dict:
+    """The request in an R frame, checked whole before anything runs; ProtocolError says what is wrong."""
+    try:
+        request = jsonio.loads(payload)
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError(f"bad request: not JSON ({str(e)[:80]})") from None
+    if not isinstance(request, dict):
+        raise ProtocolError("bad request: not a JSON object")
+    unknown = sorted(set(request) - REQUEST_FIELDS)
+    if unknown:
+        raise ProtocolError(f"bad request: unknown field {unknown[0][:40]!r}")
+    if sum(key in request for key in ("argv", "shell", "kill_session")) != 1:
+        raise ProtocolError("bad request: it needs exactly one of argv, shell and kill_session")
+    if "argv" in request:
+        argv = request["argv"]
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
+            raise ProtocolError("bad request: argv must be a list of strings, the first not empty")
+        for arg in argv:
+            _os_string(arg, "argv")
+    if "shell" in request:
+        _os_string(request["shell"], "shell")
+    if "kill_session" in request and not isinstance(request["kill_session"], str):
+        raise ProtocolError("bad request: kill_session must be a string")
+    env = request.get("env")
+    if env is not None:
+        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            raise ProtocolError("bad request: env must be an object of strings")
+        for key, value in env.items():
+            if not key or "=" in key:
+                raise ProtocolError(f"bad request: {key[:40]!r} cannot be an environment variable's name")
+            _os_string(key, "env")
+            _os_string(value, "env")
+    if request.get("cwd") is not None:
+        _os_string(request["cwd"], "cwd")
+    if not isinstance(request.get("stdin", False), bool):
+        raise ProtocolError("bad request: stdin must be true or false")
+    return request
+
+
+def _os_string(value: object, field: str) -> None:
+    """`value` can be an argument, a path or an environment entry: a string without NUL that encodes."""
+    if not isinstance(value, str):
+        raise ProtocolError(f"bad request: {field} must be a string")
+    if "\0" in value:
+        raise ProtocolError(f"bad request: a NUL character in {field}")
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:
+        raise ProtocolError(f"bad request: {field} does not encode (a lone surrogate)") from None
+
+
+def _hex_field(payload: bytes, name: str) -> str:
+    """`{"<name>": "<64 lowercase hex>"}`, as HELLO and AUTH carry: that value, or ProtocolError."""
+    try:
+        message = jsonio.loads(payload)
+    except (ValueError, RecursionError):
+        message = None
+    value = message.get(name) if isinstance(message, dict) else None
+    if not isinstance(value, str) or len(value) != 64 or not set(value) <= HEX:
+        raise ProtocolError(f"exec refused: malformed handshake (no {name})")
+    return value
 
 
 def _simple_command(line: str) -> list[str]:
