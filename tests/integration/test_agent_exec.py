@@ -226,6 +226,55 @@ def test_idle_unauthenticated_connections_are_few_and_short_lived(box):
     assert int(box.exec(["awk", "/^Threads/{print $2}", "/proc/1/status"]).stdout) <= threads + 2
 
 
+COUNT_SSHD = (
+    "import os\n"
+    "def stat(p):\n"
+    "    try:\n"
+    "        return open(f'/proc/{p}/stat').read().rsplit(') ', 1)[1].split()\n"
+    "    except OSError:\n"
+    "        return []\n"
+    "print(sum(1 for p in os.listdir('/proc') if p.isdigit() and stat(p)[1:2] == ['1']\n"
+    "          and open(f'/proc/{p}/comm').read().strip() == 'sshd'))\n"
+)
+
+
+def test_a_flood_of_ssh_connections_gets_at_most_32_sshd_and_ssh_works_after(box):
+    """Every non-exec connection costs an `sshd -i` until its login grace: 150 silent SSH clients took 280 MB
+    of a guest. The agent runs at most 32 at once and refuses the rest at once; afterwards SSH works."""
+    flood = []
+    try:
+        for _ in range(40):
+            sock = socket.create_connection(("127.0.0.1", box.ssh_port), timeout=30)
+            sock.sendall(b"SSH-2.0-flood\r\n")
+            flood.append(sock)
+        deadline = time.monotonic() + 30
+        while int(box.exec(["python3", "-c", COUNT_SSHD]).stdout) < 32:
+            assert time.monotonic() < deadline, "the flood never reached 32 sessions"
+            time.sleep(0.2)
+        time.sleep(1)  # the other 8 have been dispatched by now: refused, not started
+        assert int(box.exec(["python3", "-c", COUNT_SSHD]).stdout) == 32
+        refused = 0
+        for sock in flood:
+            sock.settimeout(0.5)
+            with contextlib.suppress(TimeoutError, ConnectionResetError):
+                data = sock.recv(4096)
+                refused += not data or not data.startswith(b"SSH-")
+        assert refused == 8, refused
+        assert box.exec(["echo", "exec is separate"]).stdout == b"exec is separate\n"
+    finally:
+        for sock in flood:
+            sock.close()
+    deadline = time.monotonic() + 20
+    while int(box.exec(["python3", "-c", COUNT_SSHD]).stdout) > 0:
+        assert time.monotonic() < deadline, "the flood's sshd did not end with their connections"
+        time.sleep(0.2)
+    conn = box.connection()
+    try:
+        assert conn.exec(["echo", "ssh"]).stdout == b"ssh\n"
+    finally:
+        conn.close()
+
+
 def _ssh_session_pid(box) -> int:
     """The pid of the `sshd -i` the agent started for a new SSH connection (the session's ancestor whose
     parent is PID 1), once that connection is closed and the agent has reaped it."""

@@ -309,10 +309,15 @@ class SSHListener:
     clients speak first (SSH clients send their version line at once), so a peek tells them apart."""
 
     PEEK_WAIT_S = 2.0  # a client that waits for the server to speak first gets sshd after this
+    # Every other connection costs an sshd (two processes, ~1.9 MB measured) until sshd's LoginGraceTime: 150
+    # silent connections took 280 MB of a 1 GiB guest. Sessions beyond this many are refused at once.
+    MAX_SSH_SESSIONS = 32
 
     def __init__(self, port: int, processes, exec_token: bytes | None = None, vsock: bool = False) -> None:
         self._processes = processes
         self._exec_token = exec_token
+        self._sessions = 0
+        self._sessions_lock = _thread.allocate_lock()
         self.sock = Socket(_socket.AF_INET6, _socket.SOCK_STREAM)
         self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
         self.sock.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 0)
@@ -339,17 +344,32 @@ class SSHListener:
                 conn.recv(len(exec_server.MAGIC))
                 exec_server.serve(conn, self._exec_token, self._processes)
                 return
-            self._processes.spawn(  # nobody waits for a session: its exit status is dropped
-                ["/usr/sbin/sshd", "-i", "-e"],
-                waited=False,
-                stdin=conn.fileno(),
-                stdout=conn.fileno(),
-                stderr=self.log,
-            )
+            with self._sessions_lock:
+                full = self._sessions >= self.MAX_SSH_SESSIONS
+                if not full:
+                    self._sessions += 1
+            if full:
+                self.log.write(b"herovm: refused an SSH connection: too many SSH sessions at once\n")
+                return
+            try:
+                self._processes.spawn(  # its exit status is dropped: only the session count needs it
+                    ["/usr/sbin/sshd", "-i", "-e"],
+                    on_exit=self._session_ended,
+                    stdin=conn.fileno(),
+                    stdout=conn.fileno(),
+                    stderr=self.log,
+                )
+            except BaseException:
+                self._session_ended(None)
+                raise
         except OSError as e:
             self.log.write(f"herovm: cannot serve a connection: {e}\n".encode())
         finally:
             conn.close()
+
+    def _session_ended(self, code: int | None) -> None:
+        with self._sessions_lock:
+            self._sessions -= 1
 
     def _opens_with_exec_magic(self, conn: Socket) -> bool:
         from .exec_server import MAGIC
