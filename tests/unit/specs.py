@@ -40,3 +40,28 @@ def spec(
         accel=accel,
         metadata=metadata if metadata is not None else {"settings": {"cpus": 2}, "ssh_port": ssh_port},
     )
+
+
+def define_in_vmdir(backend, tmp_path: Path, name: str, metadata: dict) -> None:
+    """Define `name` on `backend` with its files in its real VM directory (made here), as `up` would."""
+    from herovm import state
+
+    vmdir = state.VMDir(name)
+    vmdir.create()
+    backend.define(
+        MachineSpec(
+            name=name,
+            cpus=1,
+            memory=256 << 20,
+            kernel=tmp_path / "k",
+            initrd=tmp_path / "i",
+            cmdline="x",
+            disk=vmdir.disk,
+            drive=vmdir.drive,
+            console_log=vmdir.console_log,
+            channel=vmdir.agent_socket,
+            ssh_port=None,
+            accel="tcg",
+            metadata=metadata,
+        )
+    )

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from specs import spec
+from specs import define_in_vmdir, spec
 
 from herovm import images, state
-from herovm.backends.base import MachineSpec
 from herovm.backends.libvirt import PREFIX, LibvirtBackend
 from herovm.errors import AlreadyExists, BootFailed, HeroVMError, InvalidInput, NotFound
 from herovm.guest import configdrive
@@ -860,26 +859,7 @@ def test_ls_empty(manager: Manager) -> None:
     assert state.list_vm_dirs() == []
 
 
-def define_plain(backend: LibvirtBackend, tmp_path: Path, name: str, metadata: dict) -> None:
-    vmdir = state.VMDir(name)
-    vmdir.create()
-    backend.define(
-        MachineSpec(
-            name=name,
-            cpus=1,
-            memory=256 << 20,
-            kernel=tmp_path / "k",
-            initrd=tmp_path / "i",
-            cmdline="x",
-            disk=vmdir.disk,
-            drive=vmdir.drive,
-            console_log=vmdir.console_log,
-            channel=vmdir.agent_socket,
-            ssh_port=None,
-            accel="tcg",
-            metadata=metadata,
-        )
-    )
+define_plain = define_in_vmdir
 
 
 def test_down_all(manager: Manager, backend, tmp_path: Path) -> None:

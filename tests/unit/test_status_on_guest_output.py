@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from specs import define_in_vmdir
 from typer.testing import CliRunner
 
 from herovm import state
-from herovm.backends import MachineSpec
 from herovm.backends.libvirt import LibvirtBackend
 from herovm.cli import app
 from herovm.guest.events import CONSOLE_WINDOW
@@ -43,30 +43,12 @@ def manager(backend: LibvirtBackend) -> Manager:
 
 def define(backend: LibvirtBackend, tmp_path: Path, last_boot: dict) -> str:
     name = f"out{next(_counter)}-{uuid.uuid4().hex[:6]}"
-    vmdir = state.VMDir(name)
-    vmdir.create()
     meta = {
         "settings": {"cpus": 1, "memory": 256 << 20, "accel": "tcg"},
         "image": "default",
         "last_boot": last_boot,
     }
-    backend.define(
-        MachineSpec(
-            name=name,
-            cpus=1,
-            memory=256 << 20,
-            kernel=tmp_path / "k",
-            initrd=tmp_path / "i",
-            cmdline="x",
-            disk=vmdir.disk,
-            drive=vmdir.drive,
-            console_log=vmdir.console_log,
-            channel=vmdir.agent_socket,
-            ssh_port=None,
-            accel="tcg",
-            metadata=meta,
-        )
-    )
+    define_in_vmdir(backend, tmp_path, name, meta)
     return name
 
 
