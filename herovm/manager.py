@@ -37,6 +37,7 @@ from .protocol import TERMINAL, Story, describe_event, printable
 
 if TYPE_CHECKING:
     from .guest.ssh import GuestConnection
+    from .heroscript import Playbook, Problem
     from .images import Image
 
 # Under TCG, QEMU finds translated code by virtual address, so address-space randomisation makes every new
@@ -268,9 +269,13 @@ def check_bootstrap(
 
     given = {**(variables or {}), **(secrets or {})}
     try:
-        playbook = parse(script, path=name, variables=given or None)
+        playbook = parse(script, path=name, variables=given or None, resolve_includes=False)
     except HeroScriptError as e:
         raise InvalidInput(redact(f"bootstrap does not parse: {e}", secrets)) from None
+    include = next(iter(bootstrap_include_problems(playbook)), None)
+    if include is not None:
+        where = f"{include.file}:{include.line}:{include.col}"
+        raise InvalidInput(redact(f"{where}: {include.message}", secrets), hint=include.hint)
     errors = [p for p in validate(playbook, guest_registry()) if p.severity == "error"]
     if errors:
         raise InvalidInput(redact("bootstrap is invalid:\n" + "\n".join(str(p) for p in errors), secrets))
@@ -279,6 +284,24 @@ def check_bootstrap(
             f"bootstrap {name} has no actions (no `!!actor.name` line): is it a HeroScript file?",
             hint="to boot with an empty bootstrap anyway: --allow-empty (allow_empty:true in !!vm.create)",
         )
+
+
+def bootstrap_include_problems(playbook: Playbook) -> list[Problem]:
+    """An include in a bootstrap (parsed with resolve_includes=False): the guest gets the one script, without
+    the files next to it, so the host must not read them either."""
+    from .heroscript import Problem
+
+    return [
+        Problem(
+            a.file,
+            a.line,
+            a.col,
+            "!!play.include in a bootstrap: the guest gets this one script, not the files it includes",
+            hint="includes work in playbooks; inline the file",
+        )
+        for a in playbook.actions
+        if a.fullname == "play.include"
+    ]
 
 
 def redact(text: str, secrets: Mapping[str, str] | None) -> str:

@@ -302,7 +302,7 @@ def _check_inline(
     """Check an inline bootstrap against the guest's actions, reporting at the playbook's lines (a secret's
     value shown as `[secret NAME]`)."""
     from .guest.registry import guest_registry
-    from .manager import redact
+    from .manager import bootstrap_include_problems, redact
 
     action = call.action
     line0, _ = action.params.position("bootstrap")
@@ -325,7 +325,8 @@ def _check_inline(
         return Problem(action.file, line, col, f"inline bootstrap: {p.message}", p.hint, p.severity)
 
     try:
-        problems = validate(parse(script, variables=variables or None), guest_registry())
+        bootstrap = parse(script, variables=variables or None, resolve_includes=False)
+        problems = bootstrap_include_problems(bootstrap) or validate(bootstrap, guest_registry())
     except HeroScriptError as e:
         problems = e.problems
     errors = [moved(p) for p in problems if p.is_error]

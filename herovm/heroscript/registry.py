@@ -20,13 +20,19 @@ _WHOLE_VARIABLE = re.compile(r"\$?\{([^{}]*)\}")
 
 @dataclass
 class Param:
-    """A declared parameter. `default` may be typed (1024, False) or text ("1GB")."""
+    """A declared parameter. `default` may be typed (1024, False) or text ("1GB").
+
+    `check(value)` judges a value given in the script once it is read as its type, and raises ValueError to
+    refuse it (reported at the value, as `NAME: message`); a default is not checked. `unique`: no two
+    actions of this kind in one script may give the same value (a service's name)."""
 
     name: str
     type: str = "str"
     required: bool = False
     default: Any = None
     help: str = ""
+    check: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
+    unique: bool = False
 
     def __post_init__(self) -> None:
         if self.type not in READERS:
@@ -227,7 +233,45 @@ def _typed_values(action: Action, spec: ActionSpec, problems: list[Problem]) -> 
         except ValueError as exc:
             line, col = params.position(p.name)
             problems.append(Problem(action.file, line, col, f"{p.name}: {exc}"))
+            continue
+        if p.check is not None:
+            try:
+                p.check(values[p.name])
+            except ValueError as exc:
+                line, col = params.position(p.name)
+                hint = (
+                    "a variable given no value stays as written: give it one (herovm up --var NAME=VALUE)"
+                    if "${" in str(values[p.name])
+                    else None
+                )
+                problems.append(Problem(action.file, line, col, f"{p.name}: {exc}", hint=hint))
     return values
+
+
+def _unique_problems(checked: list[tuple[Action, ActionSpec, dict[str, Any]]]) -> list[Problem]:
+    """A value of a `unique` parameter given again by a later action of the same kind."""
+    problems: list[Problem] = []
+    seen: dict[tuple[str, str, Any], Action] = {}
+    for action, spec, values in checked:
+        for p in spec.params:
+            if not p.unique or p.name not in action.params or values.get(p.name) in (None, ""):
+                continue
+            first = seen.setdefault((spec.fullname, p.name, str(values[p.name])), action)
+            if first is not action:
+                line, col = action.params.position(p.name)
+                where = "{}:{}".format(*first.params.position(p.name))
+                if first.file != action.file:
+                    where = f"{first.file}:{where}"
+                problems.append(
+                    Problem(
+                        action.file,
+                        line,
+                        col,
+                        f"{spec.fullname}: {p.name} {values[p.name]!r} is already given at {where}",
+                        hint=f"each !!{spec.fullname} needs its own {p.name}",
+                    )
+                )
+    return problems
 
 
 def _check_action(action: Action, registry: Registry, problems: list[Problem]) -> dict[str, Any] | None:
@@ -286,8 +330,13 @@ def _check_action(action: Action, registry: Registry, problems: list[Problem]) -
 def validate(playbook: Playbook, registry: Registry) -> list[Problem]:
     """Every problem of every action (errors and warnings), in file order; nothing is run."""
     problems: list[Problem] = []
+    checked: list[tuple[Action, ActionSpec, dict[str, Any]]] = []
     for action in playbook.actions:
-        _check_action(action, registry, problems)
+        values = _check_action(action, registry, problems)
+        spec = registry.get(action.fullname)
+        if values is not None and spec is not None:
+            checked.append((action, spec, values))
+    problems.extend(_unique_problems(checked))
     problems.extend(repeated_key_warnings(playbook))
     problems.sort(key=lambda p: (p.file, p.line, p.col))
     return problems
@@ -311,6 +360,7 @@ def run(
         spec = registry.get(action.fullname)
         if values is not None and spec is not None:
             prepared.append((action, spec, values))
+    problems.extend(_unique_problems(prepared))
     errors = sorted((p for p in problems if p.is_error), key=lambda p: (p.file, p.line, p.col))
     if errors:
         raise HeroScriptError.from_problems(errors)

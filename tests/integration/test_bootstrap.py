@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -122,4 +123,30 @@ def test_pkg_install_from_the_image_apt_cache(vm_factory, unique_name):
     r = vm.exec(["sh", "-c", "dpkg-query -W -f='${Status}' tree; echo; tree -L 1 /srv | head -1"])
     assert r.exit_code == 0, r
     assert r.stdout.decode().splitlines() == ["install ok installed", "/srv"]
+    vm.close()
+
+
+def test_modes_are_kept_and_services_are_recorded_in_a_real_guest(vm_factory, unique_name):
+    """The agent as PID 1 of a real guest: a file or directory written without `mode` keeps the mode it had,
+    a service that exits at once is recorded as exited (never left "running" with a dead pid), and one that
+    keeps failing backs off (the VM's `down` then stops it, during its backoff or not)."""
+    script = (
+        "!!file.write path:/srv/keys mode:0600 content:'ssh-ed25519 AAAA one<BR>'\n"
+        "!!file.write path:/srv/keys append:true content:'ssh-ed25519 AAAA two<BR>'\n"
+        "!!dir.create path:/tmp\n"
+        "!!service.start name:quick cmd:'exit 3' restart:never\n"
+        "!!service.start name:flapping cmd:'exit 1' restart:always\n"
+    )
+    vm = vm_factory(unique_name("keep"), bootstrap=script)
+    r = vm.exec(["sh", "-c", "stat -c %a /srv/keys /tmp; wc -l < /srv/keys"])
+    assert r.exit_code == 0 and r.stdout.decode().split() == ["600", "1777", "2"], r
+    deadline = time.monotonic() + 10
+    while True:
+        status = json.loads(vm.exec(["cat", "/run/herovm/status.json"]).stdout)
+        services = status["services"]
+        if services["quick"]["state"] == "exited" and services["flapping"]["restarts"] >= 2:
+            break
+        assert time.monotonic() < deadline, services
+        time.sleep(0.2)
+    assert (services["quick"]["pid"], services["quick"]["last_exit"]) == (None, 3)
     vm.close()

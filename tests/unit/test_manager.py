@@ -166,6 +166,57 @@ def test_up_rejects_an_unknown_parameter(manager: Manager, backend, no_image) ->
     assert_nothing_left(backend, name)
 
 
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("!!file.write path:/root/.ssh/authorized_keys mode:600x", "setup.hero:3:46: mode: '600x' is not"),
+        ("!!file.write path:/srv/x owner:'web admin'", "setup.hero:3:26: owner: 'web admin' is not a"),
+        ("!!dir.create path:srv/app", "setup.hero:3:14: path: 'srv/app' must be absolute"),
+        ("!!service.start name:web cmd:true restart:allways", "setup.hero:3:35: restart: 'allways' is not a"),
+        ("!!system.hostname name:web.example", "setup.hero:3:19: name: 'web.example' is not a hostname"),
+        ("!!service.start name:api cmd:false", "setup.hero:3:17: service.start: name 'api' is already given"),
+    ],
+)  # fmt: skip
+def test_up_refuses_a_value_of_the_wrong_form_before_any_vm_exists(
+    manager: Manager, backend, no_image, tmp_path: Path, line: str, error: str
+) -> None:
+    """What would fail only when the action runs in the guest, after the actions above it ran, is refused on
+    the host at FILE:LINE:COL, with nothing made."""
+    script = tmp_path / "setup.hero"
+    script.write_text(
+        f"!!service.start name:api cmd:'sleep 1'\n!!file.write path:/etc/motd content:hi\n{line}\n"
+    )
+    name = unique()
+    with pytest.raises(InvalidInput) as info:
+        manager.up(name, bootstrap=str(script))
+    assert info.value.message.startswith("bootstrap is invalid:\n" + error), info.value.message
+    assert no_image == []
+    assert_nothing_left(backend, name)
+
+
+def test_up_refuses_an_include_in_a_bootstrap(
+    manager: Manager, backend, no_image, tmp_path: Path, monkeypatch
+) -> None:
+    """A bootstrap goes to the guest as one script: an include is refused on the host, in one line, without
+    reading the file it names (here one that exists in the current directory)."""
+    (tmp_path / "setup.hero").write_text("!!cmd.run cmd:true\n\n   !!play.include path:more.hero\n")
+    (tmp_path / "more.hero").write_text("!!cmd.run cmd:true\n")
+    monkeypatch.chdir(tmp_path)
+    name = unique()
+    with pytest.raises(InvalidInput) as info:
+        manager.up(name, bootstrap=str(tmp_path / "setup.hero"))
+    why = "!!play.include in a bootstrap: the guest gets this one script, not the files it includes"
+    assert (info.value.message, info.value.hint) == (
+        f"setup.hero:3:4: {why}",
+        "includes work in playbooks; inline the file",
+    )
+    assert no_image == []
+    assert_nothing_left(backend, name)
+    with pytest.raises(InvalidInput) as info:  # inline too, and a variable in its path changes nothing
+        load_bootstrap("!!play.include path:${F}\n", variables={"F": "more.hero"})
+    assert info.value.message == f"bootstrap.hero:1:1: {why}"
+
+
 def test_up_rejects_a_url_without_sha256(manager: Manager, backend, no_image) -> None:
     name = unique()
     with pytest.raises(InvalidInput, match="needs --bootstrap-sha256") as info:

@@ -177,6 +177,30 @@ def test_inline_bootstrap_errors_point_into_the_playbook(tmp_path: Path) -> None
     assert problems_of("!!vm.create name:a bootstrap:'!!cmd.run cmd:true'\n", tmp_path) == []
 
 
+def test_an_include_in_a_bootstrap_is_refused_where_it_is_written(tmp_path: Path, monkeypatch) -> None:
+    """Includes are for playbooks: a bootstrap (a file, or inline in a playbook) that includes a file is
+    refused, and the file it names is never read, even where one of that name exists."""
+    (tmp_path / "more.hero").write_text("!!cmd.run cmd:true\n")
+    (tmp_path / "setup.hero").write_text("!!cmd.run cmd:true\n!!play.include path:more.hero\n")
+    monkeypatch.chdir(tmp_path)
+    why = "!!play.include in a bootstrap: the guest gets this one script, not the files it includes"
+    inline = (
+        "!!vm.create name:a bootstrap:'''\n"
+        "    !!cmd.run cmd:true\n"
+        "    !!play.include path:more.hero\n"
+        "    '''\n"
+    )
+    assert problems_of(inline, tmp_path) == [f"play.hero:3:5: inline bootstrap: {why}"]
+    with pytest.raises(HeroScriptError) as e:
+        run_playbook(tmp_path / "play.hero", manager=Boom())
+    assert e.value.problems[0].hint == "includes work in playbooks; inline the file"
+    got = problems_of("!!vm.create name:a bootstrap:setup.hero\n", tmp_path)
+    assert got == [f"play.hero:1:20: vm.create: setup.hero:2:1: {why}"]
+    # a playbook itself still includes files
+    (tmp_path / "main.hero").write_text("!!play.include path:play.hero\n")
+    assert [a.fullname for a in load_playbook(tmp_path / "main.hero")] == ["vm.create"]
+
+
 def test_bootstrap_sha256_is_checked(tmp_path: Path) -> None:
     got = problems_of(
         "!!vm.create name:a bootstrap:'!!cmd.run cmd:true' bootstrap_sha256:" + "0" * 64, tmp_path

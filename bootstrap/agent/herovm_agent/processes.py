@@ -68,6 +68,21 @@ class Processes:
             self._have_children.notify()
         return proc
 
+    def signal_group(self, proc: subprocess.Popen, sig: int) -> bool:
+        """Send `sig` to the process group `proc` leads, if `proc` has not been reaped: under the reaper's
+        lock, so its pid cannot have been reaped and given to another process meanwhile."""
+        if not self._started:
+            return False
+        with self._lock:
+            owner = self._owned.get(proc.pid)
+            if owner is None or owner[0] is not proc:
+                return False
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return False
+            return True
+
     def wait(self, proc: subprocess.Popen, timeout: float | None = None) -> int | None:
         """The child's return code once the reaper has it (None on timeout)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -122,13 +137,22 @@ class Service:
         self.restart = restart  # always | on-failure | never
         self.state = "starting"
         self.pid: int | None = None
+        self.proc: subprocess.Popen | None = None  # the running process, until it is reaped
+        self.timer = None  # the pending restart (a threading.Timer) while it backs off
         self.restarts = 0
         self.last_exit: int | None = None
         self.stopping = False
 
 
 class Services:
-    """Services started by `!!service.start`, kept running by their restart policy."""
+    """Services started by `!!service.start`, kept running by their restart policy.
+
+    One lock orders everything that changes a service: a launch records the process and says `started`
+    under it, and the exit callback (in the reaper thread) takes it too, so a service that exits at once
+    is seen exiting only after it was seen starting. Signals go through `Processes.signal_group`, which
+    signals only a process not yet reaped. Lock order: this lock, then the reaper's (never the other way:
+    the reaper calls back with its own lock released). A name is started once; `start` refuses it again.
+    """
 
     def __init__(self, processes: Processes, notify: Callable[..., None]) -> None:
         self._processes = processes
@@ -137,18 +161,31 @@ class Services:
         self._lock = _thread.allocate_lock()
 
     def start(self, service: Service) -> None:
+        """Start `service`; ValueError if a service of that name was started before."""
         with self._lock:
+            if service.name in self.services:
+                raise ValueError(
+                    f"service {service.name!r} was started before: each service needs its own name"
+                )
             self.services[service.name] = service
-        self._launch(service)
+            try:
+                self._launch(service)
+            except BaseException:
+                del self.services[service.name]  # it never ran
+                raise
 
     def _launch(self, service: Service) -> None:
+        """Start the service's process and record it; the caller holds the lock."""
         import subprocess
 
+        launched: list[
+            subprocess.Popen
+        ] = []  # filled below, before the lock that _exited waits for is let go
         log = open(f"/var/log/herovm/{service.name}.log", "ab")  # noqa: SIM115 - handed to the child
         try:
             proc = self._processes.spawn(
                 ["/bin/sh", "-c", service.cmd],
-                on_exit=lambda code: self._exited(service, code),
+                on_exit=lambda code: self._exited(service, launched, code),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -157,40 +194,66 @@ class Services:
             )
         finally:
             log.close()
-        service.pid, service.state = proc.pid, "running"
+        launched.append(proc)
+        service.proc, service.pid, service.state = proc, proc.pid, "running"
         self._notify("service", name=service.name, state="started", pid=proc.pid)
 
-    def _exited(self, service: Service, code: int) -> None:
-        service.last_exit, service.pid = code, None
-        if service.stopping or service.restart == "never" or (service.restart == "on-failure" and code == 0):
-            service.state = "stopped" if service.stopping else "exited"
-            self._notify("service", name=service.name, state=service.state, exit_code=code)
-            return
-        service.restarts += 1
-        service.state = "restarting"
-        self._notify(
-            "service", name=service.name, state="restarting", exit_code=code, restarts=service.restarts
-        )
-        delay = min(0.1 * 2 ** min(service.restarts, 6), 5.0)
-        import threading
+    def _exited(self, service: Service, launched: list[subprocess.Popen], code: int) -> None:
+        with self._lock:  # taken only once the launch of this process has recorded it
+            if not launched or service.proc is not launched[0]:
+                return
+            service.last_exit, service.pid, service.proc = code, None, None
+            policy = service.restart
+            if service.stopping or policy == "never" or (policy == "on-failure" and code == 0):
+                service.state = "stopped" if service.stopping else "exited"
+                self._notify("service", name=service.name, state=service.state, exit_code=code)
+                return
+            service.restarts += 1
+            service.state = "restarting"
+            self._notify(
+                "service", name=service.name, state="restarting", exit_code=code, restarts=service.restarts
+            )
+            delay = min(0.1 * 2 ** min(service.restarts, 6), 5.0)
+            import threading
 
-        threading.Timer(delay, self._relaunch, args=(service,)).start()
+            service.timer = threading.Timer(delay, self._relaunch, args=(service,))
+            service.timer.daemon = True
+            service.timer.start()
 
     def _relaunch(self, service: Service) -> None:
-        if not service.stopping:
-            self._launch(service)
+        with self._lock:
+            service.timer = None
+            if service.stopping or service.state != "restarting":
+                return
+            try:
+                self._launch(service)
+            except Exception as e:  # noqa: BLE001 - in a timer thread: nobody else would hear of it
+                service.state = "exited"
+                print(f"herovm-agent: cannot restart service {service.name}: {e}", flush=True)
+                self._notify("service", name=service.name, state="exited")
 
     def stop_all(self, grace: float = 5.0) -> None:
-        for s in self.services.values():
-            s.stopping = True
-            if s.pid:
-                _kill_group(s.pid, SIGTERM)
+        """Stop every service: SIGTERM to each one's process group, SIGKILL to what is left after `grace`.
+        A service waiting out its restart backoff is stopped there. Each says `stopped`."""
+        with self._lock:
+            services = list(self.services.values())
+            for s in services:
+                s.stopping = True
+                if s.timer is not None:
+                    s.timer.cancel()
+                    s.timer = None
+                if s.proc is not None:
+                    self._processes.signal_group(s.proc, SIGTERM)
+                elif s.state == "restarting":
+                    s.state = "stopped"
+                    self._notify("service", name=s.name, state="stopped")
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(s.pid for s in self.services.values()):
+        while time.monotonic() < deadline and any(s.proc is not None for s in services):
             time.sleep(0.05)
-        for s in self.services.values():
-            if s.pid:
-                _kill_group(s.pid, SIGKILL)
+        with self._lock:
+            for s in services:
+                if s.proc is not None:
+                    self._processes.signal_group(s.proc, SIGKILL)
 
     def snapshot(self) -> dict[str, dict]:
         return {
@@ -201,12 +264,5 @@ class Services:
                 "last_exit": s.last_exit,
                 "restart": s.restart,
             }
-            for s in self.services.values()
+            for s in list(self.services.values())
         }
-
-
-def _kill_group(pid: int, sig: int) -> None:
-    import contextlib  # not at the top: this module is imported at boot, and contextlib is a cost there
-
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig)
