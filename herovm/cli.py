@@ -370,7 +370,7 @@ def status(name: str, json_out: JsonOpt = False) -> None:
     if json_out:
         _print_json(st)
         return
-    from .protocol import printable  # what the guest wrote is shown, never obeyed by the terminal
+    from .protocol_host import printable  # what the guest wrote is shown, never obeyed by the terminal
 
     s = st["settings"] or {}
     typer.echo(f"{st['name']}: {st['state']}, agent {st['agent']}")
@@ -410,7 +410,7 @@ def logs(
     shown marked "ignored": a process in the guest can write anything to the console."""
     from . import state
     from .guest.events import follow_console, read_console
-    from .protocol import Story, console_event, describe_event, printable
+    from .protocol_host import Story, console_event, describe_event, printable
 
     try:
         with _manager() as m:

@@ -16,6 +16,7 @@ import json
 import os
 import py_compile
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +30,7 @@ from . import resources, state
 from .errors import ImageError, InvalidInput, NotFound
 from .heroscript import parse_size
 from .progress import Progress, Reporter, silent
+from .protocol import CONSOLE_PREFIX, Kind, Stage
 
 
 def _agent_version() -> str:
@@ -102,6 +104,7 @@ def _guest_sources() -> list[Path]:
     """Every host file that ends up in the image besides Debian's packages."""
     files = [p for p in resources.AGENT.rglob("*") if p.is_file()]
     files += [p for p in resources.HEROSCRIPT.rglob("*.py")]
+    files.append(resources.PROTOCOL)
     files += [p for p in resources.INITRAMFS.iterdir() if p.is_file()]
     return [p for p in files if "__pycache__" not in p.parts]
 
@@ -405,25 +408,39 @@ def file_sha256(path: Path) -> str:
 
 
 def _install_agent(root: Path) -> None:
-    """Copy the agent and herovm.heroscript into the guest, precompiled (a fresh overlay would otherwise
-    pay for compiling them at every first boot)."""
+    """Copy the agent into the guest, with what it imports of herovm (install_guest_python)."""
     dest = root / "usr/lib/herovm"
-    pkg = dest / "python"
-    shutil.copytree(
-        resources.AGENT / "herovm_agent", pkg / "herovm_agent", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    shutil.copytree(
-        resources.HEROSCRIPT, pkg / "herovm/heroscript", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    (pkg / "herovm/__init__.py").write_text('"""The guest side of herovm: only heroscript lives here."""\n')
+    install_guest_python(dest / "python")
     shutil.copy2(resources.AGENT / "agent.py", dest / "agent.py")
+    sshd_conf = root / "etc/ssh/sshd_config.d/herovm.conf"
+    sshd_conf.write_text((resources.AGENT / "sshd_config").read_text())
+    os.chmod(sshd_conf, 0o644)
+
+
+def install_guest_python(pkg: Path) -> None:
+    """The agent's Python packages under `pkg`, as the guest has them on its path: herovm_agent, and of
+    herovm only the contract (protocol.py) and herovm.heroscript, beside a stub __init__ that imports nothing.
+    Precompiled: a fresh overlay would otherwise pay for compiling them at every first boot."""
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(resources.AGENT / "herovm_agent", pkg / "herovm_agent", ignore=ignore)
+    shutil.copytree(resources.HEROSCRIPT, pkg / "herovm/heroscript", ignore=ignore)
+    shutil.copy2(resources.PROTOCOL, pkg / "herovm/protocol.py")
+    (pkg / "herovm/__init__.py").write_text(
+        '"""The guest side of herovm: the host-guest contract (protocol.py) and heroscript."""\n'
+    )
     for py in pkg.rglob("*.py"):
         py_compile.compile(
             str(py), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH
         )
-    sshd_conf = root / "etc/ssh/sshd_config.d/herovm.conf"
-    sshd_conf.write_text((resources.AGENT / "sshd_config").read_text())
-    os.chmod(sshd_conf, 0o644)
+
+
+def initramfs_protocol() -> bytes:
+    """/protocol.sh of the initramfs, which bootstrap/initramfs/init sources: the start of the `failed` event
+    it writes on the console when it cannot hand over to the agent (everything up to the error's string),
+    made here from herovm.protocol so that the shell script does not write the contract a second time."""
+    failed = {"event": Kind.FAILED, "seq": 0, "t": 0, "stage": Stage.INITRAMFS, "error": ""}
+    start = CONSOLE_PREFIX + json.dumps(failed)[: -len('""}')]  # init adds "ERROR"}
+    return f"# made by herovm/images.py from herovm/protocol.py\nfailed_line={shlex.quote(start)}\n".encode()
 
 
 INITRAMFS_APPLETS = ("cat", "insmod", "mkdir", "mount", "usleep")  # what bootstrap/initramfs/init runs
@@ -444,6 +461,7 @@ def _build_initramfs(root: Path, kernel_version: str, out: Path) -> None:
         ("modules", 0o40755, b""),
         ("newroot", 0o40755, b""),
         ("init", 0o100755, (resources.INITRAMFS / "init").read_bytes()),
+        ("protocol.sh", 0o100644, initramfs_protocol()),
         ("modules.order", 0o100644, "\n".join(order).encode() + b"\n"),
         ("bin/busybox", 0o100755, (root / "usr/bin/busybox").read_bytes()),
     ]

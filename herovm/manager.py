@@ -28,12 +28,22 @@ from . import state
 from .backends import Backend, Machine, MachineSpec, get_backend
 from .backends.base import GUEST_NET, NET_MODES
 from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, InvalidInput, NotFound
-from .guest import vsock
 from .guest.agent_exec import AgentExec
 from .guest.events import AgentChannel, console_events, console_story, console_tail
 from .guest.execution import ExecResult, open_tcp
 from .progress import Progress, Reporter, silent, still_waiting
-from .protocol import TERMINAL, Story, describe_event, printable
+from .protocol import (
+    AGENT_VSOCK_PORT,
+    BOOTSTRAP_LIMIT,
+    BOOTSTRAP_NAME,
+    FETCH_TIMEOUT_S,
+    SSH_PORT,
+    TERMINAL,
+    Command,
+    Kind,
+    Stage,
+)
+from .protocol_host import Story, describe_event, printable
 
 if TYPE_CHECKING:
     from .guest.ssh import GuestConnection
@@ -44,7 +54,6 @@ if TYPE_CHECKING:
 # process translate its code (ld.so, libc) afresh: exec of /usr/bin/true 23 ms with it, 4 ms without;
 # bash -c true 53 ms vs 10 ms. Guests under KVM keep ASLR. docs/benchmarks.md: how to turn it back on.
 TCG_KERNEL_ARGS = "norandmaps"
-BOOTSTRAP_LIMIT = 1 << 20
 SECRETS_FILE = "vars.json"  # in the VM's secrets/ (0700; the file 0600): `--secret` values, nowhere else
 
 
@@ -52,7 +61,7 @@ SECRETS_FILE = "vars.json"  # in the VM's secrets/ (0700; the file 0600): `--sec
 class Bootstrap:
     """A bootstrap as the guest will get it: inline text, or a URL pinned by sha256."""
 
-    name: str = "bootstrap.hero"
+    name: str = BOOTSTRAP_NAME
     script: str | None = None
     url: str | None = None
     sha256: str | None = None
@@ -91,7 +100,7 @@ def load_bootstrap(
                 hint="compute it with `sha256sum FILE`; herovm never runs unpinned content",
             )
         return Bootstrap(
-            name=Path(urllib.parse.urlparse(text).path).name or "bootstrap.hero",
+            name=Path(urllib.parse.urlparse(text).path).name or BOOTSTRAP_NAME,
             url=text,
             sha256=sha256.lower(),
         )
@@ -362,7 +371,7 @@ class VM:
             )
         if connect is None:
             return self.ssh_port, None
-        return vsock.SSH_PORT, lambda timeout: connect(vsock.SSH_PORT, time.monotonic() + timeout)
+        return SSH_PORT, lambda timeout: connect(SSH_PORT, time.monotonic() + timeout)
 
     def connection(self, deadline_s: float = 30.0) -> GuestConnection:
         if self._conn is None or not self._conn.connected:
@@ -450,7 +459,7 @@ class Manager:
             backend = get_backend(backend, **({"uri": uri} if uri else {}))
         self.backend = backend
         self.progress = progress
-        self.fetch_timeout = 30.0  # seconds the guest waits for a bootstrap URL to answer
+        self.fetch_timeout = FETCH_TIMEOUT_S  # seconds the guest waits for a bootstrap URL to answer
 
     def close(self) -> None:
         self.backend.close()
@@ -598,7 +607,7 @@ class Manager:
                 self._remove(name)
                 raise
             except BootFailed as e:
-                if not keep_failed and e.details.get("stage") != "action":
+                if not keep_failed and e.details.get("stage") != Stage.ACTION:
                     self.progress(Progress("up", f"removing {name}: nothing to inspect"))
                     self._remove(name)
                     e.hint = "see the console lines above; `herovm up --keep-failed` keeps such a VM"
@@ -729,7 +738,7 @@ class Manager:
                 "ssh": {
                     "host_key": vmdir.host_key.read_text(),
                     "authorized_keys": [meta["client_key"]],
-                    "port": 22,
+                    "port": SSH_PORT,
                     "exec_token": vmdir.exec_token.read_text() if vmdir.exec_token.exists() else None,
                 },
                 "bootstrap": local.get("bootstrap_entry"),
@@ -777,17 +786,17 @@ class Manager:
         self.backend.set_metadata(name, meta)
         if report.outcome == "ready":
             return meta
-        failed = next((e for e in reversed(report.events) if e["event"] == "failed"), {})
+        failed = next((e for e in reversed(report.events) if e["event"] == Kind.FAILED), {})
 
         def said(key: str) -> str:  # what the guest said, safe to print
             return printable(failed.get(key), one_line=True)
 
-        if failed.get("stage") == "action":
+        if failed.get("stage") == Stage.ACTION:
             raise BootFailed(
                 f"bootstrap of {name} failed at {said('file')}:{failed.get('line')} "
                 f"({said('action')}): {said('error')}",
                 hint=f"the VM is kept for inspection: `herovm ssh {name}`, then `herovm down {name}`",
-                stage="action",
+                stage=Stage.ACTION,
                 action=failed.get("action"),
                 line=failed.get("line"),
                 output=failed.get("output", ""),
@@ -816,7 +825,7 @@ class Manager:
             if story.begun:  # the agent speaks: what the console says now is no longer the initramfs
                 return
             for event in console_events(vmdir.console_log, offset=console_start):
-                if event["event"] == "failed" and event.get("stage") == "initramfs":
+                if event["event"] == Kind.FAILED and event.get("stage") == Stage.INITRAMFS:
                     report.events.append(event)
                     raise _EarlyFailure
 
@@ -858,7 +867,7 @@ class Manager:
 
     def _agent_channel(self, vmdir: state.VMDir, deadline: float) -> AgentChannel:
         connect = self.guest_connector(vmdir.name)
-        sock = connect(vsock.AGENT_PORT, deadline) if connect is not None else None
+        sock = connect(AGENT_VSOCK_PORT, deadline) if connect is not None else None
         return AgentChannel(vmdir.agent_socket, deadline, sock=sock)
 
     def _fail_unanswered(self, name: str, vmdir: state.VMDir, why: str) -> None:
@@ -909,7 +918,7 @@ class Manager:
             deadline = time.monotonic() + timeout
             try:
                 channel = self._agent_channel(vmdir, time.monotonic() + 2)
-                channel.send({"op": "poweroff"})
+                channel.send({"op": Command.POWEROFF})
                 channel.close()
                 while time.monotonic() < deadline:
                     m = self.backend.get(name)

@@ -1,42 +1,67 @@
-"""The host's side of the host-guest contract (bootstrap/PROTOCOL.md), as one schema. Standard library only.
+"""The host-guest contract (bootstrap/PROTOCOL.md) in one module, imported by both sides: by the host as
+`herovm.protocol`, and by the guest agent as the same file, which herovm/images.py copies into the image
+beside `herovm.heroscript`. Every constant of the wire is written here once: the channel's names and ports,
+the config drive (its label, file, version and document shape, with the check both sides run), the event
+vocabulary and each event's fields, the exec framing and its handshake, the limits and the exec base
+environment. tests/unit/test_protocol_doc.py holds PROTOCOL.md's tables equal to what is written here.
 
-Everything the guest writes is hostile input to the host: any process in the guest can write to the serial
-console, where the agent's events are mirrored as `@herovm {json}` lines, and the agent itself runs code the
-bootstrap chose. So every event the host reads, from the agent channel or from the console log, goes through
-`decode_event`, and nothing else parses event JSON:
+Why it imports nothing (but `__future__`, for its annotations). The agent imports this module on its boot
+path, before `ready`, where it loads only C modules (tests/unit/test_agent_boot_path.py): `json` imports
+`re`; `enum`, `dataclasses`, `typing`, `functools` and `collections` pull in each other; together they cost
+0.35 s at boot under TCG, more than Python's own start-up (docs/architecture.md, "Boot path"). So the
+vocabularies here are plain classes of string constants (`Stage.ACTION`, and `Stage.ALL` for the whole
+set), not `enum.StrEnum`; the config drive's objects are small classes described by a table of keys, not
+dataclasses; each side parses JSON with its own parser (the agent's C-only `jsonio`, the host's `json`) and
+gives this module the decoded value; and the exec handshake's HMAC runs on the interpreter's built-in
+SHA-256, imported at its first use, since `hashlib` loads OpenSSL's libcrypto first (~50 ms of the first
+exec at boot). Importing this module costs ~0.5 ms natively, about as much as the agent's system.py.
 
-- a line is at most `MAX_LINE` bytes, nests at most `MAX_DEPTH` deep and holds at most `MAX_CONTAINERS`
-  objects and arrays, checked before the JSON parser sees it;
-- its `event` is one of `Kind`, and every field `SCHEMA` names for that kind has its type (required fields
-  are there); fields the schema does not name are dropped, so nothing the host shows or decides on is
-  unchecked; lone surrogates in strings become U+FFFD (they could not be printed);
-- anything else is None: ignored, never an exception.
-
-Which events count is `Story`'s business: the events of the boot with this boot's nonce, from its `boot` event
-to its first `ready` or `failed`. Afterwards only `service`, `status` and `shutdown` are news; anything else
-(a second `boot`, a late `failed`) is something a guest process wrote, and changes nothing.
-
-`describe_event` and `printable` render events for a terminal: guest strings never carry control characters
-(escape sequences) to the user's terminal.
+What only the host needs is herovm/protocol_host.py, which never goes into the image: the decoder that reads
+guest-written lines as hostile input (it needs `json` and `re`), the story of one boot, and rendering events
+for a terminal.
 """
 
 from __future__ import annotations
 
-import enum
-import json
-import math
-import re
-from dataclasses import dataclass, field
+TYPE_CHECKING = False  # typing is a cost at boot
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
+
+class _Closed:
+    """A closed vocabulary: the upper-case class attributes of a subclass, all of them in `ALL`, in order.
+    A plain class (not an enum, see above): its members are the strings that go over the wire."""
+
+    ALL: ClassVar[tuple[Any, ...]] = ()
+
+    def __init_subclass__(cls) -> None:
+        members = (v for k, v in vars(cls).items() if k.isupper() and k != "ALL")
+        cls.ALL = tuple(dict.fromkeys(members))  # PING and PONG are one frame kind: listed once
+
+
+# ------------------------------------------------------------------------------------------------ transport
+
+# The event channel: a virtio-serial port of this name (a unix socket on the host), or, where there is none
+# (Cloud Hypervisor), this AF_VSOCK port.
+AGENT_PORT_NAME = "org.herovm.agent.0"
+AGENT_VSOCK_PORT = 1024
+SSH_PORT = 22  # the guest's SSH port (the agent hands it to `sshd -i`) and exec port; on vsock too
 CONSOLE_PREFIX = "@herovm "  # a console line mirroring an event: this, then the event's JSON
 
-MAX_LINE = 256 << 10  # bytes in one event line; the agent's largest (an action's 4 KiB output tail) fit 5x
-MAX_DEPTH = 16  # nesting of objects and arrays; the agent's deepest (a `status` answer) nests 4
-MAX_CONTAINERS = 4096  # objects and arrays in one line
+
+class Command(_Closed):
+    """A host command's `op` (host to guest, one JSON object a line on the channel)."""
+
+    HELLO = "hello"  # replay this boot's events, then stream
+    STATUS = "status"  # answer with a `status` event
+    POWEROFF = "poweroff"
 
 
-class Kind(enum.StrEnum):
-    """Every event the agent sends (bootstrap/PROTOCOL.md, "Events")."""
+# ------------------------------------------------------------------------------------------------- events
+
+
+class Kind(_Closed):
+    """Every event the agent sends (its `event` field)."""
 
     BOOT = "boot"
     SETUP = "setup"
@@ -50,12 +75,52 @@ class Kind(enum.StrEnum):
     SHUTDOWN = "shutdown"
 
 
-TERMINAL = frozenset({Kind.READY, Kind.FAILED})  # a boot ends in exactly one of these
-AFTER_END = frozenset({Kind.SERVICE, Kind.STATUS, Kind.SHUTDOWN})  # what a boot still says after its end
+# A boot ends in exactly one of these: the first one the boot sends decides it, and nothing after it does.
+TERMINAL = frozenset((Kind.READY, Kind.FAILED))
+AFTER_END = frozenset((Kind.SERVICE, Kind.STATUS, Kind.SHUTDOWN))  # what a boot still says after its end
 
 
-class Type(enum.Enum):
-    """A field's JSON type, as the host accepts it."""
+class Step(_Closed):
+    """A `setup` event's `step`: the machine set-up the agent does before the bootstrap, in this order."""
+
+    DISK = "disk"  # the root file system grown to fill its disk, when the disk is larger
+    NETWORK = "network"
+    HOSTNAME = "hostname"
+    SSH = "ssh"
+
+
+class Source(_Closed):
+    """A `bootstrap` event's `source`: where the bootstrap came from."""
+
+    DRIVE = "drive"  # inline on the config drive
+    URL = "url"  # fetched, and its pinned sha256 checked
+    NONE = "none"  # there was none
+    DONE = "done"  # this disk ran it already: only env.set, service.start and system.hostname run again
+
+
+class Stage(_Closed):
+    """A `failed` event's `stage`: where the boot failed."""
+
+    INITRAMFS = "initramfs"  # written by bootstrap/initramfs/init itself, on the console only
+    DRIVE = "drive"  # the config drive is missing or not a valid config
+    SETUP = "setup"  # one of the `Step`s
+    FETCH = "fetch"
+    VALIDATE = "validate"
+    ACTION = "action"  # a bootstrap action failed: the only stage after which actions have run
+    AGENT = "agent"  # the agent itself failed
+
+
+class ServiceState(_Closed):
+    """A `service` event's `state`."""
+
+    STARTED = "started"
+    EXITED = "exited"
+    RESTARTING = "restarting"
+    STOPPED = "stopped"
+
+
+class Type(_Closed):
+    """A field's JSON type."""
 
     STR = "string"
     INT = "integer"
@@ -66,40 +131,49 @@ class Type(enum.Enum):
     NULL = "null"
 
 
-@dataclass(frozen=True)
 class Field:
-    name: str
-    types: tuple[Type, ...]
-    required: bool = False
+    """One field of an event: its name, the JSON types it may have, whether the event is valid without it,
+    and, for a closed vocabulary, the values the agent sends."""
+
+    __slots__ = ("name", "required", "types", "values")
+
+    def __init__(self, name: str, types: tuple[str, ...], required: bool, values: tuple[str, ...]) -> None:
+        self.name, self.types, self.required, self.values = name, types, required, values
+
+    def __repr__(self) -> str:
+        return f"Field({self.name!r}, {self.types!r}, required={self.required})"
 
 
-def _req(name: str, *types: Type) -> Field:
-    return Field(name, types, required=True)
+def _req(name: str, *types: str, values: tuple[str, ...] = ()) -> Field:
+    return Field(name, types, True, values)
 
 
-def _opt(name: str, *types: Type) -> Field:
-    return Field(name, types)
+def _opt(name: str, *types: str) -> Field:
+    return Field(name, types, False, ())
 
 
-STR, INT, COUNT, NUM, BOOL, OBJ, NULL = (
-    Type.STR,
-    Type.INT,
-    Type.COUNT,
-    Type.NUMBER,
-    Type.BOOL,
-    Type.OBJECT,
-    Type.NULL,
-)
+STR, INT, COUNT, NUM = Type.STR, Type.INT, Type.COUNT, Type.NUMBER
+BOOL, OBJ, NULL = Type.BOOL, Type.OBJECT, Type.NULL
 
-# Every event has these (the initramfs's own `failed` line too).
-COMMON: tuple[Field, ...] = (_req("event", STR), _req("seq", COUNT), _req("t", NUM))
+# Every event has these (the initramfs's own `failed` line too): `seq` counts a boot's events from 0, `t` is
+# the guest's uptime in seconds.
+COMMON = (_req("event", STR), _req("seq", COUNT), _req("t", NUM))
 
-# Per kind, what the agent sends (bootstrap/agent/herovm_agent/main.py, processes.py). Required: what the host
-# decides on or shows; optional fields are checked when they are there.
-SCHEMA: dict[Kind, tuple[Field, ...]] = {
+# Per kind, what the agent sends besides COMMON. Required: what the host decides on or shows; the agent sends
+# the optional ones too wherever it has them.
+SCHEMA: dict[str, tuple[Field, ...]] = {
     Kind.BOOT: (_req("nonce", STR, NULL), _opt("agent", STR), _opt("kernel", STR), _opt("pid", INT)),
-    Kind.SETUP: (_req("step", STR), _req("ok", BOOL), _opt("seconds", NUM), _opt("error", STR)),
-    Kind.BOOTSTRAP: (_req("source", STR), _req("actions", COUNT), _opt("sha256", STR, NULL)),
+    Kind.SETUP: (
+        _req("step", STR, values=Step.ALL),
+        _req("ok", BOOL),
+        _opt("seconds", NUM),
+        _opt("error", STR),
+    ),
+    Kind.BOOTSTRAP: (
+        _req("source", STR, values=Source.ALL),
+        _req("actions", COUNT),
+        _opt("sha256", STR, NULL),
+    ),
     Kind.ACTION_START: (_req("index", COUNT), _req("action", STR), _req("line", INT), _opt("file", STR)),
     Kind.ACTION_END: (
         _req("index", COUNT),
@@ -113,7 +187,7 @@ SCHEMA: dict[Kind, tuple[Field, ...]] = {
     ),
     Kind.READY: (_opt("actions", COUNT), _opt("seconds", NUM)),
     Kind.FAILED: (
-        _req("stage", STR),
+        _req("stage", STR, values=Stage.ALL),
         _req("error", STR),
         _opt("action", STR),
         _opt("line", INT),
@@ -123,7 +197,7 @@ SCHEMA: dict[Kind, tuple[Field, ...]] = {
     ),
     Kind.SERVICE: (
         _req("name", STR),
-        _req("state", STR),
+        _req("state", STR, values=ServiceState.ALL),
         _opt("pid", INT),
         _opt("exit_code", INT),
         _opt("restarts", COUNT),
@@ -132,212 +206,304 @@ SCHEMA: dict[Kind, tuple[Field, ...]] = {
     Kind.SHUTDOWN: (_req("reason", STR),),
 }
 
+OUTPUT_TAIL = 4096  # the last characters of an action's output that an event carries
 
-# ------------------------------------------------------------------------------------------------ decoding
+# ------------------------------------------------------------------------------------------- config drive
+
+DRIVE_LABEL = "HEROVM"  # the ISO9660 volume identifier the agent looks for
+DRIVE_FILE = "config.json"  # in the root directory, by this name (Rock Ridge, Joliet)
+DRIVE_FILE_ISO9660 = "CONFIG.JSON;1"  # and by this ISO9660 name, which the agent reads in place
+DRIVE_VERSION = 1  # config.json's `v`
+DRIVE_MAX_BYTES = 4 << 20  # the most of config.json the agent reads
+BOOTSTRAP_LIMIT = 1 << 20  # bytes of a bootstrap, inline or fetched
+FETCH_TIMEOUT_S = 30.0  # how long the guest waits for a bootstrap URL to answer
+BOOTSTRAP_NAME = "bootstrap.hero"  # a bootstrap's name when it has none (errors say FILE:LINE)
 
 
-def decode_event(line: bytes | str) -> dict | None:
-    """The event one line holds, checked against the schema; None for anything else (never raises)."""
-    if len(line) > MAX_LINE:  # str: characters, each at least one byte of the line
-        return None
-    if isinstance(line, bytes | bytearray):
+class Key:
+    """One key of a config-drive object: its type (str, int, float for any finite number, list for a list
+    of strings, dict for an object of strings, or a Record), whether it must be there, its default, and a
+    further check with what it asks for ("an integer from 68 to 65535")."""
+
+    __slots__ = ("check", "default", "kind", "name", "required")
+
+    def __init__(
+        self, name: str, kind: Any, *, required: bool = False, default: Any = None, check: Any = None
+    ) -> None:
+        self.name, self.kind, self.required, self.default, self.check = name, kind, required, default, check
+
+    def take(self, value: object, where: str) -> Any:
+        """`value`, decoded JSON, as this key's value; ValueError naming the key where it is wrong."""
+        kind = self.kind
+        if isinstance(kind, type) and issubclass(kind, Record):
+            return kind.from_json(value, where + self.name + ".")
+        if kind is str:
+            ok, what = isinstance(value, str), "a string"
+        elif kind is list:
+            ok, what = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+        elif kind is dict:
+            ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+            what = "an object of strings"  # JSON keys are strings already
+        elif isinstance(value, bool):  # JSON's true is no number
+            ok, what = False, "an integer" if kind is int else "a number"
+        elif kind is int:
+            ok, what = isinstance(value, int), "an integer"
+        else:
+            ok, what = isinstance(value, int | float) and value - value == 0, "a number"  # finite
+        if ok and self.check is not None:
+            ok, what = self.check[0](value), self.check[1]
+        if not ok:
+            raise ValueError(f"config drive: {where}{self.name} must be {what}")
+        return value
+
+    def fresh_default(self) -> Any:
+        default = self.default
+        if isinstance(default, type):  # a Record: its defaults
+            return default()
+        return default.copy() if isinstance(default, list | dict) else default
+
+
+class Record:
+    """An object of the config drive as a typed value, described by KEYS. `from_json` checks a decoded
+    value whole: ValueError naming the first key that is wrong, never another exception, whatever the value.
+    A key that is not required may be absent or null (both: its default); keys not in KEYS are ignored."""
+
+    KEYS: ClassVar[tuple[Key, ...]] = ()
+
+    def __init__(self, **values: Any) -> None:
+        for key in self.KEYS:
+            setattr(self, key.name, values.pop(key.name) if key.name in values else key.fresh_default())
+        if values:
+            raise TypeError(f"{type(self).__name__} has no key {next(iter(values))!r}")
+
+    @classmethod
+    def from_json(cls, value: object, where: str = "") -> Any:
+        if not isinstance(value, dict):
+            raise ValueError(f"config drive: {where.rstrip('.') or DRIVE_FILE} must be an object")
+        values = {}
+        for key in cls.KEYS:
+            v = value.get(key.name)
+            if v is not None:
+                values[key.name] = key.take(v, where)
+            elif key.required:
+                raise ValueError(f"config drive: {where}{key.name} is missing")
+        return cls(**values)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+def _within(low: float, high: float) -> tuple[Any, str]:
+    return (lambda v: low <= v <= high), f"an integer from {low} to {high}"
+
+
+class Network(Record):
+    """The guest's static IPv4 settings (no DHCP on the boot path)."""
+
+    address: str  # with its prefix: 10.0.2.15/24
+    gateway: str
+    dns: list[str]
+    mtu: int
+    KEYS = (
+        Key("address", str, required=True),
+        Key("gateway", str, required=True),
+        Key("dns", list, default=[]),
+        Key("mtu", int, default=1500, check=_within(68, 65535)),
+    )
+
+
+class SSH(Record):
+    host_key: str  # the OpenSSH private key the host generated and pins
+    authorized_keys: list[str]
+    port: int
+    exec_token: str | None  # 64 hex: the key of the exec handshake's HMAC (below); never on the wire
+    KEYS = (
+        Key("host_key", str, required=True),
+        Key("authorized_keys", list, default=[]),
+        Key("port", int, default=SSH_PORT, check=_within(1, 65535)),
+        Key("exec_token", str),
+    )
+
+
+class BootstrapSpec(Record):
+    """Inline (`script`), or fetched from `url` and checked against its pinned `sha256`; or neither."""
+
+    script: str | None
+    url: str | None
+    sha256: str | None
+    name: str
+    KEYS = (Key("script", str), Key("url", str), Key("sha256", str), Key("name", str, default=BOOTSTRAP_NAME))
+
+
+class Limits(Record):
+    bootstrap_bytes: int
+    fetch_timeout: float
+    KEYS = (
+        Key("bootstrap_bytes", int, default=BOOTSTRAP_LIMIT, check=((lambda v: v >= 0), "an integer >= 0")),
+        Key("fetch_timeout", float, default=FETCH_TIMEOUT_S, check=((lambda v: v > 0), "a number > 0")),
+    )
+
+
+class DriveConfig(Record):
+    """config.json: what the host tells one boot. Only `nonce` changes from boot to boot; the rest is the
+    VM's (`secrets` too: the host keeps them in the VM's secrets/ and writes them on every boot)."""
+
+    name: str
+    hostname: str | None  # the hostname to set: `name` when absent
+    nonce: str | None  # random per boot, echoed in the `boot` event
+    network: Network | None  # None: no NIC
+    ssh: SSH | None
+    bootstrap: BootstrapSpec | None
+    vars: dict[str, str]  # substituted into the bootstrap's parsed values, never into its text
+    secrets: dict[str, str]  # like vars, and redacted from every event
+    limits: Limits
+    KEYS = (
+        Key("name", str, required=True),
+        Key("hostname", str),
+        Key("nonce", str),
+        Key("network", Network),
+        Key("ssh", SSH),
+        Key("bootstrap", BootstrapSpec),
+        Key("vars", dict, default={}),
+        Key("secrets", dict, default={}),
+        Key("limits", Limits, default=Limits),
+    )
+
+    @classmethod
+    def from_json(cls, value: object, where: str = "") -> DriveConfig:
+        """A decoded config.json as a DriveConfig; ValueError ("config drive: ...") for anything else."""
+        version = value.get("v") if isinstance(value, dict) else None
+        if type(version) is not int or version != DRIVE_VERSION:  # type(): JSON's true == 1
+            raise ValueError(f"config drive: {DRIVE_FILE} is not a version {DRIVE_VERSION} herovm config")
+        return super().from_json(value, where)
+
+
+# --------------------------------------------------------------------------------------------------- exec
+
+EXEC_MAGIC = b"HEROVM-EXEC/2\n"  # what a client sends first on the SSH port to be served by the agent
+
+
+class Frame(_Closed):
+    """An exec frame's kind: 1 byte, then the payload's length (4 bytes, big-endian), then the payload."""
+
+    HELLO = b"H"  # host to agent: {"nonce": "<64 hex>"}, sent with the magic
+    CHALLENGE = b"C"  # agent to host: {"challenge": "<64 hex>", "proof": "<64 hex>"}
+    AUTH = b"A"  # host to agent: {"answer": "<64 hex>"}
+    REQUEST = b"R"  # host to agent: a request (JSON)
+    STDIN = b"0"  # host to agent: stdin for the running command; empty: its end
+    KILL = b"K"  # host to agent: SIGKILL the running command's process group
+    PING = b"P"  # host to agent
+    PONG = b"P"  # agent to host
+    STDOUT = b"1"
+    STDERR = b"2"
+    EXIT = b"X"  # {"exit_code": N}
+    ERROR = b"E"  # {"error": "<one line>"}, then the agent hangs up
+
+
+FRAME_HEADER_SIZE = 5
+MAX_HANDSHAKE = 256  # HELLO and AUTH: all the agent reads before the host has proved it holds the token
+MAX_CHALLENGE = 512  # CHALLENGE: all the host reads before the agent has proved it
+MAX_REQUEST = 1 << 20
+MAX_CHUNK = 64 << 10  # STDIN, STDOUT, STDERR
+
+TO_AGENT, TO_HOST, BOTH = "host to agent", "agent to host", "both"
+# Each kind, who sends it, and its payload's limit in bytes (None: none of its own). After the handshake
+# the agent refuses any other kind, and any frame over its limit, from the header alone.
+FRAMES = (
+    (Frame.HELLO, TO_AGENT, MAX_HANDSHAKE),
+    (Frame.CHALLENGE, TO_HOST, MAX_CHALLENGE),
+    (Frame.AUTH, TO_AGENT, MAX_HANDSHAKE),
+    (Frame.REQUEST, TO_AGENT, MAX_REQUEST),
+    (Frame.STDIN, TO_AGENT, MAX_CHUNK),
+    (Frame.KILL, TO_AGENT, 0),
+    (Frame.PING, BOTH, 0),
+    (Frame.STDOUT, TO_HOST, MAX_CHUNK),
+    (Frame.STDERR, TO_HOST, MAX_CHUNK),
+    (Frame.EXIT, TO_HOST, None),
+    (Frame.ERROR, TO_HOST, None),
+)
+# What the agent reads once the host has proved itself: every frame the host sends but the handshake's.
+AUTHENTICATED_LIMITS = {
+    kind: limit for kind, way, limit in FRAMES if way != TO_HOST and kind not in (Frame.HELLO, Frame.AUTH)
+}
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    """One frame, header and payload."""
+    return kind + len(payload).to_bytes(4, "big") + payload
+
+
+def frame_header(header: bytes) -> tuple[bytes, int]:
+    """The kind and payload length that FRAME_HEADER_SIZE bytes announce."""
+    return bytes(header[:1]), int.from_bytes(header[1:FRAME_HEADER_SIZE], "big")
+
+
+# A request: exactly one of argv (run as is, looked up on PATH), shell (`bash -c`) and kill_session (the
+# challenge of another connection, whose command to kill); env, cwd and stdin with argv or shell.
+REQUEST_COMMANDS = ("argv", "shell", "kill_session")
+REQUEST_FIELDS = frozenset((*REQUEST_COMMANDS, "env", "cwd", "stdin"))
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+EXEC_HOME = "/root"  # the command's cwd, and what a relative cwd is relative to
+EXEC_ENV = {  # every command's environment, which the request's env adds to (never changed: copy it)
+    "PATH": GUEST_PATH,
+    "HOME": EXEC_HOME,
+    "USER": "root",
+    "LOGNAME": "root",
+    "SHELL": "/bin/bash",
+    "LANG": "C.UTF-8",
+}
+
+# The handshake proves the VM's exec token both ways, the agent first, each side with HMAC-SHA256 keyed with
+# the token's 64 hex characters over both sides' fresh nonces. What each side's HMAC covers begins with its
+# direction's label, so that neither proof can stand in for the other.
+AGENT_PROOF_LABEL = b"herovm-exec/2 agent proof\n"
+HOST_ANSWER_LABEL = b"herovm-exec/2 host answer\n"
+_HEX = frozenset("0123456789abcdef")
+
+
+def agent_proof(token: bytes, nonce: str, challenge: str) -> str:
+    """The agent's proof that it holds `token`, over the host's nonce and its own challenge."""
+    return hmac_sha256(token, AGENT_PROOF_LABEL + nonce.encode() + b" " + challenge.encode())
+
+
+def host_answer(token: bytes, nonce: str, challenge: str) -> str:
+    """The host's proof that it holds `token`, over the same two values, with the other label."""
+    return hmac_sha256(token, HOST_ANSWER_LABEL + nonce.encode() + b" " + challenge.encode())
+
+
+def same_digest(a: str, b: str) -> bool:
+    """Whether two hex digests are equal, in time that does not depend on where they differ."""
+    from _operator import _compare_digest  # what hmac.compare_digest is
+
+    return _compare_digest(a.encode(), b.encode())
+
+
+def is_hex64(value: object) -> bool:
+    """Whether `value` is 64 lowercase hex digits: a nonce, a challenge, a proof."""
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+
+
+def hmac_sha256(key: bytes, message: bytes) -> str:
+    """HMAC-SHA256 (RFC 2104), hex, on the interpreter's built-in SHA-256: `hmac` and `hashlib` load
+    OpenSSL's libcrypto first, ~50 ms of the first exec at boot under emulation."""
+    if not _HMAC:  # found on first use: nothing of it is needed before `ready`
         try:
-            line = bytes(line).decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    if not _shallow(line):
-        return None
-    try:
-        value = json.loads(line, parse_constant=_no_constant)
-    except (ValueError, RecursionError):  # RecursionError: cannot happen past _shallow; never let it out
-        return None
-    return validate_event(value)
+            from _sha256 import sha256
+        except ImportError:  # Python 3.12 and later have it in _sha2
+            from _sha2 import sha256  # type: ignore[import-not-found, no-redef]
+        # each byte of the key XOR 0x36 (inner) and 0x5C (outer), by bytes.translate
+        _HMAC.extend((sha256, bytes(b ^ 0x36 for b in range(256)), bytes(b ^ 0x5C for b in range(256))))
+    sha256, ipad, opad = _HMAC
+    if len(key) > 64:
+        key = sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    inner = sha256(key.translate(ipad) + message).digest()
+    return sha256(key.translate(opad) + inner).hexdigest()
 
 
-def console_event(line: str) -> dict | None:
-    """The event a console line mirrors (`@herovm {json}`, anywhere in the line: the kernel may have written
-    before it on the same line), or None."""
-    idx = line.find(CONSOLE_PREFIX)
-    return decode_event(line[idx + len(CONSOLE_PREFIX) :]) if idx >= 0 else None
-
-
-def validate_event(value: object) -> dict | None:
-    """`value` as an event: the fields the schema names for its kind, each of its type; or None."""
-    if not isinstance(value, dict):
-        return None
-    kind = value.get("event")
-    if not isinstance(kind, str) or kind not in SCHEMA:
-        return None
-    event: dict = {}
-    for f in (*COMMON, *SCHEMA[Kind(kind)]):
-        if f.name not in value:
-            if f.required:
-                return None
-            continue
-        v = value[f.name]
-        if not any(_is(v, t) for t in f.types):
-            return None
-        event[f.name] = _clean(v) if isinstance(v, str) else v
-    event["event"] = str(kind)
-    return event
-
-
-def _is(v: object, t: Type) -> bool:
-    if t is Type.STR:
-        return isinstance(v, str)
-    if t is Type.BOOL:
-        return isinstance(v, bool)
-    if t is Type.NULL:
-        return v is None
-    if t is Type.OBJECT:
-        return isinstance(v, dict)
-    if isinstance(v, bool):  # JSON's true is no number
-        return False
-    if t is Type.INT:
-        return isinstance(v, int)
-    if t is Type.COUNT:
-        return isinstance(v, int) and v >= 0
-    return isinstance(v, int | float) and math.isfinite(v)  # NUMBER
-
-
-def _clean(s: str) -> str:
-    """`s` without lone surrogates (JSON's "\\ud800" decodes to one; no terminal or file can take it)."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return s.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    return s
-
-
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")  # NaN, Infinity, -Infinity
-
-
-_STRINGS = re.compile(r'"[^"]*"')
-_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
-
-
-def _shallow(text: str) -> bool:
-    """Whether the JSON parser, reading `text`, would nest at most MAX_DEPTH deep and meet at most
-    MAX_CONTAINERS objects and arrays. Linear, with no recursion: the parser never gets a line that would
-    take it deeper (json.loads recurses once per level)."""
-    if text.count("[") + text.count("{") <= MAX_DEPTH:
-        return True  # cannot nest deeper than it has brackets
-    # Brackets inside strings do not nest: drop escaped backslashes, then escaped quotes, then strings. Up to
-    # the first place where the text stops being JSON (where the parser stops), this leaves exactly the
-    # parser's own brackets; what comes after can only make the check stricter.
-    structure = _STRINGS.sub("", text.replace("\\\\", "").replace('\\"', ""))
-    brackets = _NOT_BRACKETS.sub("", structure)
-    if len(brackets) > 2 * MAX_CONTAINERS:  # JSON closes what it opens: twice the containers at most
-        return False
-    depth = 0
-    for ch in brackets:
-        if ch in "[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                return False
-        elif ch in "]}":
-            depth -= 1
-    return True
-
-
-# --------------------------------------------------------------------------------------------- one boot
-
-
-@dataclass
-class Story:
-    """Which events of a stream (the agent channel, or the console log in the order the guest wrote it) tell
-    the story of the boot with `nonce`. Feed every event to `take`, in order.
-
-    The story begins at the first `boot` event with this nonce and ends at its first `ready` or `failed`;
-    after that only `service`, `status` and `shutdown` events count (services keep running, the host may ask,
-    the guest powers off). A boot with another nonce before this one's is an earlier boot (the console log
-    keeps every boot of the VM); after this one began, none can come: the nonce is the VM's last boot's.
-    With `nonce=None` no boot is this one. `unnamed`: a `boot` event without a nonce (the agent could not
-    read its config drive) begins this boot; only the agent channel, which only this boot's agent can write,
-    may say that."""
-
-    nonce: str | None
-    unnamed: bool = False
-    events: list[dict] = field(default_factory=list)  # this boot's events, in order
-    begun: bool = False  # this boot's `boot` event was seen
-    outcome: str | None = None  # its first `ready` or `failed`
-
-    THIS = "this boot"
-    EARLIER = "an earlier boot"
-
-    def __post_init__(self) -> None:
-        self._reading: str | None = None  # whose events come now: THIS, EARLIER, or None (no boot seen)
-        self._ended: str | None = None  # the terminal event of the boot being read
-
-    def take(self, event: dict) -> str:
-        """THIS (kept in `events`), EARLIER, or why the event is ignored ("after ready", ...)."""
-        kind = event["event"]
-        if kind == Kind.BOOT:
-            if self.begun:
-                return "a boot event after this boot's own"
-            nonce = event.get("nonce")
-            if (self.nonce is not None and nonce == self.nonce) or (self.unnamed and nonce is None):
-                self.begun, self._reading, self._ended = True, self.THIS, None
-                self.events.append(event)
-                return self.THIS
-            self._reading, self._ended = self.EARLIER, None
-            return self.EARLIER
-        if self._reading is None:
-            return "before any boot event"
-        if self._ended is not None and kind not in AFTER_END:
-            return f"after {self._ended}"
-        if kind in TERMINAL and self._ended is None:
-            self._ended = kind
-            if self._reading == self.THIS:
-                self.outcome = kind
-        if self._reading == self.THIS:
-            self.events.append(event)
-        return self._reading
-
-    @property
-    def failure(self) -> dict | None:
-        """The `failed` event that ended this boot, if one did."""
-        return self.events_of(Kind.FAILED)[0] if self.outcome == Kind.FAILED else None
-
-    def events_of(self, kind: str) -> list[dict]:
-        return [e for e in self.events if e["event"] == kind]
-
-
-# -------------------------------------------------------------------------------------------- rendering
-
-# C0 controls but newline and tab, DEL, C1 controls: written as \xNN, so that they show instead of acting.
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\n\t"}
-_CONTROLS_ONE_LINE = {**_CONTROLS, ord("\n"): "\\n", ord("\t"): "\\t"}
-
-
-def printable(value: object, one_line: bool = False) -> str:
-    """`value` as text safe for a terminal: guest-chosen control characters (escape sequences, carriage
-    returns) are shown as \\xNN; with `one_line`, newlines and tabs too."""
-    return str(value).translate(_CONTROLS_ONE_LINE if one_line else _CONTROLS)
-
-
-def describe_event(e: dict) -> str:
-    """One line for a person (used by `up`'s progress, `status` and `logs`). `e` is a decoded event."""
-    kind = e["event"]
-
-    def s(key: str) -> str:
-        return printable(e.get(key), one_line=True)
-
-    if kind == Kind.ACTION_START:
-        return f"[{e['index'] + 1}] {s('action')} (line {e['line']}) ..."
-    if kind == Kind.ACTION_END:
-        result = "ok" if e["ok"] else f"FAILED: {s('error')}"
-        return f"[{e['index'] + 1}] {s('action')} {result} in {e['seconds']:.2f}s"
-    if kind == Kind.SETUP:
-        return f"setup {s('step')} {'ok' if e['ok'] else 'FAILED: ' + s('error')}"
-    if kind == Kind.BOOT:
-        return f"agent {s('agent')} started at {e['t']:.2f}s (kernel {s('kernel')})"
-    if kind == Kind.BOOTSTRAP:
-        return f"bootstrap from {s('source')}: {e['actions']} actions"
-    if kind == Kind.READY:
-        return f"ready at {e['t']:.2f}s guest time"
-    if kind == Kind.FAILED:
-        where = f" at line {e['line']} ({s('action')})" if e.get("line") else ""
-        return f"FAILED in {s('stage')}{where}: {s('error')}"
-    return json.dumps(e)  # ASCII only: no control character gets through unescaped
+_HMAC: list = []  # the built-in SHA-256 type and the two pads

@@ -12,3 +12,4 @@ BOOTSTRAP = ROOT / "bootstrap"
 AGENT = BOOTSTRAP / "agent"
 INITRAMFS = BOOTSTRAP / "initramfs"
 HEROSCRIPT = Path(__file__).resolve().parent / "heroscript"
+PROTOCOL = Path(__file__).resolve().parent / "protocol.py"  # the host-guest contract: both sides import it

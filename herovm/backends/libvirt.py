@@ -17,6 +17,7 @@ import libvirt
 
 from .. import resources
 from ..errors import AlreadyExists, BackendUnavailable, HeroVMError, InvalidInput, NotFound
+from ..protocol import AGENT_PORT_NAME
 from . import passt
 from .base import Machine, MachineSpec
 
@@ -54,6 +55,7 @@ def render_domain_xml(spec: MachineSpec) -> str:
     return env.get_template("libvirt-domain.xml.j2").render(
         spec=spec,
         domain_name=PREFIX + spec.name,
+        agent_port_name=AGENT_PORT_NAME,
         namespace=NAMESPACE,
         domain_type="kvm" if spec.accel == "kvm" else "qemu",
         metadata_json=json.dumps(spec.metadata, sort_keys=True),

@@ -1,6 +1,6 @@
 """``exec`` through the guest agent, without SSH (bootstrap/PROTOCOL.md, "Exec without SSH").
 
-The agent answers on the guest's SSH port: a connection that opens with :data:`MAGIC` is served by the
+The agent answers on the guest's SSH port: a connection that opens with ``EXEC_MAGIC`` is served by the
 agent, which spawns the command itself. There is no SSH handshake per connection and no sshd session or
 login shell per command, the two costs that dominate an SSH ``exec`` under emulation.
 
@@ -8,7 +8,8 @@ Both sides prove they hold the VM's exec token (a file in its secrets directory,
 both sides' fresh nonces, the agent first: we send nothing but a nonce until the agent has proved it, so a
 process that holds a stopped VM's port gets no command, environment or stdin. The token never crosses the
 wire. Our answer travels with the first request, so the handshake costs no round trip more than the
-agent's greeting did before.
+agent's greeting did before. The framing, the limits and the HMACs are herovm.protocol's, which the agent
+imports too.
 
 Same contract as :meth:`herovm.guest.ssh.GuestConnection.exec`: a list is run as it is (no shell), a
 string by ``bash -c``; on timeout the command's process group is killed and the result says so.
@@ -17,35 +18,33 @@ string by ``bash -c``; on timeout the command's process group is killed and the 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import json
 import os
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO
 
 from ..errors import GuestError
+from ..protocol import (
+    EXEC_MAGIC,
+    FRAME_HEADER_SIZE,
+    MAX_CHALLENGE,
+    MAX_CHUNK,
+    Frame,
+    agent_proof,
+    frame,
+    frame_header,
+    host_answer,
+    is_hex64,
+    same_digest,
+)
 from . import execution
 from .execution import TIMEOUT_EXIT_CODE, ExecResult
 
-MAGIC = b"HEROVM-EXEC/2\n"
-_HEADER = struct.Struct(">cI")
-_CHUNK = 64 * 1024  # the most stdin in one frame: the agent refuses more
-_MAX_CHALLENGE = 512  # the agent's CHALLENGE frame, at most: we read no more from a peer not yet proved
 _CONNECT_ATTEMPT_S = 5.0
-# guest -> host
-_CHALLENGE, _STDOUT, _STDERR, _EXIT, _ERROR, _PONG = b"C", b"1", b"2", b"X", b"E", b"P"
-# host -> guest
-_HELLO, _AUTH, _REQUEST, _STDIN, _KILL, _PING = b"H", b"A", b"R", b"0", b"K", b"P"
-# The labels that begin what each side's HMAC covers (bootstrap/agent/herovm_agent/exec_server.py).
-_AGENT_PROOF_LABEL = b"herovm-exec/2 agent proof\n"
-_HOST_ANSWER_LABEL = b"herovm-exec/2 host answer\n"
-_HEX = frozenset("0123456789abcdef")
 
 
 class _NotTheAgent(Exception):
@@ -68,7 +67,7 @@ class _Stream:
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
         with self._send_lock:
-            self.sock.sendall(self.pending + _HEADER.pack(kind, len(payload)) + payload)
+            self.sock.sendall(self.pending + frame(kind, payload))
             self.pending = b""
 
     def read(self, timeout: float | None, limit: int | None = None) -> tuple[bytes, bytes] | None:
@@ -79,13 +78,13 @@ class _Stream:
         while True:
             if limit is not None and self._buffer.startswith(b"SSH-"):
                 raise _NotTheAgent("it answered as an SSH server")
-            if len(self._buffer) >= _HEADER.size:
-                kind, length = _HEADER.unpack_from(self._buffer)
+            if len(self._buffer) >= FRAME_HEADER_SIZE:
+                kind, length = frame_header(self._buffer)
                 if limit is not None and length > limit:
                     raise _NotTheAgent(f"it announced a {kind!r} frame of {length} bytes")
-                if len(self._buffer) >= _HEADER.size + length:
-                    payload = bytes(self._buffer[_HEADER.size : _HEADER.size + length])
-                    del self._buffer[: _HEADER.size + length]
+                if len(self._buffer) >= FRAME_HEADER_SIZE + length:
+                    payload = bytes(self._buffer[FRAME_HEADER_SIZE : FRAME_HEADER_SIZE + length])
+                    del self._buffer[: FRAME_HEADER_SIZE + length]
                     return kind, payload
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not select.select([self.sock], [], [], wait)[0]:
@@ -166,12 +165,12 @@ class AgentExec:
         deadline = None if timeout is None else started + timeout
         out: list[bytes] = []
         err: list[bytes] = []
-        emit = {_STDOUT: on_stdout or out.append, _STDERR: on_stderr or err.append}
+        emit = {Frame.STDOUT: on_stdout or out.append, Frame.STDERR: on_stderr or err.append}
         stream = self._take(started + _CONNECT_ATTEMPT_S * 2)
         reusable = False
         feeder: _Feeder | None = None
         try:
-            stream.send(_REQUEST, json.dumps(request).encode())
+            stream.send(Frame.REQUEST, json.dumps(request).encode())
             feeder = _Feeder(stream, stdin)
             exit_code, timed_out = self._wait(stream, feeder, emit, deadline)
             reusable = not timed_out and feeder.finished(timeout=1.0)
@@ -229,7 +228,7 @@ class AgentExec:
                             hint="the VM may be frozen or paused; check `herovm status`",
                         )
                     if feeder.done:  # a quiet command is normal, a frozen guest is not: ask the agent
-                        stream.send(_PING)
+                        stream.send(Frame.PING)
                         probing = True
                     heard_at = time.monotonic()
                     continue
@@ -237,10 +236,10 @@ class AgentExec:
                 kind, payload = frame
                 if kind in emit:
                     emit[kind](payload)
-                elif kind == _EXIT:
+                elif kind == Frame.EXIT:
                     code = int(json.loads(payload).get("exit_code", -1))
                     return (TIMEOUT_EXIT_CODE, True) if timed_out else (code, False)
-                elif kind == _ERROR:
+                elif kind == Frame.ERROR:
                     raise GuestError(
                         f"the agent of {self.target} refused the command: {json.loads(payload).get('error')}",
                         hint="the VM's exec token may not match this host's; recreate the VM",
@@ -256,19 +255,15 @@ class AgentExec:
         there. False: the stream is clogged with stdin (a kill request would wait behind it), so another
         connection asked for it, and ``stream`` is of no further use."""
         if feeder.done:
-            stream.send(_KILL)
+            stream.send(Frame.KILL)
             return True
         other = self._open(_CONNECT_ATTEMPT_S)
         try:
-            other.send(_REQUEST, json.dumps({"kill_session": stream.challenge}).encode())
+            other.send(Frame.REQUEST, json.dumps({"kill_session": stream.challenge}).encode())
             other.read(_CONNECT_ATTEMPT_S)
         finally:
             other.close()
         return False
-
-    def _hmac(self, label: bytes, nonce: str, challenge: str) -> str:
-        message = label + nonce.encode() + b" " + challenge.encode()
-        return hmac.new(self._token, message, hashlib.sha256).hexdigest()
 
     def _take(self, deadline: float) -> _Stream:
         while True:
@@ -308,16 +303,16 @@ class AgentExec:
             sock.settimeout(None)  # waits are bounded by select() in _Stream.read
             nonce = os.urandom(32).hex()
             hello = json.dumps({"nonce": nonce}).encode()
-            sock.sendall(MAGIC + _HEADER.pack(_HELLO, len(hello)) + hello)
+            sock.sendall(EXEC_MAGIC + frame(Frame.HELLO, hello))
             try:
-                frame = stream.read(timeout, limit=_MAX_CHALLENGE)
-                if frame is None:
+                greeting = stream.read(timeout, limit=MAX_CHALLENGE)
+                if greeting is None:
                     raise EOFError("the guest did not answer as a herovm agent")
-                stream.challenge = self._verify(nonce, *frame)
+                stream.challenge = self._verify(nonce, *greeting)
             except _NotTheAgent as exc:
                 raise _NotTheAgent(exc.reason, _describe_peer(sock)) from None
-            answer = json.dumps({"answer": self._hmac(_HOST_ANSWER_LABEL, nonce, stream.challenge)}).encode()
-            stream.pending = _HEADER.pack(_AUTH, len(answer)) + answer
+            answer = json.dumps({"answer": host_answer(self._token, nonce, stream.challenge)}).encode()
+            stream.pending = frame(Frame.AUTH, answer)
         except BaseException:
             stream.close()
             raise
@@ -325,19 +320,18 @@ class AgentExec:
 
     def _verify(self, nonce: str, kind: bytes, payload: bytes) -> str:
         """The challenge in the agent's CHALLENGE frame, once its proof shows it holds the token."""
-        if kind != _CHALLENGE:
+        if kind != Frame.CHALLENGE:
             raise _NotTheAgent(f"it answered with a {kind!r} frame, not a challenge")
         try:
             greeting = json.loads(payload)
         except ValueError:
             greeting = None
         if not isinstance(greeting, dict) or not all(
-            isinstance(greeting.get(k), str) and len(greeting[k]) == 64 and set(greeting[k]) <= _HEX
-            for k in ("challenge", "proof")
+            is_hex64(greeting.get(k)) for k in ("challenge", "proof")
         ):
             raise _NotTheAgent("its challenge is malformed")
         challenge = greeting["challenge"]
-        if not hmac.compare_digest(greeting["proof"], self._hmac(_AGENT_PROOF_LABEL, nonce, challenge)):
+        if not same_digest(greeting["proof"], agent_proof(self._token, nonce, challenge)):
             raise _NotTheAgent("its proof is wrong")
         return challenge
 
@@ -356,8 +350,8 @@ class _Feeder:
             return
         if isinstance(stdin, (bytes, bytearray, memoryview)) and len(stdin) <= self._INLINE_LIMIT:
             if stdin:
-                stream.send(_STDIN, bytes(stdin))
-            stream.send(_STDIN)
+                stream.send(Frame.STDIN, bytes(stdin))
+            stream.send(Frame.STDIN)
             return
         self._thread = threading.Thread(
             target=self._feed, args=(stdin,), name="herovm-agent-stdin", daemon=True
@@ -380,15 +374,15 @@ class _Feeder:
         try:
             if isinstance(stdin, (bytes, bytearray, memoryview)):
                 view = memoryview(stdin)
-                chunks = (bytes(view[i : i + _CHUNK]) for i in range(0, len(view), _CHUNK))
+                chunks = (bytes(view[i : i + MAX_CHUNK]) for i in range(0, len(view), MAX_CHUNK))
             else:
-                chunks = iter(lambda: stdin.read(_CHUNK), b"")
+                chunks = iter(lambda: stdin.read(MAX_CHUNK), b"")
             for chunk in chunks:
-                for start in range(0, len(chunk), _CHUNK):  # a read may return more than asked
+                for start in range(0, len(chunk), MAX_CHUNK):  # a read may return more than asked
                     if self._stop.is_set():
                         return
-                    self._stream.send(_STDIN, bytes(chunk[start : start + _CHUNK]))
-            self._stream.send(_STDIN)
+                    self._stream.send(Frame.STDIN, bytes(chunk[start : start + MAX_CHUNK]))
+            self._stream.send(Frame.STDIN)
         except (OSError, ValueError):
             pass  # the connection is gone; the reader reports it
 

@@ -1,22 +1,33 @@
-"""The per-boot config drive: an ISO9660 volume labelled HEROVM with config.json (bootstrap/PROTOCOL.md)."""
+"""The per-boot config drive: an ISO9660 volume labelled DRIVE_LABEL holding config.json, the document
+herovm.protocol.DriveConfig describes (bootstrap/PROTOCOL.md, "Inputs: the config drive")."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import pycdlib
 
-LABEL = "HEROVM"
-PROTOCOL_VERSION = 1
+from ..errors import InvalidInput
+from ..protocol import DRIVE_FILE, DRIVE_LABEL, DRIVE_MAX_BYTES, DRIVE_VERSION, DriveConfig
 
 
-def write(path: Path, config: dict) -> None:
-    """Write the drive atomically, readable only by its owner (it holds the guest's SSH host key)."""
-    data = json.dumps({"v": PROTOCOL_VERSION, **config}, indent=1).encode()
-    write_iso(path, LABEL, {"config.json": data})
+def write(path: Path, config: Mapping) -> None:
+    """Write the drive atomically, readable only by its owner (it holds the guest's SSH host key). `config`
+    is checked first with the agent's own check (DriveConfig): the host never writes a drive the agent would
+    refuse. ValueError for a malformed config, InvalidInput for one too large for the agent to read."""
+    document = {"v": DRIVE_VERSION, **config}
+    DriveConfig.from_json(document)
+    data = json.dumps(document, indent=1).encode()
+    if len(data) > DRIVE_MAX_BYTES:
+        raise InvalidInput(
+            f"the config drive would hold {len(data)} bytes, more than the guest reads ({DRIVE_MAX_BYTES})",
+            hint="pass fewer or smaller --var and --secret values",
+        )
+    write_iso(path, DRIVE_LABEL, {DRIVE_FILE: data})
 
 
 def write_iso(path: Path, label: str, files: dict[str, bytes]) -> None:
@@ -43,7 +54,7 @@ def read(path: Path) -> dict:
     iso.open(str(path))
     try:
         out = io.BytesIO()
-        iso.get_file_from_iso_fp(out, rr_path="/config.json")
+        iso.get_file_from_iso_fp(out, rr_path=f"/{DRIVE_FILE}")
     finally:
         iso.close()
     return json.loads(out.getvalue())

@@ -1,6 +1,6 @@
 """The host side of the agent protocol (bootstrap/PROTOCOL.md): read events from the agent channel as they
 come, or from the console log after the fact; send commands. Every line the guest wrote is decoded by
-herovm.protocol (bounded, checked against the schema); `Story` says which events count.
+herovm.protocol_host (bounded, checked against herovm.protocol's schema); `Story` says which events count.
 
 The console log is written by libvirt's virtlogd (QEMU gets a pipe), which rotates it at `max_size` (2 MiB by
 default) into console.log.0, .1, ... and keeps `max_backups` (3) of them: whatever a guest writes, a VM's
@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..protocol import CONSOLE_PREFIX, MAX_LINE, TERMINAL, Story, console_event, decode_event, printable
+from ..protocol import CONSOLE_PREFIX, TERMINAL, Command
+from ..protocol_host import MAX_LINE, Story, console_event, decode_event, printable
 
 __all__ = [
     "CONSOLE_PREFIX",
@@ -47,15 +48,15 @@ class AgentChannel:
         self._buf = b""
         self._skipping = False
         self._seen = -1
-        self.send({"op": "hello"})
+        self.send({"op": Command.HELLO})
 
     def send(self, command: dict) -> None:
         self.sock.sendall(json.dumps(command).encode() + b"\n")
 
     def events(self, deadline: float, on_idle: Callable[[], None] | None = None) -> Iterator[dict]:
         """Events in order, each once (the agent replays on hello), until `deadline` (then TimeoutError).
-        Yields decoded events only (herovm.protocol.decode_event); a closed channel (the guest stopped) ends
-        the iteration. At most MAX_LINE bytes of a line are buffered: a longer one is dropped whole."""
+        Yields decoded events only (herovm.protocol_host.decode_event); a closed channel (the guest stopped)
+        ends the iteration. At most MAX_LINE bytes of a line are buffered: a longer one is dropped whole."""
         while True:
             if b"\n" in self._buf:
                 *lines, self._buf = self._buf.split(b"\n")

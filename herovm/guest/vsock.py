@@ -3,7 +3,8 @@
 The host connects to the unix socket Cloud Hypervisor made for the VM's vsock device, writes
 `CONNECT <port>\\n`, and reads one line: `OK <host port>\\n` once a guest socket listening on that vsock port
 accepted; Cloud Hypervisor closes the connection when nothing listens there. After the OK line the socket is
-a plain byte stream to the guest's socket. See docs/cloud-hypervisor.md.
+a plain byte stream to the guest's socket. See docs/cloud-hypervisor.md. The guest's ports are
+herovm.protocol's AGENT_VSOCK_PORT (the agent's event channel) and SSH_PORT (SSH and exec).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-AGENT_PORT = 1024  # the agent's event stream (bootstrap/PROTOCOL.md)
-SSH_PORT = 22  # the agent's SSH listener, handed to `sshd -i`
 _LINE_LIMIT = 64
 
 

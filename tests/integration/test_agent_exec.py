@@ -27,8 +27,8 @@ from guests import cli
 
 from herovm import state
 from herovm.errors import GuestError
-from herovm.guest import agent_exec
-from herovm.guest.agent_exec import MAGIC, AgentExec
+from herovm.guest.agent_exec import AgentExec
+from herovm.protocol import AGENT_PROOF_LABEL, EXEC_MAGIC, HOST_ANSWER_LABEL
 
 HEADER = struct.Struct(">cI")
 
@@ -99,13 +99,13 @@ def _raw(vm, token: str | None = None) -> socket.socket:
     CHALLENGE and its proof checked, AUTH) as the host does it."""
     sock = socket.create_connection(("127.0.0.1", vm.ssh_port), timeout=10)
     nonce = os.urandom(32).hex()
-    sock.sendall(MAGIC + _jframe(b"H", {"nonce": nonce}))
+    sock.sendall(EXEC_MAGIC + _jframe(b"H", {"nonce": nonce}))
     if token is not None:
         kind, payload = _read_frame(sock)
         greeting = json.loads(payload)
         assert kind == b"C"
-        assert greeting["proof"] == _mac(token, agent_exec._AGENT_PROOF_LABEL, nonce, greeting["challenge"])
-        answer = _mac(token, agent_exec._HOST_ANSWER_LABEL, nonce, greeting["challenge"])
+        assert greeting["proof"] == _mac(token, AGENT_PROOF_LABEL, nonce, greeting["challenge"])
+        answer = _mac(token, HOST_ANSWER_LABEL, nonce, greeting["challenge"])
         sock.sendall(_jframe(b"A", {"answer": answer}))
     return sock
 
@@ -150,7 +150,7 @@ def test_without_the_handshake_or_with_a_wrong_answer_nothing_runs(box):
     marker = f"/tmp/unauth-{time.monotonic_ns()}"
     request = _jframe(b"R", {"argv": ["touch", marker]})
     with socket.create_connection(("127.0.0.1", box.ssh_port), timeout=10) as sock:
-        sock.sendall(MAGIC + request)  # a request straight away, as the old protocol allowed
+        sock.sendall(EXEC_MAGIC + request)  # a request straight away, as the old protocol allowed
         # Refused from its header: the agent hangs up with the payload unread, so the E frame may be lost
         # to the reset that follows.
         assert _frames_until_closed(sock) in ([], [(b"E", b'{"error":"unexpected frame kind b\'R\'"}')])
@@ -198,7 +198,7 @@ def test_a_400_mib_stdin_frame_before_authentication_leaves_the_guest_alive(box,
     threads = int(box.exec(["awk", "/^Threads/{print $2}", "/proc/1/status"]).stdout)
     with socket.create_connection(("127.0.0.1", box.ssh_port), timeout=30) as sock:
         hello = _jframe(b"H", {"nonce": "0" * 64}) if after_hello else b""
-        sock.sendall(MAGIC + hello + HEADER.pack(b"0", 400 << 20))
+        sock.sendall(EXEC_MAGIC + hello + HEADER.pack(b"0", 400 << 20))
         sent = _stream_until_refused(sock, 400 << 20)
     assert sent < 64 << 20, f"the agent took {sent >> 20} MiB of a frame before authentication"
     assert box.manager.backend.get(box.name).state == "running"
@@ -215,7 +215,7 @@ def test_idle_unauthenticated_connections_are_few_and_short_lived(box):
     flood = []
     for _ in range(100):
         sock = socket.create_connection(("127.0.0.1", box.ssh_port), timeout=30)
-        sock.sendall(MAGIC)
+        sock.sendall(EXEC_MAGIC)
         flood.append(sock)
     assert box.exec(["echo", "through"]).stdout == b"through\n"
     for sock in flood:
@@ -335,7 +335,7 @@ def test_an_impostor_on_a_stopped_vms_port_gets_nothing_and_exec_says_so(vm_fact
     vm_factory.manager.stop(name)
     impostor = subprocess.Popen(
         ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-c", IMPOSTOR,
-         str(vm.ssh_port), MAGIC.decode()],
+         str(vm.ssh_port), EXEC_MAGIC.decode()],
         stdout=subprocess.PIPE,
         text=True,
     )  # fmt: skip
@@ -352,9 +352,9 @@ def test_an_impostor_on_a_stopped_vms_port_gets_nothing_and_exec_says_so(vm_fact
         f"herovm: error: the process on 127.0.0.1:{vm.ssh_port} did not prove it is VM {name}'s agent: "
         "its proof is wrong"
     )
-    assert got.startswith(MAGIC)
-    kind, length = HEADER.unpack_from(got, len(MAGIC))
-    assert kind == b"H" and len(got) == len(MAGIC) + HEADER.size + length  # a nonce, nothing more
+    assert got.startswith(EXEC_MAGIC)
+    kind, length = HEADER.unpack_from(got, len(EXEC_MAGIC))
+    assert kind == b"H" and len(got) == len(EXEC_MAGIC) + HEADER.size + length  # a nonce, nothing more
     for secret in (b"s3cret", b"shadow", b"API_KEY"):
         assert secret not in got
 

@@ -16,6 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from herovm import images, protocol
+
 AGENT = Path(__file__).resolve().parents[2] / "bootstrap/agent"
 sys.path.insert(0, str(AGENT))
 from herovm_agent import exec_server, jsonio  # noqa: E402
@@ -23,15 +25,18 @@ from herovm_agent import exec_server, jsonio  # noqa: E402
 # Each costs tens of milliseconds at boot under emulation, mostly in what it imports in turn.
 KEPT_OFF_THE_BOOT_PATH = {
     "json", "re", "enum", "threading", "socket", "selectors", "ctypes", "contextlib", "collections",
-    "functools", "queue", "subprocess", "signal", "hashlib", "hmac", "typing", "dataclasses", "herovm",
+    "functools", "queue", "subprocess", "signal", "hashlib", "hmac", "typing", "dataclasses",
+    "herovm.heroscript",
 }  # fmt: skip
 
 
-def test_the_boot_path_imports_only_c_modules_and_the_agent() -> None:
+def test_the_boot_path_imports_only_c_modules_and_the_agent(tmp_path: Path) -> None:
     """Import what PID 1 imports before `ready` (an empty bootstrap), in a fresh interpreter started the way
-    the initramfs starts it, and list what got loaded."""
+    the initramfs starts it, from the agent's packages laid out as the image has them, and list what got
+    loaded. Of herovm only the contract may come: herovm.protocol, which imports nothing itself."""
+    images.install_guest_python(tmp_path)
     code = (
-        f"import sys; sys.path.insert(0, {str(AGENT)!r}); before = set(sys.modules)\n"
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); before = set(sys.modules)\n"
         "import herovm_agent.main\n"
         "print(' '.join(sorted(set(sys.modules) - before)))"
     )
@@ -39,6 +44,20 @@ def test_the_boot_path_imports_only_c_modules_and_the_agent() -> None:
                                 check=True).stdout.split())  # fmt: skip
     assert "herovm_agent.main" in loaded and "herovm_agent.jsonio" in loaded
     assert not loaded & KEPT_OFF_THE_BOOT_PATH, f"imported at boot: {sorted(loaded & KEPT_OFF_THE_BOOT_PATH)}"
+    assert {m for m in loaded if m.split(".")[0] == "herovm"} == {"herovm", "herovm.protocol"}
+
+
+def test_the_contract_imports_nothing_at_all() -> None:
+    """herovm.protocol, in a fresh interpreter: nothing but itself and __future__ (its annotations)."""
+    where = str(Path(protocol.__file__).parent)
+    code = (
+        f"import sys; sys.path.insert(0, {where!r}); before = set(sys.modules)\n"
+        "import protocol\n"
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
+    loaded = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                            check=True).stdout.split()  # fmt: skip
+    assert set(loaded) <= {"protocol", "__future__"}
 
 
 json_values = st.recursive(
@@ -90,7 +109,7 @@ def test_jsonio_refuses_what_json_refuses(text) -> None:
 def test_agent_hmac_is_hmac_sha256(key_len: int) -> None:
     key, message = bytes(range(key_len % 256)) * (key_len // 256 + 1), b"challenge " * key_len
     key = key[:key_len]
-    assert exec_server.hmac_sha256(key, message) == hmac.new(key, message, hashlib.sha256).hexdigest()
+    assert protocol.hmac_sha256(key, message) == hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 # The plain-command rule as a regular expression: the agent checks it with a character set instead.

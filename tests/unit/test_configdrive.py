@@ -13,7 +13,9 @@ import pycdlib
 import pytest
 
 from herovm import resources
+from herovm.errors import InvalidInput
 from herovm.guest import configdrive
+from herovm.protocol import DRIVE_FILE, DRIVE_FILE_ISO9660, DRIVE_LABEL, DRIVE_MAX_BYTES, DRIVE_VERSION
 
 CONFIG = {
     "name": "cd1",
@@ -45,28 +47,28 @@ def agent_system():
 def test_round_trip(tmp_path: Path) -> None:
     drive = tmp_path / "config.iso"
     configdrive.write(drive, CONFIG)
-    assert configdrive.read(drive) == {"v": configdrive.PROTOCOL_VERSION, **CONFIG}
+    assert configdrive.read(drive) == {"v": DRIVE_VERSION, **CONFIG}
 
 
 def test_file_is_private_and_written_atomically(tmp_path: Path) -> None:
     drive = tmp_path / "config.iso"
-    configdrive.write(drive, {"a": 1})
+    configdrive.write(drive, {"name": "x"})
     assert stat.S_IMODE(drive.stat().st_mode) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.iso"]  # no .tmp left
 
 
 def test_rewrite_replaces_the_content(tmp_path: Path) -> None:
     drive = tmp_path / "config.iso"
-    configdrive.write(drive, {"nonce": "first", "padding": "x" * 5000})
-    configdrive.write(drive, {"nonce": "second"})
-    assert configdrive.read(drive) == {"v": 1, "nonce": "second"}
+    configdrive.write(drive, {"name": "x", "nonce": "first", "padding": "x" * 5000})
+    configdrive.write(drive, {"name": "x", "nonce": "second"})
+    assert configdrive.read(drive) == {"v": 1, "name": "x", "nonce": "second"}
 
 
 def test_write_keeps_mode_0600_over_an_existing_world_readable_file(tmp_path: Path) -> None:
     drive = tmp_path / "config.iso"
     drive.write_text("old")
     os.chmod(drive, 0o644)
-    configdrive.write(drive, {"a": 1})
+    configdrive.write(drive, {"name": "x"})
     assert stat.S_IMODE(drive.stat().st_mode) == 0o600
 
 
@@ -83,7 +85,7 @@ def test_label_in_the_primary_volume_descriptor(tmp_path: Path) -> None:
         f.seek(32768)
         pvd = f.read(2048)
     assert pvd[:6] == b"\x01CD001"  # type 1 = primary volume descriptor, standard identifier
-    assert pvd[40:72] == configdrive.LABEL.encode().ljust(32, b" ")
+    assert pvd[40:72] == DRIVE_LABEL.encode().ljust(32, b" ")
 
 
 def test_every_tree_names_config_json(tmp_path: Path) -> None:
@@ -98,22 +100,25 @@ def test_every_tree_names_config_json(tmp_path: Path) -> None:
         assert iso.has_joliet()
         contents = {}
         for kind, path in (
-            ("iso_path", "/CONFIG.JSON;1"),
-            ("rr_path", "/config.json"),
-            ("joliet_path", "/config.json"),
+            ("iso_path", f"/{DRIVE_FILE_ISO9660}"),
+            ("rr_path", f"/{DRIVE_FILE}"),
+            ("joliet_path", f"/{DRIVE_FILE}"),
         ):
             out = io.BytesIO()
             iso.get_file_from_iso_fp(out, **{kind: path})
             contents[kind] = out.getvalue()
-        assert iso.pvd.volume_identifier.rstrip(b" ") == b"HEROVM"
+        assert iso.pvd.volume_identifier.rstrip(b" ") == DRIVE_LABEL.encode()
     finally:
         iso.close()
     assert len(set(contents.values())) == 1
     assert json.loads(contents["rr_path"])["bootstrap"]["script"] == CONFIG["bootstrap"]["script"]
 
 
-def test_the_guest_agent_knows_the_same_label(agent_system) -> None:
-    assert configdrive.LABEL.encode() == agent_system.DRIVE_LABEL
+def test_a_drive_too_large_for_the_guest_is_refused_on_the_host(tmp_path: Path) -> None:
+    drive = tmp_path / "config.iso"
+    with pytest.raises(InvalidInput, match="more than the guest reads"):
+        configdrive.write(drive, {"name": "x", "vars": {"BIG": "x" * DRIVE_MAX_BYTES}})
+    assert not drive.exists()
 
 
 def test_guest_find_drive_recognises_the_host_drive(tmp_path: Path, agent_system, monkeypatch) -> None:
@@ -156,9 +161,9 @@ def test_guest_reads_config_json_in_place_from_the_host_drive(tmp_path: Path, ag
     drive = tmp_path / "config.iso"
     big = os.urandom(5000)
     files = {f"note{i}.txt": f"note {i}\n".encode() for i in range(60)}  # the root spans several sectors
-    configdrive.write_iso(drive, configdrive.LABEL, {**files, "config.json": b'{"v": 1}', "big.bin": big})
+    configdrive.write_iso(drive, DRIVE_LABEL, {**files, DRIVE_FILE: b'{"v": 1}', "big.bin": big})
     with open(drive, "rb") as f:
-        assert agent_system.read_iso_file(f, agent_system.DRIVE_FILE, 1 << 20) == b'{"v": 1}'
+        assert agent_system.read_iso_file(f, DRIVE_FILE_ISO9660.encode(), 1 << 20) == b'{"v": 1}'
         assert agent_system.read_iso_file(f, b"BIG.BIN;1", 1 << 20) == big
         assert agent_system.read_iso_file(f, b"BIG.BIN;1", 100) == big[:100]
         assert agent_system.read_iso_file(f, b"NOTE59.TXT;1", 100) == b"note 59\n"
@@ -166,12 +171,14 @@ def test_guest_reads_config_json_in_place_from_the_host_drive(tmp_path: Path, ag
             agent_system.read_iso_file(f, b"NOPE.JSON;1", 100)
     configdrive.write(drive, CONFIG)
     with open(drive, "rb") as f:
-        data = agent_system.read_iso_file(f, agent_system.DRIVE_FILE, agent_system.MAX_CONFIG_BYTES + 1)
-    assert agent_system.parse_config(data) == {"v": configdrive.PROTOCOL_VERSION, **CONFIG}
+        data = agent_system.read_iso_file(f, DRIVE_FILE_ISO9660.encode(), DRIVE_MAX_BYTES + 1)
+    config = agent_system.parse_config(data)
+    assert (config.name, config.nonce, config.vars) == (CONFIG["name"], CONFIG["nonce"], CONFIG["vars"])
+    assert config.bootstrap is not None and config.bootstrap.script == CONFIG["bootstrap"]["script"]
 
 
 def test_guest_reader_refuses_what_is_not_iso9660(tmp_path: Path, agent_system) -> None:
     plain = tmp_path / "plain.img"
     plain.write_bytes(b"\0" * 40000)
     with open(plain, "rb") as f, pytest.raises(ValueError, match="no ISO9660"):
-        agent_system.read_iso_file(f, agent_system.DRIVE_FILE, 100)
+        agent_system.read_iso_file(f, DRIVE_FILE_ISO9660.encode(), 100)

@@ -30,6 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from herovm import protocol
 from herovm.errors import GuestError
 from herovm.guest import agent_exec
 
@@ -40,7 +41,9 @@ from herovm_agent.processes import Processes  # noqa: E402
 
 TOKEN = "ab" * 32
 HEADER = struct.Struct(">cI")
-HANDSHAKE_READ_MAX = 2 * (HEADER.size + es.MAX_HANDSHAKE)  # all the agent reads from a peer not yet proved
+HANDSHAKE_READ_MAX = 2 * (
+    HEADER.size + protocol.MAX_HANDSHAKE
+)  # all the agent reads from a peer not yet proved
 
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:
@@ -131,10 +134,10 @@ class Served:
         nonce = os.urandom(32).hex()
         self.client.sendall(jframe(b"H", {"nonce": nonce}))
         kind, length = HEADER.unpack(self._recv_exact(HEADER.size))
-        assert kind == b"C" and length <= es.MAX_HANDSHAKE
+        assert kind == b"C" and length <= protocol.MAX_HANDSHAKE
         greeting = json.loads(self._recv_exact(length))
-        assert greeting["proof"] == mac(es.AGENT_PROOF_LABEL, nonce, greeting["challenge"])
-        answer = answer or mac(es.HOST_ANSWER_LABEL, nonce, greeting["challenge"])
+        assert greeting["proof"] == mac(protocol.AGENT_PROOF_LABEL, nonce, greeting["challenge"])
+        answer = answer or mac(protocol.HOST_ANSWER_LABEL, nonce, greeting["challenge"])
         self.client.sendall(jframe(b"A", {"answer": answer}))
         return greeting
 
@@ -274,11 +277,14 @@ def test_unauthenticated_connections_are_capped(monkeypatch) -> None:
     ("header", "message"),
     [
         (
-            HEADER.pack(b"0", es.CHUNK + 1),
-            f"a b'0' frame of {es.CHUNK + 1} bytes is over its limit of {es.CHUNK}",
+            HEADER.pack(b"0", protocol.MAX_CHUNK + 1),
+            f"a b'0' frame of {protocol.MAX_CHUNK + 1} bytes is over its limit of {protocol.MAX_CHUNK}",
         ),
         (HEADER.pack(b"0", 400 << 20), "a b'0' frame of 419430400 bytes is over its limit of 65536"),
-        (HEADER.pack(b"R", es.MAX_REQUEST + 1), "a b'R' frame of 1048577 bytes is over its limit of 1048576"),
+        (
+            HEADER.pack(b"R", protocol.MAX_REQUEST + 1),
+            "a b'R' frame of 1048577 bytes is over its limit of 1048576",
+        ),
         (HEADER.pack(b"K", 1), "a b'K' frame of 1 bytes is over its limit of 0"),
         (HEADER.pack(b"P", 4096), "a b'P' frame of 4096 bytes is over its limit of 0"),
         (HEADER.pack(b"H", 75), "unexpected frame kind b'H'"),
@@ -415,6 +421,7 @@ def test_fuzz_read_frame_returns_a_frame_in_its_limits_or_refuses(data: bytes, l
 AGENT_SERVER = """
 import socket, sys, threading
 sys.path.insert(0, sys.argv[1])
+from herovm.protocol import EXEC_MAGIC
 from herovm_agent import exec_server
 from herovm_agent.processes import Processes
 processes = Processes()
@@ -422,7 +429,7 @@ listener = socket.create_server(("127.0.0.1", 0))
 print(listener.getsockname()[1], flush=True)
 def dispatch(conn):
     with conn:
-        if conn.recv(len(exec_server.MAGIC), socket.MSG_WAITALL) == exec_server.MAGIC:
+        if conn.recv(len(EXEC_MAGIC), socket.MSG_WAITALL) == EXEC_MAGIC:
             exec_server.serve(conn, sys.argv[2].encode(), processes)
 while True:
     conn, _ = listener.accept()
@@ -504,7 +511,7 @@ def test_a_wrong_token_on_the_host_is_caught_before_anything_is_sent(agent_port:
 
 def test_the_400_mib_stdin_attack_leaves_the_agent_serving(agent_port: int) -> None:
     with socket.create_connection(("127.0.0.1", agent_port), timeout=10) as sock:
-        sock.sendall(es.MAGIC + HEADER.pack(b"0", 400 << 20))
+        sock.sendall(protocol.EXEC_MAGIC + HEADER.pack(b"0", 400 << 20))
         sent = 0
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             while sent < (400 << 20):
@@ -530,8 +537,8 @@ class Impostor:
         conn, _ = self.listener.accept()
         with conn:
             conn.settimeout(10)
-            hello = conn.recv(len(es.MAGIC) + HEADER.size, socket.MSG_WAITALL)
-            hello += conn.recv(HEADER.unpack_from(hello, len(es.MAGIC))[1], socket.MSG_WAITALL)
+            hello = conn.recv(len(protocol.EXEC_MAGIC) + HEADER.size, socket.MSG_WAITALL)
+            hello += conn.recv(HEADER.unpack_from(hello, len(protocol.EXEC_MAGIC))[1], socket.MSG_WAITALL)
             self.received += hello
             with contextlib.suppress(OSError):
                 conn.sendall(self.answer(hello))
@@ -541,7 +548,7 @@ class Impostor:
 
 
 def _nonce(hello: bytes) -> str:
-    return json.loads(hello[len(es.MAGIC) + HEADER.size :])["nonce"]
+    return json.loads(hello[len(protocol.EXEC_MAGIC) + HEADER.size :])["nonce"]
 
 
 IMPOSTORS = {
@@ -567,9 +574,9 @@ def test_an_impostor_on_the_port_learns_nothing_and_exec_fails_with_one_line(pla
     assert "\n" not in message and not unreachable
     # All it got: the magic and a HELLO with a nonce.
     hello = bytes(impostor.received)
-    assert hello.startswith(es.MAGIC)
-    kind, length = HEADER.unpack_from(hello, len(es.MAGIC))
-    assert kind == b"H" and len(hello) == len(es.MAGIC) + HEADER.size + length
-    assert set(json.loads(hello[len(es.MAGIC) + HEADER.size :])) == {"nonce"}
+    assert hello.startswith(protocol.EXEC_MAGIC)
+    kind, length = HEADER.unpack_from(hello, len(protocol.EXEC_MAGIC))
+    assert kind == b"H" and len(hello) == len(protocol.EXEC_MAGIC) + HEADER.size + length
+    assert set(json.loads(hello[len(protocol.EXEC_MAGIC) + HEADER.size :])) == {"nonce"}
     for secret in (b"s3cret", b"/secret", b"API_KEY", b"argv"):
         assert secret not in hello

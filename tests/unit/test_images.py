@@ -16,6 +16,8 @@ import pytest
 from herovm import images, resources, state
 from herovm.errors import ImageError, InvalidInput, NotFound
 from herovm.progress import Progress
+from herovm.protocol import Kind, Stage
+from herovm.protocol_host import console_event
 
 CPIO = shutil.which("cpio")
 needs_cpio = pytest.mark.skipif(CPIO is None, reason="cpio is not installed")
@@ -271,10 +273,12 @@ def copy_sources(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shutil.copytree(resources.AGENT, root / "bootstrap/agent", ignore=ignore)
     shutil.copytree(resources.INITRAMFS, root / "bootstrap/initramfs", ignore=ignore)
     shutil.copytree(resources.HEROSCRIPT, root / "herovm/heroscript", ignore=ignore)
+    shutil.copy2(resources.PROTOCOL, root / "herovm/protocol.py")
     monkeypatch.setattr(resources, "ROOT", root)
     monkeypatch.setattr(resources, "AGENT", root / "bootstrap/agent")
     monkeypatch.setattr(resources, "INITRAMFS", root / "bootstrap/initramfs")
     monkeypatch.setattr(resources, "HEROSCRIPT", root / "herovm/heroscript")
+    monkeypatch.setattr(resources, "PROTOCOL", root / "herovm/protocol.py")
     return root
 
 
@@ -301,7 +305,7 @@ def test_image_id_changes_with_the_agent(tmp_sources: Path) -> None:
     assert len(after) == 12
 
 
-def test_image_id_changes_with_initramfs_and_heroscript(tmp_sources: Path) -> None:
+def test_image_id_changes_with_initramfs_heroscript_and_protocol(tmp_sources: Path) -> None:
     recipe = images.load_recipe("default")
     ids = {images.image_id(recipe)}
     (tmp_sources / "bootstrap/initramfs/init").write_text("#!/bin/sh\n")
@@ -310,7 +314,9 @@ def test_image_id_changes_with_initramfs_and_heroscript(tmp_sources: Path) -> No
     ids.add(images.image_id(recipe))
     (tmp_sources / "bootstrap/agent/sshd_config").write_text("PasswordAuthentication yes\n")  # not Python
     ids.add(images.image_id(recipe))
-    assert len(ids) == 4
+    (tmp_sources / "herovm/protocol.py").write_text("# the contract, changed\n")
+    ids.add(images.image_id(recipe))
+    assert len(ids) == 5
 
 
 def test_image_id_changes_with_the_assembly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -467,7 +473,7 @@ def test_build_initramfs_from_a_fake_root(tmp_path: Path) -> None:
     if CPIO:
         listed = subprocess.run([CPIO, "-t", "--quiet"], input=data, capture_output=True, check=True)
         names = listed.stdout.decode().split()
-        assert names[:9] == [
+        assert names[:10] == [
             "dev",
             "proc",
             "sys",
@@ -475,16 +481,42 @@ def test_build_initramfs_from_a_fake_root(tmp_path: Path) -> None:
             "modules",
             "newroot",
             "init",
+            "protocol.sh",
             "modules.order",
             "bin/busybox",
         ]
-        assert names[9:14] == [f"bin/{a}" for a in images.INITRAMFS_APPLETS]
-        assert names[14:] == [f"modules/{m}.ko" for m in order]
+        assert names[10:15] == [f"bin/{a}" for a in images.INITRAMFS_APPLETS]
+        assert names[15:] == [f"modules/{m}.ko" for m in order]
         unpacked = tmp_path / "unpacked"
         unpacked.mkdir()
         subprocess.run([CPIO, "-id", "--quiet"], input=data, cwd=unpacked, check=True)
         assert all(os.readlink(unpacked / "bin" / a) == "busybox" for a in images.INITRAMFS_APPLETS)
         assert (unpacked / "modules/virtio_net.ko").read_bytes() == b"virtio_net"
+        assert (unpacked / "protocol.sh").read_bytes() == images.initramfs_protocol()
+
+
+def test_the_initramfs_failure_line_is_a_protocol_event(tmp_path: Path) -> None:
+    """init's fail(), run by a real shell with the protocol.sh the image gets: the host decodes its line."""
+    (tmp_path / "protocol.sh").write_bytes(images.initramfs_protocol())
+    script = (resources.INITRAMFS / "init").read_text()
+    assert re.search(r"^\. /protocol\.sh\b", script, re.M)
+    fail = re.search(r"^fail\(\) \{\n    (echo .*) > /dev/console$", script, re.M)
+    assert fail is not None
+    why = "root device /dev/vda did not appear"
+    out = subprocess.run(
+        ["sh", "-c", f". ./protocol.sh; {fail.group(1)}", "sh", why],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert console_event(out) == {
+        "event": Kind.FAILED,
+        "seq": 0,
+        "t": 0,
+        "stage": Stage.INITRAMFS,
+        "error": why,
+    }
 
 
 # What a signed module ends with: the PKCS#7 signature, struct module_signature (its last 4 bytes the
@@ -522,6 +554,8 @@ def test_install_agent_into_a_fake_root(tmp_path: Path) -> None:
     assert (base / "python/herovm_agent/actions.py").is_file()
     assert (base / "python/herovm/heroscript/parser.py").is_file()
     assert (base / "python/herovm/__init__.py").is_file()
+    assert (base / "python/herovm/protocol.py").read_bytes() == resources.PROTOCOL.read_bytes()
+    assert list((base / "python/herovm/__pycache__").glob("protocol.*.pyc"))
     assert list((base / "python/herovm_agent/__pycache__").glob("actions.*.pyc"))
     conf = root / "etc/ssh/sshd_config.d/herovm.conf"
     assert conf.read_text() == (resources.AGENT / "sshd_config").read_text()

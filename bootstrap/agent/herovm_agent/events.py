@@ -9,15 +9,13 @@ import sys
 import time
 from _queue import SimpleQueue
 
+from herovm.protocol import AGENT_PORT_NAME, CONSOLE_PREFIX, Command
+
 from . import jsonio
 
 TYPE_CHECKING = False  # typing and collections.abc are a cost at boot
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-PORT_NAME = "org.herovm.agent.0"
-CONSOLE_PREFIX = "@herovm "
-VSOCK_PORT = 1024  # where the host finds the events when there is no virtio-serial port (Cloud Hypervisor)
 
 
 def uptime() -> float:
@@ -25,7 +23,7 @@ def uptime() -> float:
         return float(f.read().split()[0])
 
 
-def find_port(name: str = PORT_NAME) -> str | None:
+def find_port(name: str = AGENT_PORT_NAME) -> str | None:
     """The /dev node of the virtio-serial port called `name` (no udev here, so no /dev/virtio-ports)."""
     try:
         ports = os.listdir("/sys/class/virtio-ports")
@@ -178,7 +176,7 @@ class Events:
                     self._mirror(f"ignored command line {line[:80]!r}")
                     continue
                 if isinstance(cmd, dict):
-                    if cmd.get("op") == "hello":
+                    if cmd.get("op") == Command.HELLO:
                         if conn is not None:
                             self._hello(conn)
                         else:

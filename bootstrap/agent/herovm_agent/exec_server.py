@@ -1,7 +1,7 @@
 """`exec` served by the agent itself, on the SSH port (bootstrap/PROTOCOL.md, "Exec without SSH").
 
-The SSH listener hands us a connection that began with MAGIC. Each command is spawned straight from PID 1:
-no sshd session process and no login shell, which under emulation is most of an SSH exec's cost.
+The SSH listener hands us a connection that began with EXEC_MAGIC. Each command is spawned straight from
+PID 1: no sshd session process and no login shell, which under emulation is most of an SSH exec's cost.
 
 Frames both ways: 1 byte kind, 4 bytes big-endian length, payload. Before authentication only two small
 frames are read, within AUTH_DEADLINE_S, and at most MAX_UNAUTHENTICATED connections are at that stage at
@@ -11,7 +11,8 @@ HELLO{nonce}, we answer CHALLENGE{challenge, proof}, proving we hold the token b
 that matters (a process squatting a stopped VM's port learns nothing), and the host answers AUTH{answer}.
 The token itself never crosses the wire, and an answer is worth nothing on another connection or in the
 other direction. After that every frame kind has its cap; one command at a time per connection, which then
-waits for the next request.
+waits for the next request. The frames, their caps, the request's fields, the base environment and the
+HMACs are herovm.protocol's, which the host's side (herovm/guest/agent_exec.py) imports too.
 """
 
 from __future__ import annotations
@@ -22,12 +23,27 @@ import os
 import queue
 import select
 import signal
-import struct
 import subprocess
 import threading
 import time
-from _operator import _compare_digest as compare_digest  # what hmac.compare_digest falls back to
-from _sha256 import sha256
+
+from herovm.protocol import (
+    AUTHENTICATED_LIMITS,
+    EXEC_ENV,
+    EXEC_HOME,
+    FRAME_HEADER_SIZE,
+    MAX_CHUNK,
+    MAX_HANDSHAKE,
+    REQUEST_COMMANDS,
+    REQUEST_FIELDS,
+    Frame,
+    agent_proof,
+    frame,
+    frame_header,
+    host_answer,
+    is_hex64,
+    same_digest,
+)
 
 from . import jsonio
 
@@ -35,34 +51,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .system import Socket
 
-MAGIC = b"HEROVM-EXEC/2\n"
-HEADER = struct.Struct(">cI")
-MAX_HANDSHAKE = 256  # HELLO and AUTH payloads: the only frames read before authentication
-MAX_REQUEST = 1 << 20
-CHUNK = 64 * 1024  # the most stdin in one frame (what the host sends at most)
 STDIN_BUFFERED_CHUNKS = 64  # stdin read ahead of the command, at most this many frames
 AUTH_DEADLINE_S = 5.0  # from the magic to a verified AUTH
 MAX_UNAUTHENTICATED = 32  # connections between the magic and a verified AUTH, at once; more are closed
 ERROR_SEND_S = 2.0  # how long an E frame may wait for room in the send buffer before we hang up anyway
-# guest -> host
-CHALLENGE, STDOUT, STDERR, EXIT, ERROR, PONG = b"C", b"1", b"2", b"X", b"E", b"P"
-# host -> guest
-HELLO, AUTH, REQUEST, STDIN, KILL, PING = b"H", b"A", b"R", b"0", b"K", b"P"
-AUTHENTICATED_LIMITS = {REQUEST: MAX_REQUEST, STDIN: CHUNK, KILL: 0, PING: 0}
-# What each side's HMAC covers begins with its direction, so that neither proof can stand in for the other.
-AGENT_PROOF_LABEL = b"herovm-exec/2 agent proof\n"
-HOST_ANSWER_LABEL = b"herovm-exec/2 host answer\n"
-REQUEST_FIELDS = frozenset(("argv", "shell", "kill_session", "env", "cwd", "stdin"))
-HEX = frozenset("0123456789abcdef")
-
-BASE_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME": "/root",
-    "USER": "root",
-    "LOGNAME": "root",
-    "SHELL": "/bin/bash",
-    "LANG": "C.UTF-8",
-}
 
 
 # A line of plain words: these characters and spaces only (and not starting with "=").
@@ -94,7 +86,7 @@ def _read_exact(conn: Socket, n: int, deadline: float | None = None) -> bytes:
                 raise Disconnected
             conn.settimeout(left)
         try:
-            chunk = conn.recv(min(n - len(data), CHUNK))
+            chunk = conn.recv(min(n - len(data), MAX_CHUNK))
         except TimeoutError:
             raise Disconnected from None
         if not chunk:
@@ -106,23 +98,13 @@ def _read_exact(conn: Socket, n: int, deadline: float | None = None) -> bytes:
 def read_frame(conn: Socket, limits: dict[bytes, int], deadline: float | None = None) -> tuple[bytes, bytes]:
     """The next frame, of one of the kinds in `limits` and at most that long; anything else is refused
     from its header alone, before any of its payload is read."""
-    kind, length = HEADER.unpack(_read_exact(conn, HEADER.size, deadline))
+    kind, length = frame_header(_read_exact(conn, FRAME_HEADER_SIZE, deadline))
     limit = limits.get(kind)
     if limit is None:
         raise ProtocolError(f"unexpected frame kind {kind!r}")
     if length > limit:
         raise ProtocolError(f"a {kind!r} frame of {length} bytes is over its limit of {limit}")
     return kind, _read_exact(conn, length, deadline)
-
-
-def agent_proof(token: bytes, nonce: str, challenge: str) -> str:
-    """The agent's proof that it holds the token: HMAC-SHA256 over the host's nonce and its challenge."""
-    return hmac_sha256(token, AGENT_PROOF_LABEL + nonce.encode() + b" " + challenge.encode())
-
-
-def host_answer(token: bytes, nonce: str, challenge: str) -> str:
-    """What the host answers to prove it holds the token, over the same two values, the other label."""
-    return hmac_sha256(token, HOST_ANSWER_LABEL + nonce.encode() + b" " + challenge.encode())
 
 
 _sessions: dict[str, Session] = {}  # by challenge: the host may kill a session's command from another
@@ -161,7 +143,7 @@ class Session:
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
         with self._send_lock:
-            self.conn.sendall(HEADER.pack(kind, len(payload)) + payload)
+            self.conn.sendall(frame(kind, payload))
 
     def send_json(self, kind: bytes, obj: dict) -> None:
         self.send(kind, jsonio.dumps(obj).encode())
@@ -192,14 +174,14 @@ class Session:
         """HELLO in, CHALLENGE (with our proof) out, AUTH in: returns once the host has proved it holds the
         token; raises ProtocolError (wrong answer, another frame) or Disconnected (hung up, too slow)."""
         deadline = time.monotonic() + AUTH_DEADLINE_S
-        _, payload = read_frame(self.conn, {HELLO: MAX_HANDSHAKE}, deadline)
+        _, payload = read_frame(self.conn, {Frame.HELLO: MAX_HANDSHAKE}, deadline)
         nonce = _hex_field(payload, "nonce")
         challenge = os.urandom(32).hex()
         proof = agent_proof(self.token, nonce, challenge)
-        self.send_json(CHALLENGE, {"challenge": challenge, "proof": proof})
-        _, payload = read_frame(self.conn, {AUTH: MAX_HANDSHAKE}, deadline)
+        self.send_json(Frame.CHALLENGE, {"challenge": challenge, "proof": proof})
+        _, payload = read_frame(self.conn, {Frame.AUTH: MAX_HANDSHAKE}, deadline)
         answer = _hex_field(payload, "answer")
-        if not compare_digest(answer.encode(), host_answer(self.token, nonce, challenge).encode()):
+        if not same_digest(answer, host_answer(self.token, nonce, challenge)):
             raise ProtocolError("exec refused: wrong token")
         self.conn.settimeout(None)
         self.challenge = challenge
@@ -209,9 +191,9 @@ class Session:
     def run(self) -> None:
         while True:
             kind, payload = read_frame(self.conn, AUTHENTICATED_LIMITS)
-            if kind == PING:
-                self.send(PONG)
-            elif kind == REQUEST:
+            if kind == Frame.PING:
+                self.send(Frame.PONG)
+            elif kind == Frame.REQUEST:
                 request = parse_request(payload)
                 if "kill_session" in request:
                     self.kill_session(request["kill_session"])
@@ -219,9 +201,9 @@ class Session:
                 if self.proc is not None:
                     raise ProtocolError("one command at a time per connection")
                 self.start(request)
-            elif kind == STDIN:
+            elif kind == Frame.STDIN:
                 self.feed(payload)
-            elif kind == KILL:
+            elif kind == Frame.KILL:
                 self.kill()
 
     def refuse(self, message: str) -> None:
@@ -229,20 +211,20 @@ class Session:
         frame only if it fits in the send buffer within ERROR_SEND_S."""
         with contextlib.suppress(OSError):
             self.conn.settimeout(ERROR_SEND_S)
-            self.send_json(ERROR, {"error": message})
+            self.send_json(Frame.ERROR, {"error": message})
             self.conn.shutdown(_socket.SHUT_WR)
 
     def start(self, request: dict) -> None:
         argv = request["argv"] if "argv" in request else _simple_command(request["shell"])
-        env = dict(BASE_ENV)
+        env = dict(EXEC_ENV)
         env.update(request.get("env") or {})
-        cwd = os.path.normpath(os.path.join("/root", request.get("cwd") or "."))  # relative to home, as SSH
+        cwd = os.path.normpath(os.path.join(EXEC_HOME, request.get("cwd") or "."))  # relative to home, as SSH
         env.setdefault("PWD", cwd)
         refused = _refusal(argv[0], cwd, env["PATH"], explicit_cwd=bool(request.get("cwd")))
         if refused is not None:
             code, message = refused
-            self.send(STDERR, f"herovm: {message}\n".encode(errors="replace"))
-            self.send_json(EXIT, {"exit_code": code})
+            self.send(Frame.STDERR, f"herovm: {message}\n".encode(errors="replace"))
+            self.send_json(Frame.EXIT, {"exit_code": code})
             return
         try:
             proc = self.processes.spawn(
@@ -255,8 +237,8 @@ class Session:
                 start_new_session=True,  # its own process group, so a kill takes its children too
             )
         except OSError as e:
-            self.send(STDERR, f"herovm: {argv[0]}: {e.strerror}\n".encode(errors="replace"))
-            self.send_json(EXIT, {"exit_code": 127 if isinstance(e, FileNotFoundError) else 126})
+            self.send(Frame.STDERR, f"herovm: {argv[0]}: {e.strerror}\n".encode(errors="replace"))
+            self.send_json(Frame.EXIT, {"exit_code": 127 if isinstance(e, FileNotFoundError) else 126})
             return
         stdin_queue: queue.Queue | None = None
         if proc.stdin is not None:
@@ -265,8 +247,8 @@ class Session:
         with self._lock:
             self.proc, self.stdin = proc, stdin_queue
         readers = [
-            threading.Thread(target=self._pump, args=(proc.stdout, STDOUT), daemon=True),
-            threading.Thread(target=self._pump, args=(proc.stderr, STDERR), daemon=True),
+            threading.Thread(target=self._pump, args=(proc.stdout, Frame.STDOUT), daemon=True),
+            threading.Thread(target=self._pump, args=(proc.stderr, Frame.STDERR), daemon=True),
         ]
         for reader in readers:
             reader.start()
@@ -275,7 +257,7 @@ class Session:
     def _pump(self, pipe, kind: bytes) -> None:
         with contextlib.suppress(OSError):
             while True:
-                data = os.read(pipe.fileno(), CHUNK)
+                data = os.read(pipe.fileno(), MAX_CHUNK)
                 if not data:
                     break
                 self.send(kind, data)
@@ -289,7 +271,7 @@ class Session:
             self.proc, self.stdin = None, None
         exit_code = 128 - code if code is not None and code < 0 else code
         with contextlib.suppress(OSError):
-            self.send_json(EXIT, {"exit_code": -1 if exit_code is None else exit_code})
+            self.send_json(Frame.EXIT, {"exit_code": -1 if exit_code is None else exit_code})
 
     def feed(self, data: bytes) -> None:
         """Queue stdin for the command (empty data: EOF). While the command does not read, we wait, but
@@ -313,7 +295,7 @@ class Session:
             other = _sessions.get(challenge)
         if other is not None:
             other.kill()
-        self.send_json(EXIT, {"exit_code": 0 if other is not None else 1})
+        self.send_json(Frame.EXIT, {"exit_code": 0 if other is not None else 1})
 
     def kill(self) -> None:
         with self._lock:
@@ -321,20 +303,6 @@ class Session:
         if proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-
-
-def hmac_sha256(key: bytes, message: bytes) -> str:
-    """HMAC-SHA256 (RFC 2104), hex, on the interpreter's built-in SHA-256: `hmac` and `hashlib` load
-    OpenSSL's libcrypto first, ~50 ms of the first exec at boot under emulation."""
-    if len(key) > 64:
-        key = sha256(key).digest()
-    key = key.ljust(64, b"\0")
-    inner = sha256(key.translate(_IPAD) + message).digest()
-    return sha256(key.translate(_OPAD) + inner).hexdigest()
-
-
-_IPAD = bytes(b ^ 0x36 for b in range(256))  # each byte of the key XOR 0x36, by bytes.translate
-_OPAD = bytes(b ^ 0x5C for b in range(256))
 
 
 def parse_request(payload: bytes) -> dict:
@@ -348,7 +316,7 @@ def parse_request(payload: bytes) -> dict:
     unknown = sorted(set(request) - REQUEST_FIELDS)
     if unknown:
         raise ProtocolError(f"bad request: unknown field {unknown[0][:40]!r}")
-    if sum(key in request for key in ("argv", "shell", "kill_session")) != 1:
+    if sum(key in request for key in REQUEST_COMMANDS) != 1:
         raise ProtocolError("bad request: it needs exactly one of argv, shell and kill_session")
     if "argv" in request:
         argv = request["argv"]
@@ -395,7 +363,7 @@ def _hex_field(payload: bytes, name: str) -> str:
     except (ValueError, RecursionError):
         message = None
     value = message.get(name) if isinstance(message, dict) else None
-    if not isinstance(value, str) or len(value) != 64 or not set(value) <= HEX:
+    if not is_hex64(value):
         raise ProtocolError(f"exec refused: malformed handshake (no {name})")
     return value
 

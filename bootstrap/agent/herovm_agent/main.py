@@ -8,8 +8,21 @@ import os
 import sys
 import time
 
+from herovm.protocol import (
+    AGENT_VSOCK_PORT,
+    OUTPUT_TAIL,
+    SSH,
+    BootstrapSpec,
+    Command,
+    DriveConfig,
+    Kind,
+    Source,
+    Stage,
+    Step,
+)
+
 from . import VERSION, jsonio, system
-from .events import VSOCK_PORT, Events, find_port
+from .events import Events, find_port
 from .processes import Processes, Services
 
 # Up to `ready` the agent imports only C modules and its own (see system.py). What costs tenths of a second
@@ -19,7 +32,6 @@ from .processes import Processes, Services
 STATUS_FILE = "/run/herovm/status.json"
 DONE_FILE = "/var/lib/herovm/bootstrap.done"
 AGAIN_ON_REBOOT = ("env.set", "service.start", "system.hostname")
-DEFAULT_BOOTSTRAP_LIMIT = 1 << 20
 
 
 class Agent:
@@ -28,7 +40,7 @@ class Agent:
         port = find_port()
         if port is None:  # no virtio-serial port (Cloud Hypervisor): the same protocol on vsock
             system.load_vsock()
-        self.events = Events(port, vsock_port=None if port else VSOCK_PORT)
+        self.events = Events(port, vsock_port=None if port else AGENT_VSOCK_PORT)
         self.events.on_command = self.on_command
         self.processes = Processes()
         self.services = Services(self.processes, self.notify)
@@ -37,7 +49,7 @@ class Agent:
 
     def notify(self, event: str, **fields: object) -> None:
         self.events.emit(event, **fields)
-        if event == "service":
+        if event == Kind.SERVICE:
             self.write_status()
 
     def write_status(self, **changes: object) -> None:
@@ -55,57 +67,51 @@ class Agent:
             result = fn(*args)
         except Exception as e:
             self.events.emit(
-                "setup", step=name, ok=False, seconds=round(time.monotonic() - t, 3), error=str(e)
+                Kind.SETUP, step=name, ok=False, seconds=round(time.monotonic() - t, 3), error=str(e)
             )
             raise
-        self.events.emit("setup", step=name, ok=True, seconds=round(time.monotonic() - t, 3))
+        self.events.emit(Kind.SETUP, step=name, ok=True, seconds=round(time.monotonic() - t, 3))
         return result
 
     def fail(self, stage: str, error: str, **fields: object) -> None:
-        self.events.emit("failed", stage=stage, error=error, **fields)
+        self.events.emit(Kind.FAILED, stage=stage, error=error, **fields)
         self.write_status(state="failed", error=error, stage=stage)
 
     def boot(self) -> None:
         try:
             config = system.read_drive()
         except Exception as e:  # noqa: BLE001 - reported, then the guest stays up for inspection
-            self.events.emit("boot", nonce=None, agent=VERSION, kernel=os.uname().release, pid=os.getpid())
-            self.fail("drive", str(e))
+            self.events.emit(Kind.BOOT, nonce=None, agent=VERSION, kernel=os.uname().release, pid=os.getpid())
+            self.fail(Stage.DRIVE, str(e))
             return
-        self.events.keep_secret(config.get("secrets") or {})
+        self.events.keep_secret(config.secrets)
         self.events.emit(
-            "boot", nonce=config.get("nonce"), agent=VERSION, kernel=os.uname().release, pid=os.getpid()
+            Kind.BOOT, nonce=config.nonce, agent=VERSION, kernel=os.uname().release, pid=os.getpid()
         )
         try:
-            self.step("disk", system.grow_root_filesystem)
-            self.step("network", system.setup_network, config.get("network"))
-            self.step("hostname", system.set_hostname, config.get("hostname") or config.get("name", "herovm"))
-            ssh = config.get("ssh") or {}
-            if ssh.get("host_key"):
-                self.step("ssh", self.start_ssh, ssh)
+            self.step(Step.DISK, system.grow_root_filesystem)
+            self.step(Step.NETWORK, system.setup_network, config.network)
+            self.step(Step.HOSTNAME, system.set_hostname, config.hostname or config.name)
+            if config.ssh is not None and config.ssh.host_key:
+                self.step(Step.SSH, self.start_ssh, config.ssh)
         except Exception as e:  # noqa: BLE001
-            self.fail("setup", str(e))
+            self.fail(Stage.SETUP, str(e))
             return
         self.run_bootstrap(config)
 
-    def start_ssh(self, ssh: dict) -> None:
+    def start_ssh(self, ssh: SSH) -> None:
         system.install_ssh_keys(ssh)
-        token = (ssh.get("exec_token") or "").encode() or None
-        self.ssh = system.SSHListener(
-            int(ssh.get("port", 22)), self.processes, exec_token=token, vsock=self.events.vsock
-        )
+        token = (ssh.exec_token or "").encode() or None
+        self.ssh = system.SSHListener(ssh.port, self.processes, exec_token=token, vsock=self.events.vsock)
 
-    def run_bootstrap(self, config: dict) -> None:
-        spec = config.get("bootstrap") or {}
-        limits = config.get("limits") or {}
+    def run_bootstrap(self, config: DriveConfig) -> None:
+        spec = config.bootstrap or BootstrapSpec()
         try:
             text, source, digest = fetch_bootstrap(
-                spec,
-                int(limits.get("bootstrap_bytes", DEFAULT_BOOTSTRAP_LIMIT)),
-                float(limits.get("fetch_timeout", 30)),
+                spec, config.limits.bootstrap_bytes, config.limits.fetch_timeout
             )
         except Exception as e:  # noqa: BLE001
-            self.fail("fetch", str(e))
+            self.fail(Stage.FETCH, str(e))
             return
         if not text.strip():
             return self.finish(digest, source, 0)
@@ -113,11 +119,10 @@ class Agent:
 
         from .actions import GuestContext, registry
 
-        name = spec.get("name") or "bootstrap.hero"
         try:
             # substituted into the parsed values: a value can never add an action or a parameter
-            variables = {**(config.get("vars") or {}), **(config.get("secrets") or {})}
-            playbook = parse(text, path=name, variables=variables or None)
+            variables = {**config.vars, **config.secrets}
+            playbook = parse(text, path=spec.name, variables=variables or None)
             errors = [p for p in validate(playbook, registry) if p.severity == "error"]
             if errors:
                 raise (
@@ -126,18 +131,18 @@ class Agent:
                     else ValueError("\n".join(map(str, errors)))
                 )
         except (HeroScriptError, ValueError) as e:
-            self.fail("validate", str(e))
+            self.fail(Stage.VALIDATE, str(e))
             return
         if digest and _read(DONE_FILE) == digest:
             # This disk already ran this bootstrap: a later boot only restores its environment and services.
             playbook.actions[:] = [a for a in playbook.actions if a.fullname in AGAIN_ON_REBOOT]
-            source = "done"
-        self.events.emit("bootstrap", source=source, actions=len(playbook.actions), sha256=digest)
+            source = Source.DONE
+        self.events.emit(Kind.BOOTSTRAP, source=source, actions=len(playbook.actions), sha256=digest)
         self.write_status(state="bootstrapping")
 
         def on_start(action, index: int) -> None:
             self.events.emit(
-                "action.start", index=index, action=action.fullname, file=action.file, line=action.line
+                Kind.ACTION_START, index=index, action=action.fullname, file=action.file, line=action.line
             )
 
         def on_end(result) -> None:
@@ -152,11 +157,11 @@ class Agent:
                 "ok": result.ok,
                 "seconds": round(result.seconds, 3),
                 "exit_code": exit_code,
-                "output": out[-4096:],
+                "output": out[-OUTPUT_TAIL:],
             }
             if result.error:
                 fields["error"] = result.error
-            self.events.emit("action.end", **fields)
+            self.events.emit(Kind.ACTION_END, **fields)
             self.status["actions"].append({k: v for k, v in fields.items() if k != "output"})
 
         context = GuestContext(self.processes, self.services)
@@ -164,26 +169,26 @@ class Agent:
         failed = next((r for r in results if not r.ok), None)
         if failed:
             self.fail(
-                "action",
+                Stage.ACTION,
                 failed.error or "failed",
                 action=failed.action.fullname,
                 line=failed.action.line,
                 file=failed.action.file,
                 exit_code=failed.exit_code,
-                output=self.events.redact(failed.output or "")[-4096:],
+                output=self.events.redact(failed.output or "")[-OUTPUT_TAIL:],
             )
             return
         self.finish(digest, source, len(results))
 
     def finish(self, digest: str | None, source: str, actions: int) -> None:
-        if source == "none":
-            self.events.emit("bootstrap", source=source, actions=0, sha256=None)
+        if source == Source.NONE:
+            self.events.emit(Kind.BOOTSTRAP, source=source, actions=0, sha256=None)
         if digest:
             os.makedirs(os.path.dirname(DONE_FILE), exist_ok=True)
             with open(DONE_FILE, "w") as f:
                 f.write(digest)
         self.write_status(state="ready")
-        self.events.emit("ready", actions=actions, seconds=round(time.monotonic() - self.started, 3))
+        self.events.emit(Kind.READY, actions=actions, seconds=round(time.monotonic() - self.started, 3))
 
     def prepare_for_exec(self) -> None:
         """Import what the first exec needs, and start the reaper, while the host is still taking in `ready`:
@@ -195,10 +200,10 @@ class Agent:
 
     def on_command(self, cmd: dict) -> None:
         op = cmd.get("op")
-        if op == "status":
+        if op == Command.STATUS:
             self.write_status()
-            self.events.emit("status", status=self.status)
-        elif op == "poweroff":
+            self.events.emit(Kind.STATUS, status=self.status)
+        elif op == Command.POWEROFF:
             _thread.start_new_thread(self.poweroff, ("host asked",))
         else:
             print(f"herovm-agent: ignored command {op!r}", flush=True)
@@ -206,7 +211,7 @@ class Agent:
     def poweroff(self, reason: str) -> None:
         import contextlib
 
-        self.events.emit("shutdown", reason=reason)
+        self.events.emit(Kind.SHUTDOWN, reason=reason)
         self.services.stop_all()
         for sig in (_signal.SIGTERM, _signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError):
@@ -223,17 +228,18 @@ def _read(path: str) -> str | None:
         return None
 
 
-def fetch_bootstrap(spec: dict, limit: int, timeout: float) -> tuple[str, str, str | None]:
-    """The bootstrap text, where it came from, and its sha256. A fetched one must match its pinned sha256."""
-    if "url" not in spec and not spec.get("script"):
-        return "", "none", None
+def fetch_bootstrap(spec: BootstrapSpec, limit: int, timeout: float) -> tuple[str, str, str | None]:
+    """The bootstrap text, where it came from (a Source), and its sha256. A fetched one must match its
+    pinned sha256."""
+    if spec.url is None and not spec.script:
+        return "", Source.NONE, None
     import hashlib
 
-    if "script" in spec:
-        return spec["script"], "drive", hashlib.sha256(spec["script"].encode()).hexdigest()
+    if spec.script is not None:
+        return spec.script, Source.DRIVE, hashlib.sha256(spec.script.encode()).hexdigest()
     import urllib.request
 
-    url, want = spec["url"], (spec.get("sha256") or "").lower()
+    url, want = spec.url, (spec.sha256 or "").lower()
     if not want:
         raise ValueError(f"bootstrap {url}: no sha256 given; a fetched bootstrap must be pinned")
     with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -245,7 +251,7 @@ def fetch_bootstrap(spec: dict, limit: int, timeout: float) -> tuple[str, str, s
         raise ValueError(
             f"bootstrap {url}: sha256 {got} does not match the pinned {want}; refusing to run it"
         )
-    return data.decode("utf-8"), "url", got
+    return data.decode("utf-8"), Source.URL, got
 
 
 def main() -> None:
@@ -258,7 +264,7 @@ def main() -> None:
     except Exception:  # noqa: BLE001 - PID 1 must not die: report and stay up
         import traceback
 
-        agent.fail("agent", traceback.format_exc(limit=5))
+        agent.fail(Stage.AGENT, traceback.format_exc(limit=5))
     try:
         agent.prepare_for_exec()
     except Exception as e:  # noqa: BLE001 - PID 1 must not die; an exec will meet the same error and say so

@@ -1,10 +1,10 @@
 """Machine setup done by the agent as PID 1: the config drive, network, hostname, SSH, power-off.
 
 Everything up to `ready` uses only the interpreter's C modules (_socket, _thread, fcntl, and _struct through
-the thin `struct`): the pure-Python `socket`, `threading` and `ctypes` cost ~0.1 s each at boot under
-emulation, mostly in what they import (enum, collections, functools). System calls are made directly where
-a fork of a tool would cost tens of milliseconds. The initramfs has mounted /proc, /sys, /dev, /dev/pts,
-/dev/shm and /run.
+the thin `struct`) and herovm.protocol, which imports nothing: the pure-Python `socket`, `threading` and
+`ctypes` cost ~0.1 s each at boot under emulation, mostly in what they import (enum, collections,
+functools). System calls are made directly where a fork of a tool would cost tens of milliseconds. The
+initramfs has mounted /proc, /sys, /dev, /dev/pts, /dev/shm and /run.
 """
 
 from __future__ import annotations
@@ -16,10 +16,19 @@ import os
 import struct
 import time
 
+from herovm.protocol import (
+    DRIVE_FILE,
+    DRIVE_FILE_ISO9660,
+    DRIVE_LABEL,
+    DRIVE_MAX_BYTES,
+    EXEC_MAGIC,
+    SSH,
+    DriveConfig,
+    Network,
+)
+
 from . import jsonio
 
-DRIVE_LABEL = b"HEROVM"
-DRIVE_FILE = b"CONFIG.JSON;1"  # config.json's ISO9660 name (herovm/guest/configdrive.py)
 SECTOR = 2048
 
 
@@ -40,7 +49,7 @@ def make_runtime_dirs() -> None:
 
 
 def find_drive() -> str | None:
-    """The block device holding an ISO9660 volume labelled HEROVM (from its primary volume descriptor)."""
+    """The block device holding an ISO9660 volume labelled DRIVE_LABEL (its primary volume descriptor)."""
     for dev in sorted(os.listdir("/sys/block")):
         if dev.startswith(("loop", "ram")):
             continue
@@ -50,17 +59,17 @@ def find_drive() -> str | None:
                 pvd = f.read(72)
         except OSError:
             continue
-        if pvd[:6] == b"\x01CD001" and pvd[40:72].rstrip(b" ") == DRIVE_LABEL:
+        if pvd[:6] == b"\x01CD001" and pvd[40:72].rstrip(b" ") == DRIVE_LABEL.encode():
             return f"/dev/{dev}"
     return None
 
 
-def read_drive() -> dict:
+def read_drive() -> DriveConfig:
     dev = find_drive()
     if dev is None:
-        raise RuntimeError("no config drive (ISO9660 volume labelled HEROVM) attached")
+        raise RuntimeError(f"no config drive (ISO9660 volume labelled {DRIVE_LABEL}) attached")
     with open(dev, "rb") as f:
-        return parse_config(read_iso_file(f, DRIVE_FILE, MAX_CONFIG_BYTES + 1))
+        return parse_config(read_iso_file(f, DRIVE_FILE_ISO9660.encode(), DRIVE_MAX_BYTES + 1))
 
 
 def read_iso_file(f, name: bytes, limit: int) -> bytes:
@@ -91,68 +100,17 @@ def read_iso_file(f, name: bytes, limit: int) -> bytes:
     raise ValueError(f"config drive: no {name.decode()} in its root directory")
 
 
-MAX_CONFIG_BYTES = 4 << 20
-_SHAPE = {  # key: (types allowed, required)
-    "v": ((int,), True),
-    "name": ((str,), True),
-    "hostname": ((str,), False),
-    "nonce": ((str,), False),
-    "network": ((dict, type(None)), False),
-    "ssh": ((dict, type(None)), False),
-    "bootstrap": ((dict, type(None)), False),
-    "vars": ((dict, type(None)), False),
-    "secrets": ((dict, type(None)), False),
-    "limits": ((dict, type(None)), False),
-}
-
-
-def parse_config(data: bytes) -> dict:
-    """config.json as bytes -> a config whose every field has the shape the agent uses; ValueError else.
-    The agent reads only what this lets through, so a damaged drive is a clear `failed`, not a crash."""
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ValueError("config drive: config.json is too large")
+def parse_config(data: bytes) -> DriveConfig:
+    """config.json as bytes -> the config, checked whole (DriveConfig, which the host checks with before it
+    writes the drive); ValueError else. The agent reads only what this lets through, so a damaged drive is a
+    clear `failed`, not a crash."""
+    if len(data) > DRIVE_MAX_BYTES:
+        raise ValueError(f"config drive: {DRIVE_FILE} is too large")
     try:
         config = jsonio.loads(data)
     except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"config drive: config.json is not JSON: {e}") from None
-    if not isinstance(config, dict) or config.get("v") != 1:
-        raise ValueError("config drive: config.json is not a version 1 herovm config")
-    for key, (types, required) in _SHAPE.items():
-        if key not in config:
-            if required:
-                raise ValueError(f"config drive: {key} is missing")
-        elif not isinstance(config[key], types) or isinstance(config[key], bool):
-            raise ValueError(f"config drive: {key} has the wrong type")
-    net = config.get("network") or {}
-    for key in ("address", "gateway"):
-        if net and not isinstance(net.get(key), str):
-            raise ValueError(f"config drive: network.{key} must be a string")
-    if net and (not isinstance(net.get("mtu", 1500), int) or not 68 <= net.get("mtu", 1500) <= 65535):
-        raise ValueError("config drive: network.mtu must be an integer from 68 to 65535")
-    if net and not (
-        isinstance(net.get("dns", []), list) and all(isinstance(d, str) for d in net.get("dns", []))
-    ):
-        raise ValueError("config drive: network.dns must be a list of strings")
-    ssh = config.get("ssh") or {}
-    if ssh and not isinstance(ssh.get("host_key"), str):
-        raise ValueError("config drive: ssh.host_key must be a string")
-    keys = ssh.get("authorized_keys", [])
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise ValueError("config drive: ssh.authorized_keys must be a list of strings")
-    if not isinstance(ssh.get("port", 22), int) or isinstance(ssh.get("port", 22), bool):
-        raise ValueError("config drive: ssh.port must be an integer")
-    boot = config.get("bootstrap") or {}
-    for key in ("script", "url", "sha256", "name"):
-        if key in boot and not isinstance(boot[key], str):
-            raise ValueError(f"config drive: bootstrap.{key} must be a string")
-    for key in ("vars", "secrets"):
-        variables = config.get(key) or {}
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in variables.items()):
-            raise ValueError(f"config drive: {key} must map strings to strings")
-    limits = config.get("limits") or {}
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in limits.values()):
-        raise ValueError("config drive: limits must be numbers")
-    return config
+        raise ValueError(f"config drive: {DRIVE_FILE} is not JSON: {e}") from None
+    return DriveConfig.from_json(config)
 
 
 EXT4_IOC_RESIZE_FS = 0x40086610  # _IOW('f', 16, __u64)
@@ -204,7 +162,7 @@ class Socket(_socket.socket):
         return Socket(self.family, self.type, self.proto, fileno=fd), address
 
 
-def setup_network(net: dict | None) -> None:
+def setup_network(net: Network | None) -> None:
     """Loopback up; with `net`, the first NIC gets its MTU, IPv4 address and default route. Plain ioctls:
     `ip` is a ~0.1 s start under emulation (it links half a dozen libraries), these take a millisecond."""
     with Socket(_socket.AF_INET, _socket.SOCK_DGRAM) as sock:
@@ -215,9 +173,9 @@ def setup_network(net: dict | None) -> None:
         if not ifaces:
             raise RuntimeError("no network interface found")
         dev = ifaces[0]
-        address, _, prefix = str(net["address"]).partition("/")
+        address, _, prefix = net.address.partition("/")
         mask = ((0xFFFFFFFF << (32 - int(prefix or 32))) & 0xFFFFFFFF).to_bytes(4, "big")
-        fcntl.ioctl(sock, SIOCSIFMTU, _ifreq(dev, struct.pack("i", int(net.get("mtu", 1500)))))
+        fcntl.ioctl(sock, SIOCSIFMTU, _ifreq(dev, struct.pack("i", net.mtu)))
         fcntl.ioctl(sock, SIOCSIFADDR, _ifreq(dev, _sockaddr_in(address)))
         fcntl.ioctl(sock, SIOCSIFNETMASK, _ifreq(dev, _sockaddr_in(_socket.inet_ntoa(mask))))
         _link_up(sock, dev)
@@ -226,7 +184,7 @@ def setup_network(net: dict | None) -> None:
             "@L16s16s16sHhLPhPLLH",
             0,
             any_address,  # destination: default
-            _sockaddr_in(str(net["gateway"])),
+            _sockaddr_in(net.gateway),
             any_address,  # netmask
             RTF_UP | RTF_GATEWAY,
             *(0,) * 8,
@@ -234,7 +192,7 @@ def setup_network(net: dict | None) -> None:
         fcntl.ioctl(sock, SIOCADDRT, route.ljust(RTENTRY_SIZE, b"\0"))
     _announce(dev, address)
     with open("/etc/resolv.conf", "w") as f:
-        f.writelines(f"nameserver {ns}\n" for ns in net.get("dns", []))
+        f.writelines(f"nameserver {ns}\n" for ns in net.dns)
 
 
 # <linux/sockios.h>, <linux/route.h>, <net/if.h>
@@ -293,12 +251,10 @@ def write_private(path: str, content: str, mode: int = 0o600) -> None:
     os.chmod(path, mode)
 
 
-def install_ssh_keys(ssh: dict) -> None:
-    write_private("/etc/ssh/ssh_host_ed25519_key", ssh["host_key"].rstrip("\n") + "\n")
+def install_ssh_keys(ssh: SSH) -> None:
+    write_private("/etc/ssh/ssh_host_ed25519_key", ssh.host_key.rstrip("\n") + "\n")
     os.makedirs("/root/.ssh", mode=0o700, exist_ok=True)
-    write_private(
-        "/root/.ssh/authorized_keys", "".join(k.strip() + "\n" for k in ssh.get("authorized_keys", []))
-    )
+    write_private("/root/.ssh/authorized_keys", "".join(k.strip() + "\n" for k in ssh.authorized_keys))
 
 
 class SSHListener:
@@ -341,7 +297,7 @@ class SSHListener:
             if self._exec_token is not None and self._opens_with_exec_magic(conn):
                 from . import exec_server
 
-                conn.recv(len(exec_server.MAGIC))
+                conn.recv(len(EXEC_MAGIC))
                 exec_server.serve(conn, self._exec_token, self._processes)
                 return
             with self._sessions_lock:
@@ -372,22 +328,20 @@ class SSHListener:
             self._sessions -= 1
 
     def _opens_with_exec_magic(self, conn: Socket) -> bool:
-        from .exec_server import MAGIC
-
         conn.settimeout(self.PEEK_WAIT_S)
         deadline = time.monotonic() + self.PEEK_WAIT_S
         try:
             seen = b""
-            while len(seen) < len(MAGIC) and MAGIC.startswith(seen):
+            while len(seen) < len(EXEC_MAGIC) and EXEC_MAGIC.startswith(seen):
                 if time.monotonic() > deadline:
                     return False
-                more = conn.recv(len(MAGIC), _socket.MSG_PEEK)  # waits only while nothing is buffered
+                more = conn.recv(len(EXEC_MAGIC), _socket.MSG_PEEK)  # waits only while nothing is buffered
                 if not more:
                     return False
                 if more == seen:
                     time.sleep(0.005)
                 seen = more
-            return seen == MAGIC
+            return seen == EXEC_MAGIC
         except OSError:  # the client said nothing in time: let sshd speak first
             return False
         finally:

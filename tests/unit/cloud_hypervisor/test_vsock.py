@@ -22,6 +22,7 @@ from herovm.guest import vsock
 from herovm.guest.events import AgentChannel
 from herovm.guest.ssh import GuestConnection
 from herovm.manager import Manager
+from herovm.protocol import AGENT_VSOCK_PORT, SSH_PORT
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "bootstrap/agent"))
@@ -128,9 +129,9 @@ def test_the_agent_protocol_over_vsock(sock_dir: Path) -> None:
         threading.Thread(target=events._reader, args=(guest,), daemon=True).start()
         return host_side
 
-    hv = HybridVsock(sock_dir / "v.sock", {vsock.AGENT_PORT: agent_port})
+    hv = HybridVsock(sock_dir / "v.sock", {AGENT_VSOCK_PORT: agent_port})
     deadline = time.monotonic() + 10
-    ch = AgentChannel(None, deadline, sock=vsock.connect_hybrid(hv.path, vsock.AGENT_PORT, deadline))
+    ch = AgentChannel(None, deadline, sock=vsock.connect_hybrid(hv.path, AGENT_VSOCK_PORT, deadline))
     it = ch.events(deadline)
     assert [next(it)["event"], next(it)["event"]] == ["boot", "setup"]  # the replay on hello
     events.emit("ready", actions=0)
@@ -142,7 +143,7 @@ def test_the_agent_protocol_over_vsock(sock_dir: Path) -> None:
         time.sleep(0.02)
     assert commands == [{"op": "status"}]
     # a second host (e.g. `herovm stop`) gets the whole boot again, in order
-    ch2 = AgentChannel(None, deadline, sock=vsock.connect_hybrid(hv.path, vsock.AGENT_PORT, deadline))
+    ch2 = AgentChannel(None, deadline, sock=vsock.connect_hybrid(hv.path, AGENT_VSOCK_PORT, deadline))
     it2 = ch2.events(deadline)
     assert [next(it2)["seq"] for _ in range(3)] == [0, 1, 2]
     ch.close()
@@ -168,19 +169,19 @@ def test_an_ssh_session_over_vsock(sock_dir: Path, tmp_path: Path) -> None:
     keys = local.ClientKeys(tmp_path / "keys")
     with local.LocalSshd(tmp_path / "sshd", keys).start() as sshd:
         hv = HybridVsock(
-            sock_dir / "v.sock", {vsock.SSH_PORT: lambda: socket.create_connection(("127.0.0.1", sshd.port))}
+            sock_dir / "v.sock", {SSH_PORT: lambda: socket.create_connection(("127.0.0.1", sshd.port))}
         )
         conn = GuestConnection(
-            port=vsock.SSH_PORT,
+            port=SSH_PORT,
             client_key=keys.client_key,
             host_key=keys.host_public,
             user=sshd.user,
-            sock_factory=lambda t: vsock.connect_hybrid(hv.path, vsock.SSH_PORT, time.monotonic() + t),
+            sock_factory=lambda t: vsock.connect_hybrid(hv.path, SSH_PORT, time.monotonic() + t),
         )
         with conn.connect(10):
             r = conn.exec(["sh", "-c", "echo over-vsock; exit 3"])
         assert (r.exit_code, r.stdout) == (3, b"over-vsock\n")
-        assert hv.connects == [vsock.SSH_PORT]
+        assert hv.connects == [SSH_PORT]
         hv.close()
 
 
@@ -197,7 +198,7 @@ def test_the_manager_takes_the_transport_from_the_backend(sock_dir: Path) -> Non
 
     assert Manager(Plain()).guest_connector("box") is None  # type: ignore[arg-type]
     connect = Manager(Vsock()).guest_connector("box")  # type: ignore[arg-type]
-    hv = HybridVsock(sock_dir / "box.sock", {vsock.AGENT_PORT: lambda: socket.socketpair()[0]})
-    connect(vsock.AGENT_PORT, time.monotonic() + 2).close()
-    assert hv.connects == [vsock.AGENT_PORT]
+    hv = HybridVsock(sock_dir / "box.sock", {AGENT_VSOCK_PORT: lambda: socket.socketpair()[0]})
+    connect(AGENT_VSOCK_PORT, time.monotonic() + 2).close()
+    assert hv.connects == [AGENT_VSOCK_PORT]
     hv.close()
