@@ -64,8 +64,11 @@ def test_exec_goes_through_the_agent_and_ssh_still_answers_on_the_same_port(box)
     # sshd puts SSH_CLIENT in a session's environment; the agent does not.
     assert box.exec(["sh", "-c", 'echo "${SSH_CLIENT:-agent}"']).stdout == b"agent\n"
     assert box._conn is None  # no SSH connection was needed
-    over_ssh = box.connection().exec(["sh", "-c", 'echo "${SSH_CLIENT:+ssh}"'])
-    assert over_ssh.stdout == b"ssh\n"
+    conn = box.connection()
+    try:
+        assert conn.exec(["sh", "-c", 'echo "${SSH_CLIENT:+ssh}"']).stdout == b"ssh\n"
+    finally:
+        conn.close()  # its sshd session would count against the flood test's 32
 
 
 def test_shell_lines_missing_commands_and_directories(box):
