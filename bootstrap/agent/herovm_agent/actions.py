@@ -14,10 +14,10 @@ import threading
 from dataclasses import dataclass, field
 
 from herovm.heroscript import ActionFailed, HeroScriptError, Param, Problem, Registry
+from herovm.protocol import GUEST_PATH, OUTPUT_TAIL
 
 from .processes import Processes, Service, Services
 
-OUTPUT_TAIL = 4096
 registry = Registry()
 
 
@@ -27,7 +27,7 @@ class GuestContext:
     services: Services
     env: dict[str, str] = field(
         default_factory=lambda: {
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PATH": GUEST_PATH,
             "HOME": "/root",
             "LANG": "C.UTF-8",
             "TERM": "xterm",

@@ -21,6 +21,8 @@ import os
 import time
 from _signal import SIGKILL, SIGTERM
 
+from herovm.protocol import Kind, ServiceState
+
 TYPE_CHECKING = False  # typing itself is a cost at boot
 if TYPE_CHECKING:
     import subprocess
@@ -196,7 +198,7 @@ class Services:
             log.close()
         launched.append(proc)
         service.proc, service.pid, service.state = proc, proc.pid, "running"
-        self._notify("service", name=service.name, state="started", pid=proc.pid)
+        self._notify(Kind.SERVICE, name=service.name, state=ServiceState.STARTED, pid=proc.pid)
 
     def _exited(self, service: Service, launched: list[subprocess.Popen], code: int) -> None:
         with self._lock:  # taken only once the launch of this process has recorded it
@@ -205,13 +207,17 @@ class Services:
             service.last_exit, service.pid, service.proc = code, None, None
             policy = service.restart
             if service.stopping or policy == "never" or (policy == "on-failure" and code == 0):
-                service.state = "stopped" if service.stopping else "exited"
-                self._notify("service", name=service.name, state=service.state, exit_code=code)
+                service.state = ServiceState.STOPPED if service.stopping else ServiceState.EXITED
+                self._notify(Kind.SERVICE, name=service.name, state=service.state, exit_code=code)
                 return
             service.restarts += 1
-            service.state = "restarting"
+            service.state = ServiceState.RESTARTING
             self._notify(
-                "service", name=service.name, state="restarting", exit_code=code, restarts=service.restarts
+                Kind.SERVICE,
+                name=service.name,
+                state=ServiceState.RESTARTING,
+                exit_code=code,
+                restarts=service.restarts,
             )
             delay = min(0.1 * 2 ** min(service.restarts, 6), 5.0)
             import threading
@@ -223,14 +229,14 @@ class Services:
     def _relaunch(self, service: Service) -> None:
         with self._lock:
             service.timer = None
-            if service.stopping or service.state != "restarting":
+            if service.stopping or service.state != ServiceState.RESTARTING:
                 return
             try:
                 self._launch(service)
             except Exception as e:  # noqa: BLE001 - in a timer thread: nobody else would hear of it
-                service.state = "exited"
+                service.state = ServiceState.EXITED
                 print(f"herovm-agent: cannot restart service {service.name}: {e}", flush=True)
-                self._notify("service", name=service.name, state="exited")
+                self._notify(Kind.SERVICE, name=service.name, state=ServiceState.EXITED)
 
     def stop_all(self, grace: float = 5.0) -> None:
         """Stop every service: SIGTERM to each one's process group, SIGKILL to what is left after `grace`.
@@ -244,9 +250,9 @@ class Services:
                     s.timer = None
                 if s.proc is not None:
                     self._processes.signal_group(s.proc, SIGTERM)
-                elif s.state == "restarting":
-                    s.state = "stopped"
-                    self._notify("service", name=s.name, state="stopped")
+                elif s.state == ServiceState.RESTARTING:
+                    s.state = ServiceState.STOPPED
+                    self._notify(Kind.SERVICE, name=s.name, state=ServiceState.STOPPED)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(s.proc is not None for s in services):
             time.sleep(0.05)
