@@ -7,446 +7,34 @@ where they are used: `herovm exec` pays for none of them (tens of ms per call).
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import hashlib
-import json
 import os
-import secrets
 import socket
-import stat
-import subprocess
 import time
-import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 from . import accel as accel_mod
-from . import state
+from . import disks, state
 from .backends import Backend, Machine, MachineSpec, get_backend
-from .backends.base import GUEST_NET, NET_MODES
+from .backends.base import NET_MODES
+from .boot import Boot, now
+from .bootstrap import Bootstrap, fetch_on_host, load_bootstrap, redact, redacted
 from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, InvalidInput, NotFound
-from .guest.agent_exec import AgentExec
-from .guest.events import AgentChannel, console_events, console_story, console_tail
-from .guest.execution import ExecResult, open_tcp
+from .guest.events import console_story
 from .progress import Progress, Reporter, silent, still_waiting
-from .protocol import (
-    AGENT_VSOCK_PORT,
-    BOOTSTRAP_LIMIT,
-    BOOTSTRAP_NAME,
-    FETCH_TIMEOUT_S,
-    SSH_PORT,
-    TERMINAL,
-    Command,
-    Kind,
-    Stage,
-)
-from .protocol_host import Story, describe_event, printable
+from .protocol import FETCH_TIMEOUT_S, TERMINAL, Command, Stage
+from .vm import VM
 
 if TYPE_CHECKING:
-    from .guest.ssh import GuestConnection
-    from .heroscript import Playbook, Problem
     from .images import Image
+
+__all__ = ["VM", "Manager"]
 
 # Under TCG, QEMU finds translated code by virtual address, so address-space randomisation makes every new
 # process translate its code (ld.so, libc) afresh: exec of /usr/bin/true 23 ms with it, 4 ms without;
 # bash -c true 53 ms vs 10 ms. Guests under KVM keep ASLR. docs/benchmarks.md: how to turn it back on.
 TCG_KERNEL_ARGS = "norandmaps"
-SECRETS_FILE = "vars.json"  # in the VM's secrets/ (0700; the file 0600): `--secret` values, nowhere else
-
-
-@dataclass
-class Bootstrap:
-    """A bootstrap as the guest will get it: inline text, or a URL pinned by sha256."""
-
-    name: str = BOOTSTRAP_NAME
-    script: str | None = None
-    url: str | None = None
-    sha256: str | None = None
-
-    @property
-    def digest(self) -> str | None:
-        return hashlib.sha256(self.script.encode()).hexdigest() if self.script is not None else self.sha256
-
-    def drive_entry(self) -> dict | None:
-        if self.script is not None:
-            return {"script": self.script, "name": self.name}
-        if self.url:
-            return {"url": self.url, "sha256": self.sha256, "name": self.name}
-        return None
-
-
-def load_bootstrap(
-    source: str | os.PathLike | None,
-    sha256: str | None = None,
-    *,
-    variables: Mapping[str, str] | None = None,
-    secrets: Mapping[str, str] | None = None,
-    allow_empty: bool = False,
-) -> Bootstrap:
-    """Read a bootstrap from a file, a URL (needs sha256) or inline text (contains a newline or starts with
-    `!`), and check it against the guest's actions before any VM exists. None or "" is no bootstrap; a
-    bootstrap that is given but has no action is refused unless `allow_empty` (a shell script, a data file
-    given by mistake would otherwise boot as an empty bootstrap)."""
-    if source is None or source == "":
-        return Bootstrap()
-    text = os.fspath(source)
-    if text.startswith(("http://", "https://")):
-        if not sha256 or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
-            raise InvalidInput(
-                f"bootstrap URL {text} needs --bootstrap-sha256 with its 64-hex-digit sha256",
-                hint="compute it with `sha256sum FILE`; herovm never runs unpinned content",
-            )
-        return Bootstrap(
-            name=Path(urllib.parse.urlparse(text).path).name or BOOTSTRAP_NAME,
-            url=text,
-            sha256=sha256.lower(),
-        )
-    if "\n" in text or text.lstrip().startswith("!"):
-        bootstrap = Bootstrap(script=text)
-    else:
-        path = Path(text)
-        data = read_bootstrap_file(path)
-        bootstrap = Bootstrap(name=path.name, script=data.decode("utf-8", "replace"))
-    if sha256 and bootstrap.digest != sha256.lower():
-        raise InvalidInput(f"bootstrap sha256 is {bootstrap.digest}, not the {sha256} given")
-    check_bootstrap(
-        bootstrap.script or "", bootstrap.name, variables, secrets=secrets, allow_empty=allow_empty
-    )
-    return bootstrap
-
-
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def read_bootstrap_file(path: Path, limit: int = BOOTSTRAP_LIMIT) -> bytes:
-    """A bootstrap file's bytes. Looked at before it is opened: only a regular file of at most `limit` bytes
-    is read (a FIFO would block, a device never ends), and never more than `limit` + 1 bytes of it."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
-        why = e.strerror if isinstance(e, OSError) else str(e)
-        raise InvalidInput(f"cannot read bootstrap {path}: {why}", hint="give a .hero file or a URL") from e
-    if not stat.S_ISREG(st.st_mode):
-        kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a file")
-        raise InvalidInput(f"bootstrap {path} is {kind}, not a regular file")
-    if st.st_size > limit:
-        raise InvalidInput(f"bootstrap {path} is larger than {limit} bytes")
-    try:
-        # O_NONBLOCK: should the path have become a FIFO since the stat, opening it does not wait for a writer
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as e:
-        raise InvalidInput(f"cannot read bootstrap {path}: {e.strerror}") from e
-    with os.fdopen(fd, "rb") as f:
-        now = os.fstat(fd)
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
-            raise InvalidInput(f"bootstrap {path} was replaced while it was read")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise InvalidInput(f"bootstrap {path} is larger than {limit} bytes")
-    return data
-
-
-def fetch_on_host(
-    boot: Bootstrap,
-    variables: Mapping[str, str] | None,
-    timeout: float,
-    *,
-    secrets: Mapping[str, str] | None = None,
-    allow_empty: bool = False,
-) -> Bootstrap:
-    """Fetch a URL bootstrap on the host (for guests without egress), verify its sha256, inline it. The
-    whole fetch (connect, redirects, headers, body) has `timeout` seconds."""
-    import http.client
-
-    assert boot.url is not None
-    try:
-        data = fetch_url(boot.url, BOOTSTRAP_LIMIT, timeout)
-    except TimeoutError as e:
-        raise InvalidInput(
-            f"cannot fetch bootstrap {boot.url}: no complete answer within {timeout:g}s",
-            hint="is the server up and fast enough? --timeout bounds the fetch too",
-        ) from e
-    except (OSError, ValueError, http.client.HTTPException) as e:
-        raise InvalidInput(f"cannot fetch bootstrap {boot.url}: {e}") from e
-    if len(data) > BOOTSTRAP_LIMIT:
-        raise InvalidInput(f"bootstrap {boot.url} is larger than the limit of {BOOTSTRAP_LIMIT} bytes")
-    got = hashlib.sha256(data).hexdigest()
-    if got != boot.sha256:
-        raise InvalidInput(f"bootstrap {boot.url}: sha256 {got} does not match the pinned {boot.sha256}")
-    fetched = Bootstrap(name=boot.name, script=data.decode("utf-8", "replace"))
-    check_bootstrap(fetched.script or "", fetched.name, variables, secrets=secrets, allow_empty=allow_empty)
-    return fetched
-
-
-def fetch_url(url: str, limit: int, timeout: float) -> bytes:
-    """GET an http(s) URL, redirects followed: at most `limit` + 1 bytes, and the whole of it within `timeout`
-    seconds (TimeoutError after that). A socket timeout alone bounds each read, not their sum: a server that
-    sends a byte a second would hold the caller for ever. The fetch runs in a thread that the caller stops
-    waiting for at the deadline; its connection is shut down then, which ends any read it is blocked in."""
-    import http.client
-    import threading
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    connections: list[http.client.HTTPConnection] = []
-    given_up = threading.Event()
-    finished = threading.Event()
-    outcome: dict[str, object] = {}
-
-    class Deadline:
-        """Mixed into http.client's connections: each connect gets what is left of the deadline."""
-
-        timeout: float | None
-
-        def connect(self) -> None:
-            left = deadline - time.monotonic()
-            if left <= 0 or given_up.is_set():
-                raise TimeoutError("the deadline passed")
-            self.timeout = left
-            connections.append(self)  # type: ignore[arg-type]
-            super().connect()  # type: ignore[misc]
-
-    class HTTP(Deadline, http.client.HTTPConnection):
-        pass
-
-    class HTTPS(Deadline, http.client.HTTPSConnection):
-        pass
-
-    class HTTPHandler(urllib.request.HTTPHandler):
-        def http_open(self, req):  # type: ignore[no-untyped-def]
-            return self.do_open(HTTP, req)
-
-    class HTTPSHandler(urllib.request.HTTPSHandler):
-        def https_open(self, req):  # type: ignore[no-untyped-def]
-            return self.do_open(HTTPS, req, context=self._context)  # type: ignore[attr-defined]
-
-    def fetch() -> None:
-        try:
-            opener = urllib.request.build_opener(HTTPHandler, HTTPSHandler)
-            with opener.open(url, timeout=timeout) as resp:
-                chunks: list[bytes] = []
-                size = 0
-                while size <= limit and not given_up.is_set():
-                    chunk = resp.read1(min(65536, limit + 1 - size))
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    size += len(chunk)
-            outcome["data"] = b"".join(chunks)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            outcome["error"] = e
-        finally:
-            finished.set()
-
-    worker = threading.Thread(target=fetch, name="herovm-fetch", daemon=True)
-    worker.start()
-    if not finished.wait(max(0.0, deadline - time.monotonic())):
-        given_up.set()
-        for conn in connections:
-            sock = conn.sock
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-        raise TimeoutError(f"no complete answer within {timeout:g}s")
-    error = outcome.get("error")
-    if isinstance(error, BaseException):
-        raise error
-    return outcome["data"]  # type: ignore[return-value]
-
-
-def check_bootstrap(
-    script: str,
-    name: str,
-    variables: Mapping[str, str] | None,
-    *,
-    secrets: Mapping[str, str] | None = None,
-    allow_empty: bool = False,
-) -> None:
-    """Parse and validate a bootstrap as the guest will (variables and secrets substituted into the parsed
-    values); a secret's value never appears in the error. No action at all is an error unless allow_empty."""
-    from .guest.registry import guest_registry
-    from .heroscript import HeroScriptError, parse, validate
-
-    given = {**(variables or {}), **(secrets or {})}
-    try:
-        playbook = parse(script, path=name, variables=given or None, resolve_includes=False)
-    except HeroScriptError as e:
-        raise InvalidInput(redact(f"bootstrap does not parse: {e}", secrets)) from None
-    include = next(iter(bootstrap_include_problems(playbook)), None)
-    if include is not None:
-        where = f"{include.file}:{include.line}:{include.col}"
-        raise InvalidInput(redact(f"{where}: {include.message}", secrets), hint=include.hint)
-    errors = [p for p in validate(playbook, guest_registry()) if p.severity == "error"]
-    if errors:
-        raise InvalidInput(redact("bootstrap is invalid:\n" + "\n".join(str(p) for p in errors), secrets))
-    if not playbook.actions and not allow_empty:
-        raise InvalidInput(
-            f"bootstrap {name} has no actions (no `!!actor.name` line): is it a HeroScript file?",
-            hint="to boot with an empty bootstrap anyway: --allow-empty (allow_empty:true in !!vm.create)",
-        )
-
-
-def bootstrap_include_problems(playbook: Playbook) -> list[Problem]:
-    """An include in a bootstrap (parsed with resolve_includes=False): the guest gets the one script, without
-    the files next to it, so the host must not read them either."""
-    from .heroscript import Problem
-
-    return [
-        Problem(
-            a.file,
-            a.line,
-            a.col,
-            "!!play.include in a bootstrap: the guest gets this one script, not the files it includes",
-            hint="includes work in playbooks; inline the file",
-        )
-        for a in playbook.actions
-        if a.fullname == "play.include"
-    ]
-
-
-def redact(text: str, secrets: Mapping[str, str] | None) -> str:
-    """`text` with every secret's value replaced by `[secret NAME]` (longest values first)."""
-    for key, value in sorted((secrets or {}).items(), key=lambda kv: -len(kv[1])):
-        if value:
-            text = text.replace(value, f"[secret {key}]")
-    return text
-
-
-def _redacted(obj: object, secrets: Mapping[str, str]) -> object:
-    if isinstance(obj, str):
-        return redact(obj, secrets)
-    if isinstance(obj, dict):
-        return {k: _redacted(v, secrets) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_redacted(v, secrets) for v in obj)
-    return obj
-
-
-@dataclass
-class BootReport:
-    """What the agent said during one boot."""
-
-    events: list[dict] = field(default_factory=list)
-
-    @property
-    def outcome(self) -> str | None:
-        """The first `ready` or `failed`: what decides a boot (herovm.protocol.Story)."""
-        return next((e["event"] for e in self.events if e["event"] in TERMINAL), None)
-
-    def actions(self) -> list[dict]:
-        return [e for e in self.events if e["event"] == "action.end"]
-
-
-class VM:
-    """A handle on one VM: exec, cp, and its facts. Keeps one SSH connection for all its calls."""
-
-    def __init__(self, manager: Manager, name: str, meta: dict) -> None:
-        self.manager = manager
-        self.name = name
-        self.meta = meta
-        self._conn: GuestConnection | None = None
-        self._agent: AgentExec | None = None
-
-    @property
-    def ssh_port(self) -> int | None:
-        return self.meta.get("ssh_port")
-
-    def _guest_port(self) -> tuple[int, Callable[[float], socket.socket] | None]:
-        """Where the guest's port 22 (sshd, and the agent's exec) is: the forward on 127.0.0.1, or else
-        (timeout) -> a stream from the backend's connector (Cloud Hypervisor: vsock)."""
-        connect = self.manager.guest_connector(self.name)
-        if connect is None and not self.ssh_port:
-            raise GuestError(
-                f"VM {self.name} has no network (--net none), so no exec or SSH",
-                hint="create it with another --net mode to exec into it",
-            )
-        if connect is None:
-            return self.ssh_port, None
-        return SSH_PORT, lambda timeout: connect(SSH_PORT, time.monotonic() + timeout)
-
-    def connection(self, deadline_s: float = 30.0) -> GuestConnection:
-        if self._conn is None or not self._conn.connected:
-            port, sock_factory = self._guest_port()
-            from .guest.ssh import GuestConnection  # paramiko: ~90 ms to import, only SSH needs it
-
-            self._conn = GuestConnection(
-                port=port,
-                client_key=state.VMDir(self.name).client_key,
-                host_key=self.meta.get("host_key") or "",
-                sock_factory=sock_factory,
-            )
-            self._conn.connect(deadline_s)
-        return self._conn
-
-    def exec(
-        self,
-        command: Sequence[str] | str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | BinaryIO | None = None,
-        on_stdout: Callable[[bytes], None] | None = None,
-        on_stderr: Callable[[bytes], None] | None = None,
-    ) -> ExecResult:
-        agent = self._agent_exec()
-        if agent is None:
-            self.manager.require_running(self.name)
-        runner = agent or self.connection()
-        return runner.exec(
-            command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr
-        )
-
-    def _agent_exec(self) -> AgentExec | None:
-        """Exec through the agent (no SSH), for VMs whose image's agent serves it."""
-        if not self.meta.get("agent_exec"):
-            return None
-        if self._agent is None:
-            port, sock_factory = self._guest_port()
-            token = state.VMDir(self.name).exec_token.read_text().strip()
-            self._agent = AgentExec(
-                target=self.name,
-                token=token,
-                connect=sock_factory or (lambda timeout: open_tcp("127.0.0.1", port, timeout)),
-                # Asked only when the agent does not answer: a stopped or vanished VM is said at once.
-                on_unreachable=lambda: self.manager.require_running(self.name),
-            )
-        return self._agent
-
-    def put(self, local: str | os.PathLike, remote: str) -> None:
-        self.manager.require_running(self.name)
-        self.connection().put(local, remote)
-
-    def get(self, remote: str, local: str | os.PathLike) -> list[str]:
-        """Copy from the guest (GuestConnection.get: nothing it sends is trusted); returns the skipped
-        entries, each also reported through the manager's progress (the CLI prints them on stderr)."""
-        self.manager.require_running(self.name)
-        return self.connection().get(
-            remote, local, on_skip=lambda line: self.manager.progress(Progress("cp", line))
-        )
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        if self._agent is not None:
-            self._agent.close()
-            self._agent = None
-
-    def __enter__(self) -> VM:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Manager:
@@ -517,14 +105,14 @@ class Manager:
             return self._up(*args, *more)
         report = self.progress
         self.progress = lambda p: report(
-            Progress(p.stage, redact(p.message, secret_vars), _redacted(p.data, secret_vars))  # type: ignore[arg-type]
+            Progress(p.stage, redact(p.message, secret_vars), redacted(p.data, secret_vars))  # type: ignore[arg-type]
         )
         try:
             return self._up(*args, *more)
         except HeroVMError as e:
             e.message = redact(e.message, secret_vars)
             e.hint = redact(e.hint, secret_vars) if e.hint else e.hint
-            e.details = _redacted(e.details, secret_vars)  # type: ignore[assignment]
+            e.details = redacted(e.details, secret_vars)  # type: ignore[assignment]
             e.args = (e.message,)
             raise
         finally:
@@ -587,7 +175,7 @@ class Manager:
             existing = self.backend.get(name)
             if existing is not None:
                 ready = (existing.metadata.get("last_boot") or {}).get("outcome") == "ready"
-                same = existing.metadata.get("settings") == settings and _same_secrets(vmdir, secret_vars)
+                same = existing.metadata.get("settings") == settings and vmdir.holds_secrets(secret_vars)
                 if same and existing.state == "running" and ready:
                     self.progress(Progress("up", f"{name} is already up with these settings"))
                     return VM(self, name, existing.metadata)
@@ -601,7 +189,7 @@ class Manager:
             img = images.ensure(image, self.progress)
             self._create(vmdir, img, settings, boot, dict(variables), secret_vars)
             try:
-                meta = self._boot(vmdir, timeout_s)
+                meta = self._booter().run(vmdir, timeout_s)
             except KeyboardInterrupt:
                 self.progress(Progress("up", f"interrupted: removing {name}"))
                 self._remove(name)
@@ -632,29 +220,12 @@ class Manager:
             from .guest import keys
 
             if secret_vars:  # for every boot's config drive; never in vm.json or the domain
-                keys.write_secret(vmdir.secrets / SECRETS_FILE, json.dumps(secret_vars).encode())
+                vmdir.write_secrets(secret_vars)
             client_pub = keys.generate_keypair(vmdir.client_key, comment=f"herovm-client@{name}")
             host_pub = keys.generate_keypair(vmdir.host_key, comment=f"herovm-host@{name}")
             keys.generate_token(vmdir.exec_token)
-            subprocess.run(
-                [
-                    "qemu-img",
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-F",
-                    "qcow2",
-                    "-b",
-                    str(img.disk),
-                    str(vmdir.disk),
-                    str(max(settings["disk"], img.manifest.get("root_size", 0))),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            os.chmod(vmdir.disk, 0o600)  # qemu-img honours the umask only: 0644 made the disk world-readable
+            size = max(settings["disk"], img.manifest.get("root_size", 0))
+            disks.create_overlay(img.disk, vmdir.disk, size, what=name)
             with state.named_lock("ports"):
                 port = None
                 if settings["net"] != "none":
@@ -671,7 +242,7 @@ class Manager:
                     "client_key": client_pub,
                     "agent_exec": int(img.manifest.get("agent_version", "1")) >= 2,
                     "bootstrap": boot.url or boot.name if boot.drive_entry() else None,
-                    "created": _now(),
+                    "created": now(),
                     "backend": self.backend.name,
                     "home": str(state.home()),  # every HEROVM_HOME shares libvirt: gc, ls keep to theirs
                 }
@@ -690,13 +261,11 @@ class Manager:
                 ):
                     self.backend.define(spec)
                 defined = True
-        except BaseException as e:
+        except BaseException:
             # Only what this call made is removed: a domain someone else defined meanwhile stays.
             if defined:
                 self.backend.undefine(name)
             vmdir.remove()
-            if isinstance(e, subprocess.CalledProcessError):
-                raise HeroVMError(f"cannot create the disk of {name}: {e.stderr.strip()}") from e
             raise
 
     def _spec(self, vmdir: state.VMDir, img: Image, meta: dict) -> MachineSpec:
@@ -723,163 +292,12 @@ class Manager:
             net_dir=vmdir.net_dir,
         )
 
-    def _write_drive(self, vmdir: state.VMDir, meta: dict) -> str:
-        local = vmdir.read_meta()
-        nonce = secrets.token_hex(16)
-        from .guest import configdrive
-
-        configdrive.write(
-            vmdir.drive,
-            {
-                "name": vmdir.name,
-                "hostname": vmdir.name,
-                "nonce": nonce,
-                "network": GUEST_NET if meta.get("ssh_port") else None,
-                "ssh": {
-                    "host_key": vmdir.host_key.read_text(),
-                    "authorized_keys": [meta["client_key"]],
-                    "port": SSH_PORT,
-                    "exec_token": vmdir.exec_token.read_text() if vmdir.exec_token.exists() else None,
-                },
-                "bootstrap": local.get("bootstrap_entry"),
-                "vars": local.get("vars") or {},
-                "secrets": _read_secrets(vmdir),
-                "limits": {"bootstrap_bytes": BOOTSTRAP_LIMIT, "fetch_timeout": self.fetch_timeout},
-            },
-        )
-        return nonce
-
-    def _boot(self, vmdir: state.VMDir, timeout_s: float) -> dict:
-        """Start the machine with a fresh config drive and follow the agent until ready or failed."""
-        name = vmdir.name
-        machine = self.backend.get(name)
-        if machine is None:
-            raise NotFound(f"VM {name} not found")
-        meta = machine.metadata
-        nonce = self._write_drive(vmdir, meta)
-        t0 = time.monotonic()
-        deadline = t0 + timeout_s
-        vmdir.agent_socket.unlink(missing_ok=True)
-        console_start = vmdir.console_log.stat().st_size if vmdir.console_log.exists() else 0
-        # The nonce is the domain's before the guest runs: `status` tells this boot's events from any other
-        # (an earlier boot's, or a guest's forgery) even if this process is killed before the end.
-        started = _now()
-        self.backend.set_metadata(name, {**meta, "last_boot": {"nonce": nonce, "started": started}})
-        self.progress(Progress("boot", f"starting {name}"))
-        try:
-            # QEMU binds the SSH forward as it starts: a port taken meanwhile makes the start fail, so a
-            # started VM owns its port (the allocation lock keeps herovm's own VMs apart).
-            with still_waiting(self.progress, "boot", f"waiting for {self.backend.name} to start {name}"):
-                self.backend.start(name)
-        except HeroVMError as e:
-            raise BootFailed(f"{name} could not start: {e.message}", stage="start") from e
-        report = self._follow(vmdir, nonce, deadline, t0, console_start)
-        meta = {
-            **meta,
-            "last_boot": {
-                "nonce": nonce,
-                "started": started,
-                "outcome": report.outcome,
-                "seconds": round(time.monotonic() - t0, 3),
-            },
-        }
-        self.backend.set_metadata(name, meta)
-        if report.outcome == "ready":
-            return meta
-        failed = next((e for e in reversed(report.events) if e["event"] == Kind.FAILED), {})
-
-        def said(key: str) -> str:  # what the guest said, safe to print
-            return printable(failed.get(key), one_line=True)
-
-        if failed.get("stage") == Stage.ACTION:
-            raise BootFailed(
-                f"bootstrap of {name} failed at {said('file')}:{failed.get('line')} "
-                f"({said('action')}): {said('error')}",
-                hint=f"the VM is kept for inspection: `herovm ssh {name}`, then `herovm down {name}`",
-                stage=Stage.ACTION,
-                action=failed.get("action"),
-                line=failed.get("line"),
-                output=failed.get("output", ""),
-            )
-        why = said("error") if failed.get("error") else "no answer"
-        raise BootFailed(
-            f"{name} did not become ready: {said('stage')}: {why}",
-            hint=f"the VM is kept for inspection (`herovm logs {name} --console`); "
-            f"remove it with `herovm down {name}`",
-            stage=failed.get("stage"),
-            console=console_tail(vmdir.console_log),
-        )
-
-    def _follow(
-        self, vmdir: state.VMDir, nonce: str, deadline: float, t0: float, console_start: int
-    ) -> BootReport:
-        """Follow the agent's events until ready or failed. While the channel is quiet, look at this boot's
-        console output too: the initramfs reports its failures there, before any agent exists."""
-        report = BootReport()
-        name = vmdir.name
-        # Only this boot's agent writes the channel (the socket is new with each start), so a `boot` event
-        # without a nonce (the agent could not read its drive) is this boot's too.
-        story = Story(nonce, unnamed=True)
-
-        def check_console() -> None:
-            if story.begun:  # the agent speaks: what the console says now is no longer the initramfs
-                return
-            for event in console_events(vmdir.console_log, offset=console_start):
-                if event["event"] == Kind.FAILED and event.get("stage") == Stage.INITRAMFS:
-                    report.events.append(event)
-                    raise _EarlyFailure
-
-        try:
-            channel = self._agent_channel(vmdir, deadline)
-        except TimeoutError:
-            self._fail_unanswered(name, vmdir, "its agent channel never appeared")
-        except OSError as e:  # e.g. a socket path over the 107-byte limit under a deep HEROVM_HOME
-            raise HeroVMError(
-                f"cannot open the agent channel of {name}: {e}", hint="use a shorter HEROVM_HOME"
-            ) from e
-        try:
-            for event in channel.events(deadline, on_idle=check_console):
-                if story.take(event) != Story.THIS:
-                    continue
-                report.events.append(event)
-                self.progress(
-                    Progress(
-                        "agent",
-                        describe_event(event),
-                        {**event, "host_seconds": round(time.monotonic() - t0, 3)},
-                    )
-                )
-                if story.outcome is not None:
-                    return report
-        except _EarlyFailure:
-            return report
-        except TimeoutError:
-            self._fail_unanswered(name, vmdir, f"no ready after {deadline - t0:.0f}s")
-        finally:
-            channel.close()
-        self._fail_unanswered(name, vmdir, "the guest stopped before it was ready")
-        return report  # not reached
+    def _booter(self) -> Boot:
+        return Boot(self.backend, self.progress, self.fetch_timeout)
 
     def guest_connector(self, name: str) -> Callable[[int, float], socket.socket] | None:
         """How to reach a guest port, as the backend says (None: agent socket and SSH forward)."""
-        connector = getattr(self.backend, "guest_connector", None)
-        return connector(name) if connector is not None else None
-
-    def _agent_channel(self, vmdir: state.VMDir, deadline: float) -> AgentChannel:
-        connect = self.guest_connector(vmdir.name)
-        sock = connect(AGENT_VSOCK_PORT, deadline) if connect is not None else None
-        return AgentChannel(vmdir.agent_socket, deadline, sock=sock)
-
-    def _fail_unanswered(self, name: str, vmdir: state.VMDir, why: str) -> None:
-        machine = self.backend.get(name)
-        tail = console_tail(vmdir.console_log)
-        raise BootFailed(
-            f"{name}: {why} (state {machine.state if machine else 'gone'}); "
-            f"last console line: {tail[-1] if tail else '(none)'}",
-            hint=f"see `herovm logs {name} --console`; remove it with `herovm down {name}`",
-            stage="boot",
-            console=tail,
-        )
+        return self._booter().guest_connector(name)
 
     # ----------------------------------------------------------------------------- other verbs
 
@@ -917,7 +335,7 @@ class Manager:
             self.progress(Progress("stop", f"stopping {name}"))
             deadline = time.monotonic() + timeout
             try:
-                channel = self._agent_channel(vmdir, time.monotonic() + 2)
+                channel = self._booter().agent_channel(vmdir, time.monotonic() + 2)
                 channel.send({"op": Command.POWEROFF})
                 channel.close()
                 while time.monotonic() < deadline:
@@ -936,7 +354,7 @@ class Manager:
             machine = self.machine(name)
             if machine.state == "running":
                 return VM(self, name, machine.metadata)
-            meta = self._boot(vmdir, _duration(timeout, "timeout"))
+            meta = self._booter().run(vmdir, _duration(timeout, "timeout"))
         return VM(self, name, meta)
 
     def down(self, name: str, wait: float = 300.0) -> None:
@@ -1079,7 +497,7 @@ class Manager:
             ],
             "failure": story.failure if agent == "failed" else None,
         }
-        return _redacted(facts, _read_secrets(vmdir))  # type: ignore[return-value]
+        return redacted(facts, vmdir.read_secrets())  # type: ignore[return-value]
 
     def logs(self, name: str, console: bool = False) -> Path | list[dict]:
         """The events of the VM's last boot as the console mirrors them (see `status`), or with `console`
@@ -1090,42 +508,13 @@ class Manager:
             return vmdir.console_log
         nonce = (vm.meta.get("last_boot") or {}).get("nonce")
         events = console_story(vmdir.console_log, nonce if isinstance(nonce, str) else None)[0].events
-        return _redacted(events, _read_secrets(vmdir))  # type: ignore[return-value]
+        return redacted(events, vmdir.read_secrets())  # type: ignore[return-value]
 
     def redactor(self, name: str) -> Callable[[str], str]:
         """Replaces the VM's secret values by `[secret NAME]` in text read from the guest. The agent redacts
         its own events already; this also covers what a guest process wrote to the console itself."""
-        secrets = _read_secrets(state.VMDir(state.validate_name(name)))
+        secrets = state.VMDir(state.validate_name(name)).read_secrets()
         return lambda text: redact(text, secrets)
-
-
-class _EarlyFailure(Exception):
-    """The boot failed before the agent ran (seen on the console)."""
-
-
-def _read_secrets(vmdir: state.VMDir) -> dict[str, str]:
-    """The VM's `--secret` values (its secrets/ directory), {} when it has none."""
-    try:
-        found = json.loads((vmdir.secrets / SECRETS_FILE).read_bytes())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise HeroVMError(f"cannot read the secrets of {vmdir.name}: {e}") from e
-    if not isinstance(found, dict) or not all(isinstance(v, str) for v in found.values()):
-        raise HeroVMError(f"the secrets file of {vmdir.name} is damaged")
-    return found
-
-
-def _same_secrets(vmdir: state.VMDir, secret_vars: Mapping[str, str]) -> bool:
-    """Whether the VM was made with these secret values, compared without a timing leak."""
-    import hmac
-
-    try:
-        kept = _read_secrets(vmdir)
-    except HeroVMError:
-        return False
-    mine = json.dumps(dict(sorted(secret_vars.items()))).encode()
-    return hmac.compare_digest(json.dumps(dict(sorted(kept.items()))).encode(), mine)
 
 
 def _size(value: str | int, what: str, minimum: int, maximum: int) -> int:
@@ -1158,7 +547,3 @@ def _duration(value: str | float, what: str) -> float:
     if seconds <= 0:
         raise InvalidInput(f"{what} must be longer than zero", hint="e.g. 30s or 5m")
     return seconds
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

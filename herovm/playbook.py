@@ -253,7 +253,7 @@ def _host(
 
 def _check_create(call: Call) -> None:
     from .accel import ACCELS
-    from .manager import load_bootstrap
+    from .bootstrap import load_bootstrap
 
     v = call.values
     _check_name(call)
@@ -301,8 +301,8 @@ def _check_inline(
 ) -> None:
     """Check an inline bootstrap against the guest's actions, reporting at the playbook's lines (a secret's
     value shown as `[secret NAME]`)."""
+    from .bootstrap import bootstrap_include_problems, redact
     from .guest.registry import guest_registry
-    from .manager import bootstrap_include_problems, redact
 
     action = call.action
     line0, _ = action.params.position("bootstrap")

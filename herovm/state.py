@@ -14,10 +14,10 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from .errors import Busy, InvalidInput
+from .errors import Busy, HeroVMError, InvalidInput
 
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
 NAME_RULE = "1-40 characters: lower-case letters, digits and '-', starting and ending with a letter or digit"
@@ -83,6 +83,11 @@ class VMDir:
         return self.secrets / "exec_token"
 
     @property
+    def secrets_file(self) -> Path:
+        """The VM's `--secret` values (JSON), kept for every boot's config drive and nowhere else."""
+        return self.secrets / "vars.json"
+
+    @property
     def disk(self) -> Path:
         return self.path / "disk.qcow2"
 
@@ -124,6 +129,34 @@ class VMDir:
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
         os.chmod(tmp, 0o600)
         tmp.replace(self.meta_file)
+
+    def write_secrets(self, values: Mapping[str, str]) -> None:
+        from .guest import keys
+
+        keys.write_secret(self.secrets_file, json.dumps(dict(values)).encode())
+
+    def read_secrets(self) -> dict[str, str]:
+        """The VM's `--secret` values, {} when it has none."""
+        try:
+            found = json.loads(self.secrets_file.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise HeroVMError(f"cannot read the secrets of {self.name}: {e}") from e
+        if not isinstance(found, dict) or not all(isinstance(v, str) for v in found.values()):
+            raise HeroVMError(f"the secrets file of {self.name} is damaged")
+        return found
+
+    def holds_secrets(self, values: Mapping[str, str]) -> bool:
+        """Whether the VM was made with these secret values, compared without a timing leak."""
+        import hmac
+
+        try:
+            kept = self.read_secrets()
+        except HeroVMError:
+            return False
+        mine = json.dumps(dict(sorted(values.items()))).encode()
+        return hmac.compare_digest(json.dumps(dict(sorted(kept.items()))).encode(), mine)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -28,11 +28,14 @@ from specs import define_in_vmdir, spec
 
 from herovm import images, state
 from herovm.backends.libvirt import PREFIX, LibvirtBackend
+from herovm.bootstrap import Bootstrap, load_bootstrap
 from herovm.errors import AlreadyExists, BootFailed, HeroVMError, InvalidInput, NotFound
 from herovm.guest import configdrive
 from herovm.guest.events import CONSOLE_PREFIX
-from herovm.manager import BOOTSTRAP_LIMIT, Bootstrap, Manager, describe_event, load_bootstrap
+from herovm.manager import Manager
 from herovm.progress import Progress
+from herovm.protocol import BOOTSTRAP_LIMIT
+from herovm.protocol_host import describe_event
 
 URI = "test:///default"
 _counter = itertools.count()
@@ -395,7 +398,7 @@ BODY_SHA = hashlib.sha256(BODY).hexdigest()
 def test_fetch_on_host_reads_a_prompt_server() -> None:
     from trickle import http_server
 
-    from herovm.manager import fetch_on_host
+    from herovm.bootstrap import fetch_on_host
 
     with http_server(BODY) as base:
         boot = fetch_on_host(load_bootstrap(base + "/b.hero", BODY_SHA), None, 5)
@@ -407,7 +410,7 @@ def test_fetch_on_host_has_one_deadline_for_a_trickling_server(trickle: str) -> 
     """Each read returns a byte in time, so a socket timeout never fires; the fetch as a whole has one."""
     from trickle import elapsed, http_server
 
-    from herovm.manager import fetch_on_host
+    from herovm.bootstrap import fetch_on_host
 
     with http_server(BODY, trickle=trickle, every=0.3) as base:  # ~7 s for the whole answer
         took, err = elapsed(fetch_on_host, load_bootstrap(base + "/b.hero", BODY_SHA), None, 1.0)

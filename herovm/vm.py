@@ -1,0 +1,123 @@
+"""A handle on one VM: exec (through its agent, or SSH for old images), cp, ssh, and its facts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, BinaryIO
+
+from . import state
+from .errors import GuestError
+from .guest.agent_exec import AgentExec
+from .guest.execution import ExecResult, open_tcp
+from .progress import Progress
+from .protocol import SSH_PORT
+
+if TYPE_CHECKING:
+    from .guest.ssh import GuestConnection
+    from .manager import Manager
+
+
+class VM:
+    """A handle on one VM: exec, cp, and its facts. Keeps one SSH connection for all its calls."""
+
+    def __init__(self, manager: Manager, name: str, meta: dict) -> None:
+        self.manager = manager
+        self.name = name
+        self.meta = meta
+        self._conn: GuestConnection | None = None
+        self._agent: AgentExec | None = None
+
+    @property
+    def ssh_port(self) -> int | None:
+        return self.meta.get("ssh_port")
+
+    def _guest_port(self) -> tuple[int, Callable[[float], socket.socket] | None]:
+        """Where the guest's port 22 (sshd, and the agent's exec) is: the forward on 127.0.0.1, or else
+        (timeout) -> a stream from the backend's connector (Cloud Hypervisor: vsock)."""
+        connect = self.manager.guest_connector(self.name)
+        if connect is None and not self.ssh_port:
+            raise GuestError(
+                f"VM {self.name} has no network (--net none), so no exec or SSH",
+                hint="create it with another --net mode to exec into it",
+            )
+        if connect is None:
+            return self.ssh_port, None
+        return SSH_PORT, lambda timeout: connect(SSH_PORT, time.monotonic() + timeout)
+
+    def connection(self, deadline_s: float = 30.0) -> GuestConnection:
+        if self._conn is None or not self._conn.connected:
+            port, sock_factory = self._guest_port()
+            from .guest.ssh import GuestConnection  # paramiko: ~90 ms to import, only SSH needs it
+
+            self._conn = GuestConnection(
+                port=port,
+                client_key=state.VMDir(self.name).client_key,
+                host_key=self.meta.get("host_key") or "",
+                sock_factory=sock_factory,
+            )
+            self._conn.connect(deadline_s)
+        return self._conn
+
+    def exec(
+        self,
+        command: Sequence[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | BinaryIO | None = None,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+    ) -> ExecResult:
+        agent = self._agent_exec()
+        if agent is None:
+            self.manager.require_running(self.name)
+        runner = agent or self.connection()
+        return runner.exec(
+            command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr
+        )
+
+    def _agent_exec(self) -> AgentExec | None:
+        """Exec through the agent (no SSH), for VMs whose image's agent serves it."""
+        if not self.meta.get("agent_exec"):
+            return None
+        if self._agent is None:
+            port, sock_factory = self._guest_port()
+            token = state.VMDir(self.name).exec_token.read_text().strip()
+            self._agent = AgentExec(
+                target=self.name,
+                token=token,
+                connect=sock_factory or (lambda timeout: open_tcp("127.0.0.1", port, timeout)),
+                # Asked only when the agent does not answer: a stopped or vanished VM is said at once.
+                on_unreachable=lambda: self.manager.require_running(self.name),
+            )
+        return self._agent
+
+    def put(self, local: str | os.PathLike, remote: str) -> None:
+        self.manager.require_running(self.name)
+        self.connection().put(local, remote)
+
+    def get(self, remote: str, local: str | os.PathLike) -> list[str]:
+        """Copy from the guest (GuestConnection.get: nothing it sends is trusted); returns the skipped
+        entries, each also reported through the manager's progress (the CLI prints them on stderr)."""
+        self.manager.require_running(self.name)
+        return self.connection().get(
+            remote, local, on_skip=lambda line: self.manager.progress(Progress("cp", line))
+        )
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
