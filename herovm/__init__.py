@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Manager",
     "VM",
+    "VMSettings",
     "HeroVMError",
     "BootFailed",
     "NotFound",
@@ -28,6 +29,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .errors import AlreadyExists, BootFailed, GuestError, HeroVMError, InvalidInput, NotFound
     from .manager import VM, Manager
+    from .settings import VMSettings
 
 
 def __getattr__(name: str) -> Any:
@@ -35,6 +37,10 @@ def __getattr__(name: str) -> Any:
         from . import manager
 
         return getattr(manager, name)
+    if name == "VMSettings":
+        from .settings import VMSettings
+
+        return VMSettings
     if name in __all__:
         from . import errors
 

@@ -4,12 +4,11 @@ BootFailed that says where the boot stopped (with the console's last lines when 
 
 from __future__ import annotations
 
-import datetime
 import secrets
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import state
 from .backends import Backend
@@ -19,6 +18,7 @@ from .guest.events import AgentChannel, console_events, console_tail
 from .progress import Progress, Reporter, still_waiting
 from .protocol import AGENT_VSOCK_PORT, BOOTSTRAP_LIMIT, SSH_PORT, TERMINAL, Kind, Stage
 from .protocol_host import Story, describe_event, printable
+from .record import LastBoot, VMRecord, now
 
 
 @dataclass
@@ -40,11 +40,6 @@ class _EarlyFailure(Exception):
     """The boot failed before the agent ran (seen on the console)."""
 
 
-def now() -> str:
-    """The time, as recorded in a VM's metadata (UTC, ISO 8601, seconds)."""
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
 @dataclass
 class Boot:
     """Boots VMs of one backend, reporting to `progress`; `fetch_timeout`: seconds the guest waits for a
@@ -54,7 +49,7 @@ class Boot:
     progress: Reporter
     fetch_timeout: float
 
-    def _write_drive(self, vmdir: state.VMDir, meta: dict) -> str:
+    def _write_drive(self, vmdir: state.VMDir, record: VMRecord) -> str:
         local = vmdir.read_meta()
         nonce = secrets.token_hex(16)
         from .guest import configdrive
@@ -65,10 +60,10 @@ class Boot:
                 "name": vmdir.name,
                 "hostname": vmdir.name,
                 "nonce": nonce,
-                "network": GUEST_NET if meta.get("ssh_port") else None,
+                "network": GUEST_NET if record.ssh_port else None,
                 "ssh": {
                     "host_key": vmdir.host_key.read_text(),
-                    "authorized_keys": [meta["client_key"]],
+                    "authorized_keys": [record.client_key],
                     "port": SSH_PORT,
                     "exec_token": vmdir.exec_token.read_text() if vmdir.exec_token.exists() else None,
                 },
@@ -80,22 +75,22 @@ class Boot:
         )
         return nonce
 
-    def run(self, vmdir: state.VMDir, timeout_s: float) -> dict:
+    def run(self, vmdir: state.VMDir, timeout_s: float) -> VMRecord:
         """Start the machine with a fresh config drive and follow the agent until ready or failed."""
         name = vmdir.name
         machine = self.backend.get(name)
         if machine is None:
             raise NotFound(f"VM {name} not found")
-        meta = machine.metadata
-        nonce = self._write_drive(vmdir, meta)
+        record = VMRecord.from_json(name, machine.metadata)
+        nonce = self._write_drive(vmdir, record)
         t0 = time.monotonic()
         deadline = t0 + timeout_s
         vmdir.agent_socket.unlink(missing_ok=True)
         console_start = vmdir.console_log.stat().st_size if vmdir.console_log.exists() else 0
         # The nonce is the domain's before the guest runs: `status` tells this boot's events from any other
         # (an earlier boot's, or a guest's forgery) even if this process is killed before the end.
-        started = now()
-        self.backend.set_metadata(name, {**meta, "last_boot": {"nonce": nonce, "started": started}})
+        begun = LastBoot(nonce=nonce, started=now())
+        self.backend.set_metadata(name, record.booted(begun).to_json())
         self.progress(Progress("boot", f"starting {name}"))
         try:
             # QEMU binds the SSH forward as it starts: a port taken meanwhile makes the start fail, so a
@@ -105,18 +100,11 @@ class Boot:
         except HeroVMError as e:
             raise BootFailed(f"{name} could not start: {e.message}", stage="start") from e
         report = self._follow(vmdir, nonce, deadline, t0, console_start)
-        meta = {
-            **meta,
-            "last_boot": {
-                "nonce": nonce,
-                "started": started,
-                "outcome": report.outcome,
-                "seconds": round(time.monotonic() - t0, 3),
-            },
-        }
-        self.backend.set_metadata(name, meta)
+        seconds = round(time.monotonic() - t0, 3)
+        record = record.booted(replace(begun, outcome=report.outcome, seconds=seconds))
+        self.backend.set_metadata(name, record.to_json())
         if report.outcome == "ready":
-            return meta
+            return record
         failed = next((e for e in reversed(report.events) if e["event"] == Kind.FAILED), {})
 
         def said(key: str) -> str:  # what the guest said, safe to print

@@ -8,12 +8,13 @@ Ctrl-C is), 255 other).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
 import sys
 import time
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -146,71 +147,72 @@ def _print_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
-@app.command()
-def up(
-    name: str,
-    image: Annotated[str, typer.Option(help="image recipe")] = "default",
-    cpus: Annotated[int, typer.Option(help="virtual CPUs")] = 1,
-    memory: Annotated[str, typer.Option(help="memory, e.g. 1GB")] = "1GB",
-    disk: Annotated[str, typer.Option(help="disk size, e.g. 20GB; at least 10GB")] = "10GB",
-    bootstrap: Annotated[str | None, typer.Option(help="HeroScript bootstrap: a file or a URL")] = None,
-    bootstrap_sha256: Annotated[str | None, typer.Option(help="sha256 the bootstrap must have")] = None,
-    var: Annotated[list[str] | None, typer.Option(help="K=V substituted into the bootstrap")] = None,
-    secret: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="K=V substituted like --var but kept out of metadata, vm.json, logs and output; "
-            "K alone takes the environment variable K"
-        ),
-    ] = None,
-    allow_empty: Annotated[
-        bool, typer.Option(help="accept a bootstrap with no actions (refused otherwise)")
-    ] = False,
-    timeout: Annotated[str, typer.Option(help="how long to wait for ready, e.g. 5m")] = "5m",
-    accel: Annotated[str, typer.Option(help="kvm, tcg or auto")] = "auto",
-    net: Annotated[
-        str, typer.Option(help="network: default (no host access), restricted, none or nat")
-    ] = "default",
-    kernel_args: Annotated[str, typer.Option(help="extra kernel command line arguments")] = "",
-    keep_failed: Annotated[
-        bool, typer.Option(help="keep the VM even when it never got to run the bootstrap")
-    ] = False,
-    json_out: JsonOpt = False,
-) -> None:
-    """Create and boot a VM; return when its bootstrap has run and it answers exec."""
-    try:
-        with _manager(json_out) as m:
-            vm = m.up(
-                name,
-                image=image,
-                cpus=cpus,
-                memory=memory,
-                disk=disk,
-                bootstrap=bootstrap,
-                bootstrap_sha256=bootstrap_sha256,
-                variables=_kv(var, "--var"),
-                secrets=_secrets(secret),
-                allow_empty=allow_empty,
-                timeout=timeout,
-                accel=accel,
-                kernel_args=kernel_args,
-                keep_failed=keep_failed,
-                net=net,
+# The option's type for each kind of VM setting (herovm.settings): sizes and durations are read as text.
+_UP_TYPES: dict[str, Any] = {
+    "str": str,
+    "int": int,
+    "bool": bool,
+    "size": str,
+    "duration": str,
+    "pairs": list[str] | None,
+}
+
+
+def _up_command() -> None:
+    """`herovm up NAME`, its options made from herovm.settings.VMSettings: one per setting, with its help
+    and default, as `--var`/`--secret` where the option's name differs from the setting's."""
+    from .settings import declared
+
+    options = {}  # the command's parameter name -> the setting's name and declaration
+    params = [inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)]
+    for field, setting in declared():
+        option = setting.option or field
+        annotation = _UP_TYPES[setting.kind] if setting.given is not None else _UP_TYPES[setting.kind] | None
+        default = None if setting.kind == "pairs" else setting.given
+        options[option] = (field, setting)
+        params.append(
+            inspect.Parameter(
+                option,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(default, help=setting.help),
+                annotation=annotation,
             )
-            status = m.status(vm.name)
-    except HeroVMError as e:
-        _fail(e, json_out)
-    except KeyboardInterrupt as e:
-        typer.echo("herovm: interrupted; the half-made VM was removed", err=True)
-        raise typer.Exit(143 if isinstance(e, _Terminated) else 130) from None
-    if json_out:
-        _print_json(status)
-    else:
-        took = (status.get("last_boot") or {}).get("seconds")
-        typer.echo(
-            f"{name} is ready{f' in {took:.1f}s' if took else ''}: herovm exec {name} -- CMD, "
-            f"herovm ssh {name}"
         )
+    params.append(
+        inspect.Parameter("json_out", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=JsonOpt)
+    )
+
+    def up(name: str, json_out: bool = False, **given: Any) -> None:
+        """Create and boot a VM; return when its bootstrap has run and it answers exec."""
+        try:
+            with _manager(json_out) as m:
+                values = {}
+                for option, value in given.items():
+                    field, setting = options[option]
+                    if setting.kind == "pairs":
+                        value = _secrets(value) if setting.secret else _kv(value, f"--{option}")
+                    values[field] = value
+                vm = m.up(name, **values)
+                status = m.status(vm.name)
+        except HeroVMError as e:
+            _fail(e, json_out)
+        except KeyboardInterrupt as e:
+            typer.echo("herovm: interrupted; the half-made VM was removed", err=True)
+            raise typer.Exit(143 if isinstance(e, _Terminated) else 130) from None
+        if json_out:
+            _print_json(status)
+        else:
+            took = (status.get("last_boot") or {}).get("seconds")
+            typer.echo(
+                f"{name} is ready{f' in {took:.1f}s' if took else ''}: herovm exec {name} -- CMD, "
+                f"herovm ssh {name}"
+            )
+
+    up.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    app.command()(up)
+
+
+_up_command()
 
 
 @app.command()
@@ -252,7 +254,7 @@ def exec_(
     """Run a command in the VM (served by its agent); exit with its exit code (255: herovm failed).
 
     One argument is a shell line (bash), several are the program and its arguments, run as they are."""
-    from .manager import _duration
+    from .settings import seconds
 
     out, err = sys.stdout.buffer, sys.stderr.buffer
 
@@ -270,7 +272,7 @@ def exec_(
                 command if len(command) > 1 else command[0],
                 env=_kv(env, "--env"),
                 cwd=cwd,
-                timeout=_duration(timeout, "timeout") if timeout else None,
+                timeout=seconds(timeout, "timeout") if timeout else None,
                 stdin=sys.stdin.buffer if interactive else None,
                 on_stdout=write(out),
                 on_stderr=write(err),
@@ -418,8 +420,7 @@ def logs(
             redact = m.redactor(name)
     except HeroVMError as e:
         _fail(e)
-    nonce = (vm.meta.get("last_boot") or {}).get("nonce")
-    story = Story(nonce if isinstance(nonce, str) else None)
+    story = Story(vm.record.last_boot.nonce)
     path = state.VMDir(name).console_log
     window = read_console(path)
     tty = sys.stdout.isatty()

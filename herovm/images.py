@@ -31,6 +31,7 @@ from .errors import ImageError, InvalidInput, NotFound
 from .heroscript import parse_size
 from .progress import Progress, Reporter, silent
 from .protocol import CONSOLE_PREFIX, Kind, Stage
+from .resources import check_recipe_name, recipe_names
 
 
 def _agent_version() -> str:
@@ -71,25 +72,11 @@ class Image:
         return self.manifest["cmdline"]
 
 
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in resources.RECIPES.glob("*.toml"))
-
-
-RECIPE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 IMAGE_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 
 
-def _check_recipe_name(name: str) -> str:
-    """Recipe names become paths under images/ and the cache: nothing else may get through."""
-    if not isinstance(name, str) or not RECIPE_RE.match(name):
-        raise InvalidInput(
-            f"invalid image name {name!r}", hint=f"recipes: {', '.join(recipe_names()) or 'none'}"
-        )
-    return name
-
-
 def load_recipe(name: str) -> dict:
-    path = resources.RECIPES / f"{_check_recipe_name(name)}.toml"
+    path = resources.RECIPES / f"{check_recipe_name(name)}.toml"
     if not path.is_file():
         raise NotFound(f"no image recipe {name!r}", hint=f"recipes: {', '.join(recipe_names()) or 'none'}")
     return tomllib.loads(path.read_text())
@@ -162,7 +149,7 @@ def ensure(recipe_name: str = "default", progress: Reporter = silent) -> Image:
 
 def remove(recipe_name: str, image_id_: str | None = None) -> list[Path]:
     """Remove cached images of a recipe (all versions, or one); returns what was removed."""
-    root = state.images_dir() / _check_recipe_name(recipe_name)
+    root = state.images_dir() / check_recipe_name(recipe_name)
     if image_id_ is not None and not IMAGE_ID_RE.match(image_id_):
         raise InvalidInput(f"invalid image id {image_id_!r}", hint="see `herovm image ls`")
     targets = [root / image_id_] if image_id_ else ([root] if root.exists() else [])
@@ -190,7 +177,7 @@ def images_in_use() -> set[tuple[str, str]]:
 def prune(recipe_name: str, keep: str) -> list[Path]:
     """Remove older versions of a recipe's image that no VM uses; returns what was removed. Versions built
     in the last hour stay too: another herovm process may be about to define a VM on one."""
-    root = state.images_dir() / _check_recipe_name(recipe_name)
+    root = state.images_dir() / check_recipe_name(recipe_name)
     used = {iid for recipe, iid in images_in_use() if recipe == recipe_name} | {keep}
     recent = time.time() - 3600
     removed = []

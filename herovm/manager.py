@@ -10,20 +10,21 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import accel as accel_mod
 from . import disks, state
 from .backends import Backend, Machine, MachineSpec, get_backend
-from .backends.base import NET_MODES
-from .boot import Boot, now
+from .boot import Boot
 from .bootstrap import Bootstrap, fetch_on_host, load_bootstrap, redact, redacted
-from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, InvalidInput, NotFound
+from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, NotFound
 from .guest.events import console_story
 from .progress import Progress, Reporter, silent, still_waiting
-from .protocol import FETCH_TIMEOUT_S, TERMINAL, Command, Stage
+from .protocol import FETCH_TIMEOUT_S, Command, Stage
+from .record import RecordedSettings, VMRecord, now
+from .settings import VMSettings, seconds
 from .vm import VM
 
 if TYPE_CHECKING:
@@ -60,26 +61,9 @@ class Manager:
 
     # ------------------------------------------------------------------------------------------- up
 
-    def up(
-        self,
-        name: str,
-        *,
-        image: str = "default",
-        cpus: int = 1,
-        memory: str | int = "1GB",
-        disk: str | int = "10GB",
-        bootstrap: str | os.PathLike | None = None,
-        bootstrap_sha256: str | None = None,
-        variables: Mapping[str, str] | None = None,
-        secrets: Mapping[str, str] | None = None,
-        allow_empty: bool = False,
-        timeout: str | float = "5m",
-        accel: str | None = None,
-        net: str = "default",
-        kernel_args: str = "",
-        keep_failed: bool = False,
-    ) -> VM:
-        """Create and boot a VM, returning once its bootstrap has run and it answers exec.
+    def up(self, name: str, settings: VMSettings | None = None, **options: Any) -> VM:
+        """Create and boot a VM, returning once its bootstrap has run and it answers exec. `settings`, or
+        `options` (keyword arguments named as VMSettings's fields, e.g. memory="512MB"), say how.
 
         An existing running VM with the same settings is returned as it is. If the boot fails before any
         bootstrap action ran (no agent, a bad drive, a refused bootstrap), the half-made VM is removed and
@@ -91,24 +75,17 @@ class Manager:
         never in the domain's metadata, vm.json, progress or errors (its value is shown as `[secret NAME]`);
         the agent keeps it out of its events and so out of the console log. A bootstrap that is given but
         holds no action is refused unless `allow_empty`."""
-        secret_vars = dict(secrets or {})
-        both = sorted(set(variables or {}) & set(secret_vars))
-        if both:
-            raise InvalidInput(f"{', '.join(both)}: given both as a variable and as a secret")
-        plain = dict(variables or {})
-        pairs = (*plain.items(), *secret_vars.items())
-        if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in pairs):
-            raise InvalidInput("variables and secrets must map names to strings")
-        args = (name, image, cpus, memory, disk, bootstrap, bootstrap_sha256, plain, secret_vars)
-        more = (allow_empty, timeout, accel, net, kernel_args, keep_failed)
-        if not secret_vars:
-            return self._up(*args, *more)
+        state.validate_name(name)
+        settings = VMSettings.of(options, base=settings)
+        if not settings.secrets:
+            return self._up(name, settings)
+        secret_vars = settings.secrets
         report = self.progress
         self.progress = lambda p: report(
             Progress(p.stage, redact(p.message, secret_vars), redacted(p.data, secret_vars))  # type: ignore[arg-type]
         )
         try:
-            return self._up(*args, *more)
+            return self._up(name, settings)
         except HeroVMError as e:
             e.message = redact(e.message, secret_vars)
             e.hint = redact(e.hint, secret_vars) if e.hint else e.hint
@@ -118,67 +95,45 @@ class Manager:
         finally:
             self.progress = report
 
-    def _up(
-        self,
-        name: str,
-        image: str,
-        cpus: int,
-        memory: str | int,
-        disk: str | int,
-        bootstrap: str | os.PathLike | None,
-        bootstrap_sha256: str | None,
-        variables: Mapping[str, str],
-        secret_vars: dict[str, str],
-        allow_empty: bool,
-        timeout: str | float,
-        accel: str | None,
-        net: str,
-        kernel_args: str,
-        keep_failed: bool,
-    ) -> VM:
-        state.validate_name(name)
-        memory_b = _size(memory, "memory", minimum=128 << 20, maximum=1 << 40)
-        disk_b = _size(disk, "disk", minimum=1 << 30, maximum=64 << 40)
-        if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 64:
-            raise InvalidInput(f"cpus {cpus!r} must be a whole number from 1 to 64")
-        timeout_s = _duration(timeout, "timeout")
-        if net not in NET_MODES:
-            raise InvalidInput(f"unknown network mode {net!r}", hint=f"use one of: {', '.join(NET_MODES)}")
+    def _up(self, name: str, s: VMSettings) -> VM:
         boot = load_bootstrap(
-            bootstrap, bootstrap_sha256, variables=variables, secrets=secret_vars, allow_empty=allow_empty
+            s.bootstrap,
+            s.bootstrap_sha256,
+            variables=s.variables,
+            secrets=s.secrets,
+            allow_empty=s.allow_empty,
         )
-        if boot.url and net in ("restricted", "none"):  # the guest itself has no egress
+        timeout_s = s.timeout
+        if boot.url and s.net in ("restricted", "none"):  # the guest itself has no egress
             fetch_started = time.monotonic()
             fetch_s = min(self.fetch_timeout, timeout_s)
-            boot = fetch_on_host(boot, variables, fetch_s, secrets=secret_vars, allow_empty=allow_empty)
+            boot = fetch_on_host(boot, s.variables, fetch_s, secrets=s.secrets, allow_empty=s.allow_empty)
             timeout_s -= time.monotonic() - fetch_started  # one --timeout for the fetch and the boot
-        if net == "nat":
+        if s.net == "nat":
             self.progress(
                 Progress("up", "warning: --net nat lets the guest reach this host's loopback services")
             )
-        choice = accel_mod.choose(accel)
-        settings = {
-            "image": image,
-            "cpus": cpus,
-            "memory": memory_b,
-            "disk": disk_b,
-            "accel": choice.accel,
-            "bootstrap": boot.digest,
-            "net": net,
-            "vars": dict(sorted(variables.items())),
-            "kernel_args": kernel_args,
-        }
-        if secret_vars:  # their names: the values stay in the VM's secrets/ directory
-            settings["secrets"] = sorted(secret_vars)
+        wanted = RecordedSettings(
+            image=s.image,
+            cpus=s.cpus,
+            memory=s.memory,
+            disk=s.disk,
+            accel=accel_mod.choose(s.accel).accel,
+            bootstrap=boot.digest,
+            net=s.net,
+            vars=dict(s.variables),
+            kernel_args=s.kernel_args,
+            secrets=tuple(sorted(s.secrets)),  # their names: the values stay in the VM's secrets/ directory
+        )
         vmdir = state.VMDir(name)
         with vmdir.lock(wait=0):  # a second `up` of the same name fails at once instead of queueing
             existing = self.backend.get(name)
             if existing is not None:
-                ready = (existing.metadata.get("last_boot") or {}).get("outcome") == "ready"
-                same = existing.metadata.get("settings") == settings and vmdir.holds_secrets(secret_vars)
-                if same and existing.state == "running" and ready:
+                record = VMRecord.from_json(name, existing.metadata)
+                same = record.settings == wanted and vmdir.holds_secrets(s.secrets)
+                if same and existing.state == "running" and record.last_boot.ready:
                     self.progress(Progress("up", f"{name} is already up with these settings"))
-                    return VM(self, name, existing.metadata)
+                    return VM(self, record)
                 why = "with other settings" if not same else "but not ready"
                 raise AlreadyExists(
                     f"VM {name} already exists ({existing.state}) {why}",
@@ -186,31 +141,26 @@ class Manager:
                 )
             from . import images
 
-            img = images.ensure(image, self.progress)
-            self._create(vmdir, img, settings, boot, dict(variables), secret_vars)
+            img = images.ensure(s.image, self.progress)
+            self._create(vmdir, img, wanted, boot, dict(s.secrets))
             try:
-                meta = self._booter().run(vmdir, timeout_s)
+                record = self._booter().run(vmdir, timeout_s)
             except KeyboardInterrupt:
                 self.progress(Progress("up", f"interrupted: removing {name}"))
                 self._remove(name)
                 raise
             except BootFailed as e:
-                if not keep_failed and e.details.get("stage") != Stage.ACTION:
+                if not s.keep_failed and e.details.get("stage") != Stage.ACTION:
                     self.progress(Progress("up", f"removing {name}: nothing to inspect"))
                     self._remove(name)
                     e.hint = "see the console lines above; `herovm up --keep-failed` keeps such a VM"
                 raise
-        return VM(self, name, meta)
+        return VM(self, record)
 
     def _create(
-        self,
-        vmdir: state.VMDir,
-        img: Image,
-        settings: dict,
-        boot: Bootstrap,
-        variables: dict[str, str],
-        secret_vars: dict[str, str] | None = None,
+        self, vmdir: state.VMDir, img: Image, settings: RecordedSettings, boot: Bootstrap, secret_vars: dict
     ) -> None:
+        """Make the VM's directory (keys, disk, vm.json) and define its machine; on any failure, undo both."""
         name = vmdir.name
         if vmdir.exists():  # left by a crashed herovm: libvirt has no such VM, so it is garbage
             vmdir.remove()
@@ -224,34 +174,35 @@ class Manager:
             client_pub = keys.generate_keypair(vmdir.client_key, comment=f"herovm-client@{name}")
             host_pub = keys.generate_keypair(vmdir.host_key, comment=f"herovm-host@{name}")
             keys.generate_token(vmdir.exec_token)
-            size = max(settings["disk"], img.manifest.get("root_size", 0))
-            disks.create_overlay(img.disk, vmdir.disk, size, what=name)
+            disks.create_overlay(
+                img.disk, vmdir.disk, max(settings.disk, img.manifest.get("root_size", 0)), what=name
+            )
             with state.named_lock("ports"):
                 port = None
-                if settings["net"] != "none":
-                    port = state.allocate_port(
-                        {m.metadata.get("ssh_port") for m in self.backend.list()} - {None}
-                    )
-                meta = {
-                    "name": name,
-                    "settings": settings,
-                    "image": img.recipe,
-                    "image_id": img.id,
-                    "ssh_port": port,
-                    "host_key": host_pub,
-                    "client_key": client_pub,
-                    "agent_exec": int(img.manifest.get("agent_version", "1")) >= 2,
-                    "bootstrap": boot.url or boot.name if boot.drive_entry() else None,
-                    "created": now(),
-                    "backend": self.backend.name,
-                    "home": str(state.home()),  # every HEROVM_HOME shares libvirt: gc, ls keep to theirs
-                }
-                vmdir.write_meta({**meta, "bootstrap_entry": boot.drive_entry(), "vars": variables})
-                spec = self._spec(vmdir, img, meta)
+                if settings.net != "none":
+                    taken = {VMRecord.from_json(m.name, m.metadata).ssh_port for m in self.backend.list()}
+                    port = state.allocate_port(taken - {None})
+                record = VMRecord(
+                    name=name,
+                    settings=settings,
+                    image=img.recipe,
+                    image_id=img.id,
+                    ssh_port=port,
+                    host_key=host_pub,
+                    client_key=client_pub,
+                    agent_exec=int(img.manifest.get("agent_version", "1")) >= 2,
+                    bootstrap=boot.url or boot.name if boot.drive_entry() else None,
+                    created=now(),
+                    backend=self.backend.name,
+                    home=str(state.home()),  # every HEROVM_HOME shares libvirt: gc, ls keep to theirs
+                )
+                local = {"bootstrap_entry": boot.drive_entry(), "vars": settings.vars}
+                vmdir.write_meta({**record.to_json(), **local})
+                spec = self._spec(vmdir, img, record)
                 self.progress(
                     Progress(
                         "define",
-                        f"defining {name} ({settings['accel']}, {settings['memory'] >> 20} MiB, port {port})",
+                        f"defining {name} ({settings.accel}, {settings.memory >> 20} MiB, port {port})",
                     )
                 )
                 with still_waiting(
@@ -268,27 +219,25 @@ class Manager:
             vmdir.remove()
             raise
 
-    def _spec(self, vmdir: state.VMDir, img: Image, meta: dict) -> MachineSpec:
-        s = meta["settings"]
+    def _spec(self, vmdir: state.VMDir, img: Image, record: VMRecord) -> MachineSpec:
+        s = record.settings
+        assert s is not None, "a record being defined has its settings"
+        tcg = TCG_KERNEL_ARGS if s.accel == "tcg" else ""
         return MachineSpec(
             name=vmdir.name,
-            cpus=s["cpus"],
-            memory=s["memory"],
+            cpus=s.cpus,
+            memory=s.memory,
             kernel=img.kernel,
             initrd=img.initrd,
-            cmdline=" ".join(
-                arg
-                for arg in (img.cmdline, TCG_KERNEL_ARGS if s["accel"] == "tcg" else "", s.get("kernel_args"))
-                if arg
-            ),
+            cmdline=" ".join(arg for arg in (img.cmdline, tcg, s.kernel_args) if arg),
             disk=vmdir.disk,
             drive=vmdir.drive,
             console_log=vmdir.console_log,
             channel=vmdir.agent_socket,
-            ssh_port=meta["ssh_port"],
-            accel=s["accel"],
-            metadata=meta,
-            net=s.get("net", "nat"),
+            ssh_port=record.ssh_port,
+            accel=s.accel,
+            metadata=record.to_json(),
+            net=s.net,
             net_dir=vmdir.net_dir,
         )
 
@@ -309,8 +258,12 @@ class Manager:
             raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
         return machine
 
+    def record(self, name: str) -> VMRecord:
+        """What herovm recorded about the VM; NotFound if there is none."""
+        return VMRecord.from_json(name, self.machine(name).metadata)
+
     def get(self, name: str) -> VM:
-        return VM(self, name, self.machine(name).metadata)
+        return VM(self, self.record(name))
 
     def attach(self, name: str) -> VM:
         """Like :meth:`get`, from the VM's local directory without asking the backend (the hot path of
@@ -318,7 +271,7 @@ class Manager:
         vmdir = state.VMDir(name)
         if not vmdir.exists():
             return self.get(name)
-        return VM(self, name, vmdir.read_meta())
+        return VM(self, VMRecord.from_json(name, vmdir.read_meta()))
 
     def require_running(self, name: str) -> None:
         machine = self.machine(name)
@@ -353,9 +306,9 @@ class Manager:
         with vmdir.lock():
             machine = self.machine(name)
             if machine.state == "running":
-                return VM(self, name, machine.metadata)
-            meta = self._booter().run(vmdir, _duration(timeout, "timeout"))
-        return VM(self, name, meta)
+                return VM(self, VMRecord.from_json(name, machine.metadata))
+            record = self._booter().run(vmdir, seconds(timeout, "timeout"))
+        return VM(self, record)
 
     def down(self, name: str, wait: float = 300.0) -> None:
         """Remove the VM: its domain, disk, drive, keys and state. Nothing is left.
@@ -383,7 +336,7 @@ class Manager:
 
     def _ours(self, machine: Machine) -> bool:
         """Whether a domain belongs to this HEROVM_HOME (domains made before homes were recorded: yes)."""
-        home = machine.metadata.get("home")
+        home = VMRecord.from_json(machine.name, machine.metadata).home
         return home is None or os.path.realpath(home) == os.path.realpath(state.home())
 
     def _machines(self) -> dict[str, Machine]:
@@ -419,7 +372,7 @@ class Manager:
             if not vmdir.exists():
                 self.backend.undefine(name)
                 removed.append(f"domain of {name} (no directory)")
-            elif not machine.metadata.get("last_boot"):
+            elif not VMRecord.from_json(name, machine.metadata).last_boot.to_json():
                 try:
                     with vmdir.lock(wait=0):
                         self._remove(name)
@@ -431,17 +384,18 @@ class Manager:
     def ls(self) -> list[dict]:
         rows = []
         for m in self._machines().values():
-            s = m.metadata.get("settings", {})
+            record = VMRecord.from_json(m.name, m.metadata)
+            s = record.settings or RecordedSettings()
             rows.append(
                 {
                     "name": m.name,
                     "state": m.state,
-                    "image": m.metadata.get("image"),
-                    "accel": s.get("accel"),
-                    "cpus": s.get("cpus"),
-                    "memory": s.get("memory"),
-                    "ssh_port": m.metadata.get("ssh_port"),
-                    "ready": (m.metadata.get("last_boot") or {}).get("outcome") == "ready",
+                    "image": record.image,
+                    "accel": s.accel,
+                    "cpus": s.cpus,
+                    "memory": s.memory,
+                    "ssh_port": record.ssh_port,
+                    "ready": record.last_boot.ready,
                 }
             )
         known = {r["name"] for r in rows}
@@ -469,24 +423,22 @@ class Manager:
         boot is no longer in the console (rotated away) the steps are unknown, and so is an outcome nobody
         recorded: `agent` is then "unknown" rather than a guess."""
         machine = self.machine(name)
-        meta = machine.metadata
+        record = VMRecord.from_json(name, machine.metadata)
         vmdir = state.VMDir(name)
-        last = meta.get("last_boot") or {}
-        nonce = last.get("nonce") if isinstance(last.get("nonce"), str) else None
-        story, whole = console_story(vmdir.console_log, nonce)
-        recorded = last.get("outcome") if last.get("outcome") in TERMINAL else None
-        agent = recorded or story.outcome or ("booting" if story.begun else "unknown")
+        last = record.last_boot
+        story, whole = console_story(vmdir.console_log, last.nonce)
+        agent = last.outcome or story.outcome or ("booting" if story.begun else "unknown")
         facts = {
             "name": name,
             "state": machine.state,
             "backend": self.backend.name,
-            "image": meta.get("image"),
-            "image_id": meta.get("image_id"),
-            "settings": meta.get("settings"),
-            "ssh_port": meta.get("ssh_port"),
-            "bootstrap": meta.get("bootstrap"),
-            "created": meta.get("created"),
-            "last_boot": last,
+            "image": record.image,
+            "image_id": record.image_id,
+            "settings": record.settings.to_json() if record.settings else None,
+            "ssh_port": record.ssh_port,
+            "bootstrap": record.bootstrap,
+            "created": record.created,
+            "last_boot": last.to_json(),
             "agent": agent,
             # whole: the boot's events from its start; cut: its start is no longer in the console (a guest
             # that writes a lot: virtlogd rotates the log); none: the console holds nothing of this boot.
@@ -502,12 +454,11 @@ class Manager:
     def logs(self, name: str, console: bool = False) -> Path | list[dict]:
         """The events of the VM's last boot as the console mirrors them (see `status`), or with `console`
         the console log's path (raw: pass what you show of it through `redactor`)."""
-        vm = self.get(name)
+        nonce = self.record(name).last_boot.nonce
         vmdir = state.VMDir(name)
         if console:
             return vmdir.console_log
-        nonce = (vm.meta.get("last_boot") or {}).get("nonce")
-        events = console_story(vmdir.console_log, nonce if isinstance(nonce, str) else None)[0].events
+        events = console_story(vmdir.console_log, nonce)[0].events
         return redacted(events, vmdir.read_secrets())  # type: ignore[return-value]
 
     def redactor(self, name: str) -> Callable[[str], str]:
@@ -515,35 +466,3 @@ class Manager:
         its own events already; this also covers what a guest process wrote to the console itself."""
         secrets = state.VMDir(state.validate_name(name)).read_secrets()
         return lambda text: redact(text, secrets)
-
-
-def _size(value: str | int, what: str, minimum: int, maximum: int) -> int:
-    from .heroscript import parse_size
-
-    if isinstance(value, int):
-        n = value
-    else:
-        try:
-            n = parse_size(str(value))
-        except ValueError as e:
-            raise InvalidInput(f"{what}: {e}", hint="e.g. 1GB or 512MB") from e
-    if n < minimum:
-        raise InvalidInput(f"{what} {value} is below the minimum of {minimum >> 20} MiB")
-    if n > maximum:
-        raise InvalidInput(f"{what} {value} is above the maximum of {maximum >> 40} TiB")
-    return n
-
-
-def _duration(value: str | float, what: str) -> float:
-    from .heroscript import parse_duration
-
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        try:
-            seconds = parse_duration(str(value))
-        except ValueError as e:
-            raise InvalidInput(f"{what}: {e}", hint="e.g. 30s or 5m") from e
-    if seconds <= 0:
-        raise InvalidInput(f"{what} must be longer than zero", hint="e.g. 30s or 5m")
-    return seconds

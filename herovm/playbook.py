@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends.base import NET_MODES
 from .errors import AlreadyExists, HeroVMError, NotFound
 from .heroscript import (
     Action,
@@ -42,6 +41,7 @@ from .heroscript import (
 )
 from .heroscript import run as run_actions
 from .progress import Progress, Reporter, silent
+from .settings import VMSettings, declared, size_text
 
 OUTPUT_TAIL = 2000
 _registry = Registry()
@@ -162,19 +162,19 @@ def _bootstrap_inputs(call: Call) -> tuple[str | None, dict[str, str], dict[str,
                 "a variable turned this bootstrap into an inline script",
                 "write the script inline (variables are then substituted into its values), or give a file",
             )
-    variables = _pairs(call, "vars")
     secret_vars = _pairs(call, "secrets", secret=True)
-    both = sorted(set(variables) & set(secret_vars))
-    if both:
-        raise _problem_at(call, "secrets", f"{', '.join(both)}: given both in vars and in secrets")
-    variables = {k: v for k, v in {**inherited, **variables}.items() if k not in secret_vars}
+    variables = {k: v for k, v in inherited.items() if k not in secret_vars} | _pairs(call, "vars")
     return resolve_bootstrap(value, action.file), variables, secret_vars
 
 
 def _positive(call: Call, key: str) -> None:
-    value = call.values[key]
-    if value is not None and value <= 0:
-        raise _problem_at(call, key, f"{key} must be longer than zero", "e.g. 30s or 5m")
+    from .settings import seconds
+
+    if call.values[key] is not None:
+        try:
+            seconds(call.values[key], key)
+        except HeroVMError as e:
+            raise _problem_at(call, key, e.message, e.hint) from None
 
 
 def is_inline(value: str) -> bool:
@@ -204,13 +204,6 @@ def split_remote(arg: str) -> tuple[str | None, str]:
 def _tail(data: bytes | str, limit: int = OUTPUT_TAIL) -> str:
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
     return text if len(text) <= limit else "..." + text[-limit:]
-
-
-def _size_text(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} bytes"
 
 
 def _host(
@@ -251,32 +244,28 @@ def _host(
 # ------------------------------------------------------------------------------------------ vm.create
 
 
+def _create_settings(call: Call) -> VMSettings:
+    """vm.create's VMSettings; a setting that is refused is reported at its parameter."""
+    source, variables, secret_vars = _bootstrap_inputs(call)
+    given = {field: call.values[s.param or field] for field, s in declared() if s.kind != "pairs"}
+    try:
+        return VMSettings(**{**given, "bootstrap": source, "variables": variables, "secrets": secret_vars})
+    except HeroVMError as e:
+        setting = dict(declared()).get(str(e.details.get("setting")))
+        key = (setting.param if setting else "") or str(e.details.get("setting", "name"))
+        raise _problem_at(call, key, e.message, e.hint) from None
+
+
 def _check_create(call: Call) -> None:
-    from .accel import ACCELS
     from .bootstrap import load_bootstrap
 
-    v = call.values
     _check_name(call)
-    if not 1 <= v["cpus"] <= 64:
-        raise _problem_at(call, "cpus", f"cpus {v['cpus']} must be from 1 to 64")
-    if v["memory"] < 128 << 20:
-        raise _problem_at(call, "memory", "memory must be at least 128MB")
-    if v["disk"] < 1 << 30:
-        raise _problem_at(call, "disk", "disk must be at least 1GB")
-    if v["accel"] not in ("auto", *ACCELS):
-        raise _problem_at(call, "accel", f"unknown accelerator {v['accel']!r}", "use kvm, tcg or auto")
-    if v["net"] not in NET_MODES:
-        raise _problem_at(
-            call, "net", f"unknown network mode {v['net']!r}", f"use one of: {', '.join(NET_MODES)}"
-        )
-    _positive(call, "timeout")
-    source, variables, secret_vars = _bootstrap_inputs(call)
+    settings = _create_settings(call)
+    source = settings.bootstrap
     if source is None:
-        if v["bootstrap_sha256"]:
-            raise _problem_at(call, "bootstrap_sha256", "bootstrap_sha256 without a bootstrap")
         return
     if is_inline(source):
-        _check_inline(call, source, {**variables, **secret_vars}, secret_vars)
+        _check_inline(call, source, {**settings.variables, **settings.secrets}, settings.secrets)
     elif not source.startswith(("http://", "https://")) and not os.path.isfile(source):
         raise _problem_at(
             call,
@@ -287,10 +276,10 @@ def _check_create(call: Call) -> None:
     try:
         load_bootstrap(
             source,
-            v["bootstrap_sha256"] or None,
-            variables=variables,
-            secrets=secret_vars,
-            allow_empty=v["allow_empty"],
+            settings.bootstrap_sha256,
+            variables=settings.variables,
+            secrets=settings.secrets,
+            allow_empty=settings.allow_empty,
         )
     except HeroVMError as e:
         raise _problem_at(call, "bootstrap", e.message, e.hint) from None
@@ -334,6 +323,20 @@ def _check_inline(
         raise HeroScriptError.from_problems(errors)
 
 
+def _setting_params() -> list[Param]:
+    """vm.create's parameters for the VM's settings, from their declaration (herovm.settings): NAME=VALUE
+    pairs are a list, and no value is an empty one."""
+    return [
+        Param(
+            s.param or field,
+            "list" if s.kind == "pairs" else s.kind,
+            default=[] if s.kind == "pairs" else "" if s.given is None else s.given,
+            help=s.help,
+        )
+        for field, s in declared()
+    ]
+
+
 def _describe_create(call: Call) -> str:
     v = call.values
     boot = v["bootstrap"]
@@ -342,8 +345,8 @@ def _describe_create(call: Call) -> str:
     parts = [
         f"image {v['image']}",
         f"{v['cpus']} CPU",
-        _size_text(v["memory"]),
-        f"disk {_size_text(v['disk'])}",
+        size_text(v["memory"]),
+        f"disk {size_text(v['disk'])}",
         *([boot] if boot else []),
     ]
     tail = "replace it if it differs" if v["replace"] else "keep it if it already runs with these settings"
@@ -357,30 +360,7 @@ def _describe_create(call: Call) -> str:
     example="!!vm.create name:box memory:512MB bootstrap:setup.hero",
     params=[
         Param("name", "str", required=True, help="the VM's name: a-z, 0-9 and '-'"),
-        Param("image", "str", default="default", help="image recipe"),
-        Param("cpus", "int", default=1, help="virtual CPUs"),
-        Param("memory", "size", default="1GB", help="memory, e.g. 1GB"),
-        Param("disk", "size", default="10GB", help="disk size, e.g. 20GB; at least 10GB"),
-        Param(
-            "bootstrap",
-            "str",
-            default="",
-            help="a .hero file (relative to the playbook), a URL, or an inline script",
-        ),
-        Param("bootstrap_sha256", "str", default="", help="sha256 a URL bootstrap must have"),
-        Param("vars", "list", default=[], help="K=V substituted into the bootstrap"),
-        Param(
-            "secrets",
-            "list",
-            default=[],
-            help="K=V substituted like vars; kept out of the VM's metadata, logs and output",
-        ),
-        Param("allow_empty", "bool", default=False, help="accept a bootstrap with no actions"),
-        Param("accel", "str", default="auto", help="kvm, tcg or auto"),
-        Param(
-            "net", "str", default="default", help="default, restricted, none or nat (see herovm up --help)"
-        ),
-        Param("timeout", "duration", default="5m", help="how long to wait for ready"),
+        *_setting_params(),
         Param("replace", "bool", default=False, help="recreate the VM if it exists with other settings"),
     ],
     describe=_describe_create,
@@ -390,28 +370,14 @@ def vm_create(call: Call, ctx: PlayContext) -> dict:
     v = call.values
     name = v["name"]
     m = ctx.manager()
-    source, variables, secret_vars = _bootstrap_inputs(call)
-    kwargs = {
-        "image": v["image"],
-        "cpus": v["cpus"],
-        "memory": v["memory"],
-        "disk": v["disk"],
-        "bootstrap": source,
-        "bootstrap_sha256": v["bootstrap_sha256"] or None,
-        "variables": variables,
-        "secrets": secret_vars,
-        "allow_empty": v["allow_empty"],
-        "timeout": v["timeout"],
-        "accel": v["accel"],
-        "net": v["net"],
-    }
+    settings = _create_settings(call)
     existing = m.backend.get(name)
     if existing is not None and existing.state != "running":
         ctx.progress(Progress("play", f"{name} exists but is {existing.state}: starting it"))
         ctx.forget(name)
         m.start(name, v["timeout"])
     try:
-        vm = m.up(name, **kwargs)
+        vm = m.up(name, settings)
         changed = existing is None
     except AlreadyExists as e:
         if not v["replace"]:
@@ -421,10 +387,10 @@ def vm_create(call: Call, ctx: PlayContext) -> dict:
         ctx.progress(Progress("play", f"{name} has other settings: replacing it"))
         ctx.forget(name)
         m.down(name)
-        vm = m.up(name, **kwargs)
+        vm = m.up(name, settings)
         changed = True
     ctx.remember(vm)
-    return {"name": name, "changed": changed, "ssh_port": vm.ssh_port, "created": vm.meta.get("created")}
+    return {"name": name, "changed": changed, "ssh_port": vm.ssh_port, "created": vm.record.created}
 
 
 # ------------------------------------------------------------------------------- start, stop, delete

@@ -18,21 +18,27 @@ from .protocol import SSH_PORT
 if TYPE_CHECKING:
     from .guest.ssh import GuestConnection
     from .manager import Manager
+    from .record import VMRecord
 
 
 class VM:
-    """A handle on one VM: exec, cp, and its facts. Keeps one SSH connection for all its calls."""
+    """A handle on one VM: exec, cp, and its facts (`record`). Keeps one SSH connection for all its calls."""
 
-    def __init__(self, manager: Manager, name: str, meta: dict) -> None:
+    def __init__(self, manager: Manager, record: VMRecord) -> None:
         self.manager = manager
-        self.name = name
-        self.meta = meta
+        self.name = record.name
+        self.record = record
         self._conn: GuestConnection | None = None
         self._agent: AgentExec | None = None
 
     @property
     def ssh_port(self) -> int | None:
-        return self.meta.get("ssh_port")
+        return self.record.ssh_port
+
+    @property
+    def meta(self) -> dict:
+        """The record as it is stored (JSON)."""
+        return self.record.to_json()
 
     def _guest_port(self) -> tuple[int, Callable[[float], socket.socket] | None]:
         """Where the guest's port 22 (sshd, and the agent's exec) is: the forward on 127.0.0.1, or else
@@ -55,7 +61,7 @@ class VM:
             self._conn = GuestConnection(
                 port=port,
                 client_key=state.VMDir(self.name).client_key,
-                host_key=self.meta.get("host_key") or "",
+                host_key=self.record.host_key,
                 sock_factory=sock_factory,
             )
             self._conn.connect(deadline_s)
@@ -82,7 +88,7 @@ class VM:
 
     def _agent_exec(self) -> AgentExec | None:
         """Exec through the agent (no SSH), for VMs whose image's agent serves it."""
-        if not self.meta.get("agent_exec"):
+        if not self.record.agent_exec:
             return None
         if self._agent is None:
             port, sock_factory = self._guest_port()

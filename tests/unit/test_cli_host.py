@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from specs import spec, unique
 from typer.testing import CliRunner
 
 from herovm import __version__, state
@@ -223,14 +224,16 @@ def test_up_secret_from_the_environment_is_not_in_an_error(tmp_path: Path) -> No
     assert "timeout: '[secret T]' is not a duration" in err["message"]
 
 
-def test_up_with_a_hostile_var_still_checks_the_bootstrap_as_written(tmp_path: Path) -> None:
+def test_up_with_a_hostile_var_still_checks_the_bootstrap_as_written(tmp_path: Path, backend) -> None:
     """The value is one value: it cannot end the quote and start a `!!vm.copy` or `!!file.wrte` line."""
     script = tmp_path / "b.hero"
     script.write_text("!!cmd.run cmd:'echo ${X}'\n")
     hostile = "a'\n!!file.wrte path:/x\n"
-    result = run("up", "x", "--bootstrap", str(script), "--var", f"X={hostile}", "--accel", "hvf")
-    assert result.exit_code == 2
-    assert error_lines(result)[0] == "herovm: error: unknown accelerator 'hvf'"  # past the bootstrap check
+    name = unique("hostile")
+    backend.define(spec(tmp_path, name))  # what `up` checks after the bootstrap: whether the VM exists
+    result = run("up", name, "--bootstrap", str(script), "--var", f"X={hostile}")
+    assert result.exit_code == 4
+    assert error_lines(result)[0] == f"herovm: error: VM {name} already exists (stopped) with other settings"
 
 
 def test_up_url_fetch_ends_at_the_timeout() -> None:

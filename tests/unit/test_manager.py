@@ -36,6 +36,7 @@ from herovm.manager import Manager
 from herovm.progress import Progress
 from herovm.protocol import BOOTSTRAP_LIMIT
 from herovm.protocol_host import describe_event
+from herovm.record import VMRecord
 
 URI = "test:///default"
 _counter = itertools.count()
@@ -1142,6 +1143,6 @@ def test_kernel_command_line_turns_address_randomisation_off_only_under_tcg(
     manager: Manager, tmp_path: Path, accel: str, expected: str
 ) -> None:
     settings = {"cpus": 1, "memory": 1 << 30, "accel": accel, "kernel_args": "loglevel=3", "net": "default"}
-    meta = {"ssh_port": 2222, "settings": settings}
-    spec = manager._spec(state.VMDir("cmdline"), make_image(tmp_path), meta)
+    record = VMRecord.from_json("cmdline", {"ssh_port": 2222, "settings": settings})
+    spec = manager._spec(state.VMDir("cmdline"), make_image(tmp_path), record)
     assert spec.cmdline == expected

@@ -3,6 +3,7 @@ runner's logic over a fake Manager, and `herovm run` / `herovm script check` thr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,9 +36,11 @@ ACTIONS = {
         "vars",
         "secrets",
         "allow_empty",
+        "timeout",
         "accel",
         "net",
-        "timeout",
+        "kernel_args",
+        "keep_failed",
         "replace",
     ],
     "vm.start": ["name", "timeout"],
@@ -117,8 +120,14 @@ def test_typos_in_actions_and_parameters(tmp_path: Path) -> None:
         ("!!vm.create memory:1GB", "play.hero:1:1: vm.create: missing parameter 'name'"),
         ("!!vm.create name:Bad_Name", "play.hero:1:13: vm.create: invalid VM name 'Bad_Name'"),
         ("!!vm.create name:a memory:512", "play.hero:1:20: memory: '512' is not a size; give a unit"),
-        ("!!vm.create name:a memory:64MB", "play.hero:1:20: vm.create: memory must be at least 128MB"),
-        ("!!vm.create name:a cpus:0", "play.hero:1:20: vm.create: cpus 0 must be from 1 to 64"),
+        (
+            "!!vm.create name:a memory:64MB",
+            "play.hero:1:20: vm.create: memory 64 MiB is below the minimum of 128 MiB",
+        ),
+        (
+            "!!vm.create name:a cpus:0",
+            "play.hero:1:20: vm.create: cpus 0 must be a whole number from 1 to 64",
+        ),
         ("!!vm.create name:a accel:xen", "play.hero:1:20: vm.create: unknown accelerator 'xen'"),
         ("!!vm.create name:a vars:NOEQUALS", "play.hero:1:20: vm.create: 'NOEQUALS' is not NAME=VALUE"),
         ("!!vm.create name:a replace:maybe", "play.hero:1:20: replace: 'maybe' is not a boolean"),
@@ -245,6 +254,10 @@ class FakeVM:
     def ssh_port(self):
         return self.meta["ssh_port"]
 
+    @property
+    def record(self):
+        return SimpleNamespace(created=self.meta["created"])
+
     def exec(self, cmd, env=None, cwd=None, timeout=None):
         self.manager.calls.append(("exec", self.name, cmd))
         code = int(cmd.split()[1]) if cmd.startswith("exit ") else 0
@@ -273,9 +286,9 @@ class FakeManager:
         meta = self.vms.get(name)
         return SimpleNamespace(state=meta["state"], metadata=meta) if meta else None
 
-    def up(self, name, **kw):
+    def up(self, name, settings):
         self.calls.append(("up", name))
-        settings = {k: v for k, v in kw.items() if k != "timeout"}
+        settings = {k: v for k, v in dataclasses.asdict(settings).items() if k != "timeout"}
         meta = self.vms.get(name)
         if meta is not None:
             if meta["settings"] == settings and meta["state"] == "running":
@@ -407,7 +420,7 @@ def test_secrets_errors_do_not_repeat_the_value(tmp_path: Path) -> None:
         "play.hero:1:20: vm.create: bootstrap is invalid:\n"
         "setup.hero:1:20: timeout: '[secret TOKEN]' is not a duration; use s, m, h or d, e.g. 30s or 1h30m",
         "play.hero:2:20: vm.create: item 1 of secrets is not NAME=VALUE",
-        "play.hero:3:31: vm.create: T: given both in vars and in secrets",
+        "play.hero:3:31: vm.create: T: given both as a variable and as a secret",
     ]
 
 
