@@ -58,17 +58,19 @@ def _global(
         typer.Option(
             "--connect",
             "-c",
-            envvar="HEROVM_LIBVIRT_URI",
-            help="libvirt URI (default: qemu:///system as root, qemu:///session otherwise)",
+            help="libvirt URI (default: $HEROVM_LIBVIRT_URI, else qemu:///system as root, qemu:///session "
+            "otherwise)",
         ),
     ] = None,
     version: Annotated[
         bool, typer.Option("--version", help="print the version", callback=_print_version, is_eager=True)
     ] = False,
     backend: Annotated[
-        str,
-        typer.Option("--backend", envvar="HEROVM_BACKEND", help="libvirt (default) or cloud-hypervisor"),
-    ] = "libvirt",
+        str | None,
+        typer.Option(
+            "--backend", help="libvirt or cloud-hypervisor (default: $HEROVM_BACKEND, else libvirt)"
+        ),
+    ] = None,
 ) -> None:
     _options["uri"] = connect
     _options["backend"] = backend
@@ -77,9 +79,7 @@ def _global(
 def _manager(json_out: bool = False):
     from .manager import Manager
 
-    backend = str(_options.get("backend") or "libvirt")
-    uri = _options.get("uri") if backend == "libvirt" else None
-    return Manager(backend, uri=uri, progress=_reporter(json_out))  # type: ignore[arg-type]
+    return Manager(_options.get("backend"), uri=_options.get("uri"), progress=_reporter(json_out))  # type: ignore[arg-type]
 
 
 def _reporter(json_out: bool):
@@ -540,6 +540,7 @@ def run_(
             json_out=json_out,
             keep_going=keep_going,
             verbose=verbose,
+            backend=_options.get("backend"),  # type: ignore[arg-type]
             uri=_options.get("uri"),  # type: ignore[arg-type]
         )
     )

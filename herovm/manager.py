@@ -42,11 +42,13 @@ class Manager:
     """with herovm.Manager() as m: vm = m.up("box", bootstrap="setup.hero"); vm.exec(["uname", "-a"])"""
 
     def __init__(
-        self, backend: Backend | str = "libvirt", *, uri: str | None = None, progress: Reporter = silent
+        self, backend: Backend | str | None = None, *, uri: str | None = None, progress: Reporter = silent
     ) -> None:
-        if isinstance(backend, str):
-            backend = get_backend(backend, **({"uri": uri} if uri else {}))
-        self.backend = backend
+        """`backend`: a Backend, or its name; None: herovm.backends.get_backend decides ($HEROVM_BACKEND,
+        else libvirt). `uri`: libvirt's connection URI."""
+        self.backend = (
+            get_backend(backend, uri=uri) if backend is None or isinstance(backend, str) else backend
+        )
         self.progress = progress
         self.fetch_timeout = FETCH_TIMEOUT_S  # seconds the guest waits for a bootstrap URL to answer
 

@@ -58,13 +58,16 @@ def host_registry() -> Registry:
 
 @dataclass
 class PlayContext:
-    """What the actions of one run share: one Manager (made on first use) and one VM handle per VM, so
-    guest connections are reused. `plan=True`: the actions only say what they would do."""
+    """What the actions of one run share: one Manager (made on first use, on `backend`: see
+    herovm.backends.get_backend) and one VM handle per VM, so guest connections are reused. `plan=True`: the
+    actions only say what they would do."""
 
     manager_factory: Callable[[], Any] | None = None
     progress: Reporter = silent
     plan: bool = False
     close_manager: bool = True
+    backend: str | None = None
+    uri: str | None = None
     _manager: Any = None
     _vms: dict[str, Any] = field(default_factory=dict)
 
@@ -75,7 +78,7 @@ class PlayContext:
             else:
                 from .manager import Manager
 
-                self._manager = Manager(progress=self.progress)
+                self._manager = Manager(self.backend, uri=self.uri, progress=self.progress)
         return self._manager
 
     def vm(self, name: str):
@@ -617,6 +620,8 @@ def run_playbook(
     keep_going: bool = False,
     plan: bool = False,
     manager: Any = None,
+    backend: str | None = None,
+    uri: str | None = None,
     progress: Reporter = silent,
     on_start: Callable[[Action, int], Any] | None = None,
     on_end: Callable[[ActionResult], Any] | None = None,
@@ -624,7 +629,8 @@ def run_playbook(
     """Check the whole playbook, then run it in file order (stop at the first failure unless keep_going).
     Raises HeroScriptError, with every problem, if the check fails: then nothing has run. With plan=True
     nothing runs and each result's value is {"plan": "what it would do"}. A given `manager` is used and left
-    open; otherwise one is made on first use and closed at the end."""
+    open; otherwise one is made on first use, on `backend` (and libvirt's `uri`: see
+    herovm.backends.get_backend), and closed at the end."""
     if not isinstance(playbook, Playbook):
         playbook = load_playbook(playbook, variables=variables)
     ctx = PlayContext(
@@ -632,6 +638,8 @@ def run_playbook(
         progress=progress,
         plan=plan,
         close_manager=manager is None,
+        backend=backend,
+        uri=uri,
     )
     with ctx:
         return run_actions(
@@ -671,6 +679,7 @@ def cli_run(
     json_out: bool = False,
     keep_going: bool = False,
     verbose: bool = False,
+    backend: str | None = None,
     uri: str | None = None,
 ) -> int:
     """`herovm run`: 0 ok, 1 an action failed, 2 the playbook is invalid (nothing ran), 130 interrupted."""
@@ -733,12 +742,7 @@ def cli_run(
             for line in (r.output or "").rstrip().splitlines()[-20:]:
                 say(f"    | {line}")
 
-    def manager_factory() -> Any:
-        from .manager import Manager
-
-        return Manager(uri=uri, progress=progress)
-
-    ctx = PlayContext(manager_factory=manager_factory, progress=progress)
+    ctx = PlayContext(progress=progress, backend=backend, uri=uri)
     results: list[ActionResult] = []
     try:
         with ctx:

@@ -9,10 +9,12 @@ point `pytest11`); nothing happens, and libvirt is not touched, unless a test as
 
 Fixtures: `herovm_vm` (function scope: a VM with a unique name, removed after the test whatever happened),
 `herovm_manager` (session scope: the herovm.Manager the VMs come from).
-Options: --herovm-image RECIPE, --herovm-bootstrap FILE, --herovm-keep-on-failure (keep the VM of a failed
+Options: --herovm-backend NAME (libvirt or cloud-hypervisor; default: $HEROVM_BACKEND, else libvirt, as for
+`herovm`), --herovm-image RECIPE, --herovm-bootstrap FILE, --herovm-keep-on-failure (keep the VM of a failed
 test for inspection; its name and how to remove it are printed), --herovm-name-prefix PREFIX.
-The marker's keyword arguments go to Manager.up (bootstrap, memory, cpus, disk, image, variables, timeout,
-accel); a relative bootstrap path is looked up beside the test file first, then in the current directory.
+The marker's keyword arguments go to Manager.up (the settings of herovm.settings.VMSettings: bootstrap,
+memory, cpus, disk, image, variables, timeout, accel, ...); a relative bootstrap path is looked up beside the
+test file first, then in the current directory.
 Every VM made in the session is removed at its end, also when it was interrupted (Ctrl-C) between or
 during tests, except those kept with --herovm-keep-on-failure.
 """
@@ -35,6 +37,7 @@ MARKER = "herovm"
 
 @dataclass
 class _Session:
+    backend: str | None = None  # None: herovm.backends.get_backend decides
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     manager: Any = None
     made: set[str] = field(default_factory=set)  # VMs made and not yet removed
@@ -45,7 +48,7 @@ class _Session:
         if self.manager is None:
             from .manager import Manager
 
-            self.manager = Manager()
+            self.manager = Manager(self.backend)
         return self.manager
 
     def remove(self, name: str) -> None:
@@ -76,6 +79,12 @@ _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("herovm", "herovm VMs as fixtures")
+    group.addoption(
+        "--herovm-backend",
+        default=None,
+        metavar="NAME",
+        help="libvirt or cloud-hypervisor (default: $HEROVM_BACKEND, else libvirt)",
+    )
     group.addoption("--herovm-image", default="default", metavar="RECIPE", help="image of herovm_vm VMs")
     group.addoption(
         "--herovm-bootstrap", default=None, metavar="FILE", help="HeroScript bootstrap of herovm_vm VMs"
@@ -97,7 +106,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "herovm(**settings): settings of the herovm_vm VM for this test, as Manager.up takes them "
         "(bootstrap=, memory=, cpus=, disk=, image=, variables=, timeout=, accel=)",
     )
-    config.stash[_SESSION] = _Session()
+    config.stash[_SESSION] = _Session(backend=config.getoption("herovm_backend", None))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -155,7 +164,7 @@ def _bootstrap(value: Any, test_file: Path | None) -> Any:
 
 @pytest.fixture(scope="session")
 def herovm_manager(pytestconfig: pytest.Config) -> Iterator:
-    """The session's herovm.Manager (libvirt connection)."""
+    """The session's herovm.Manager, on the backend --herovm-backend names."""
     state = pytestconfig.stash[_SESSION]
     yield state.get_manager()
     state.cleanup()

@@ -1,19 +1,37 @@
 """Backends run machines; they know nothing of HeroScript, SSH or images. See base.py."""
 
+from __future__ import annotations
+
+import os
+
 from .base import Backend, Machine, MachineSpec
 
-__all__ = ["Backend", "Machine", "MachineSpec", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "Machine", "MachineSpec", "get_backend"]
+
+BACKENDS = ("libvirt", "cloud-hypervisor")
+_ALIASES = {"ch": "cloud-hypervisor"}
 
 
-def get_backend(kind: str = "libvirt", **options: object) -> Backend:
-    if kind == "libvirt":
-        from .libvirt import LibvirtBackend
-
-        return LibvirtBackend(**options)  # type: ignore[arg-type]
-    if kind in ("cloud-hypervisor", "ch"):
-        from .cloud_hypervisor import CloudHypervisorBackend  # type: ignore[import-not-found]
-
-        return CloudHypervisorBackend(**options)
+def get_backend(kind: str | None = None, *, uri: str | None = None, **options: object) -> Backend:
+    """The backend herovm uses, decided here and nowhere else (the CLI's --backend, `herovm run`, the
+    playbook API, the pytest plugin and Manager() all come here): `kind` if given, else $HEROVM_BACKEND, else
+    libvirt. `uri` is libvirt's (else $HEROVM_LIBVIRT_URI, else qemu:///system as root, qemu:///session
+    otherwise); another backend refuses one. `options` go to the backend's constructor."""
+    chosen = kind or os.environ.get("HEROVM_BACKEND") or "libvirt"
+    chosen = _ALIASES.get(chosen, chosen)
     from ..errors import InvalidInput
 
-    raise InvalidInput(f"unknown backend {kind!r}", hint="use libvirt or cloud-hypervisor")
+    if chosen == "libvirt":
+        from .libvirt import LibvirtBackend
+
+        return LibvirtBackend(uri, **options)  # type: ignore[arg-type]
+    if chosen not in BACKENDS:
+        raise InvalidInput(f"unknown backend {chosen!r}", hint=f"use {' or '.join(BACKENDS)}")
+    if uri:
+        raise InvalidInput(
+            f"a libvirt URI ({uri}) was given, but the backend is {chosen}",
+            hint="drop --connect, or use --backend libvirt",
+        )
+    from .cloud_hypervisor import CloudHypervisorBackend
+
+    return CloudHypervisorBackend(**options)  # type: ignore[arg-type]
