@@ -1,8 +1,8 @@
 """libvirt domains for the cloud-init and floor guests, and the host-side probes every variant shares.
 
-The domains copy herovm's device model (templates/libvirt-domain.xml.j2): direct kernel boot, virtio disk
-plus a read-only virtio disk for the seed, serial console to a file, virtio-rng, ACPI, no USB or balloon,
-QEMU user-mode networking with one forward 127.0.0.1:PORT -> guest:22 on a NIC in slot 0x10. The one
+The domains copy herovm's device model (herovm/_data/templates/libvirt-domain.xml.j2): direct kernel boot,
+virtio disk plus a read-only virtio disk for the seed, serial console to a file, virtio-rng, ACPI, no USB or
+balloon, QEMU user-mode networking with one forward 127.0.0.1:PORT -> guest:22 on a NIC in slot 0x10. The one
 difference: `restrict=on`, so these guests reach nothing but their forward and QEMU's DHCP.
 
 Names start with `bench-`. A domain is always destroyed, undefined and its directory removed on the way out

@@ -1,4 +1,4 @@
-"""Build and cache guest images from the recipes in `images/*.toml`.
+"""Build and cache guest images from the recipes in `herovm/_data/images/*.toml`.
 
 An image is a directory `images/<recipe>/<id>/` holding `vmlinuz`, `initrd.img` (ours: busybox and a few
 modules), `base.qcow2` (ext4 root with the agent) and `manifest.json`. The id hashes the recipe and the
@@ -422,15 +422,16 @@ def install_guest_python(pkg: Path) -> None:
 
 
 def initramfs_protocol() -> bytes:
-    """/protocol.sh of the initramfs, which bootstrap/initramfs/init sources: the start of the `failed` event
-    it writes on the console when it cannot hand over to the agent (everything up to the error's string),
-    made here from herovm.protocol so that the shell script does not write the contract a second time."""
+    """/protocol.sh of the initramfs, which herovm/_data/initramfs/init sources: the start of the `failed`
+    event it writes on the console when it cannot hand over to the agent (everything up to the error's
+    string), made here from herovm.protocol so that the shell script does not write the contract a second
+    time."""
     failed = {"event": Kind.FAILED, "seq": 0, "t": 0, "stage": Stage.INITRAMFS, "error": ""}
     start = CONSOLE_PREFIX + json.dumps(failed)[: -len('""}')]  # init adds "ERROR"}
     return f"# made by herovm/images.py from herovm/protocol.py\nfailed_line={shlex.quote(start)}\n".encode()
 
 
-INITRAMFS_APPLETS = ("cat", "insmod", "mkdir", "mount", "usleep")  # what bootstrap/initramfs/init runs
+INITRAMFS_APPLETS = ("cat", "insmod", "mkdir", "mount", "usleep")  # what herovm/_data/initramfs/init runs
 
 
 def _build_initramfs(root: Path, kernel_version: str, out: Path) -> None:

@@ -1,9 +1,9 @@
-"""The host-guest contract (bootstrap/PROTOCOL.md) in one module, imported by both sides: by the host as
+"""The host-guest contract (docs/protocol.md) in one module, imported by both sides: by the host as
 `herovm.protocol`, and by the guest agent as the same file, which herovm/images.py copies into the image
 beside `herovm.heroscript`. Every constant of the wire is written here once: the channel's names and ports,
 the config drive (its label, file, version and document shape, with the check both sides run), the event
 vocabulary and each event's fields, the exec framing and its handshake, the limits and the exec base
-environment. tests/unit/test_protocol_doc.py holds PROTOCOL.md's tables equal to what is written here.
+environment. tests/unit/test_protocol_doc.py holds docs/protocol.md's tables equal to what is written here.
 
 Why it imports nothing (but `__future__`, for its annotations). The agent imports this module on its boot
 path, before `ready`, where it loads only C modules (tests/unit/test_agent_boot_path.py): `json` imports
@@ -101,7 +101,7 @@ class Source(_Closed):
 class Stage(_Closed):
     """A `failed` event's `stage`: where the boot failed."""
 
-    INITRAMFS = "initramfs"  # written by bootstrap/initramfs/init itself, on the console only
+    INITRAMFS = "initramfs"  # written by herovm/_data/initramfs/init itself, on the console only
     DRIVE = "drive"  # the config drive is missing or not a valid config
     SETUP = "setup"  # one of the `Step`s
     FETCH = "fetch"

@@ -188,7 +188,7 @@ def write_markdown(path: Path, s: dict) -> None:
         "",
         "## Where exec's time goes, and what herovm does about it",
         "",
-        "- `exec` is served by the guest agent on the SSH port (bootstrap/PROTOCOL.md): no SSH handshake for",
+        "- `exec` is served by the guest agent on the SSH port (docs/protocol.md): no SSH handshake for",
         "  the CLI, and no sshd session or login shell per command. The same exec over SSH with a kept",
         "  connection costs ~65 ms here (an sshd session process plus `bash` sourcing `.bashrc`).",
         "- Under TCG, starting a dynamically linked program costs 23 ms with address-space randomisation and",

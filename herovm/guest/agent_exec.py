@@ -1,4 +1,4 @@
-"""``exec`` through the guest agent, without SSH (bootstrap/PROTOCOL.md, "Exec without SSH").
+"""``exec`` through the guest agent, without SSH (docs/protocol.md, "Exec without SSH").
 
 The agent answers on the guest's SSH port: a connection that opens with ``EXEC_MAGIC`` is served by the
 agent, which spawns the command itself. There is no SSH handshake per connection and no sshd session or

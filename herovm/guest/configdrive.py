@@ -1,5 +1,5 @@
 """The per-boot config drive: an ISO9660 volume labelled DRIVE_LABEL holding config.json, the document
-herovm.protocol.DriveConfig describes (bootstrap/PROTOCOL.md, "Inputs: the config drive")."""
+herovm.protocol.DriveConfig describes (docs/protocol.md, "Inputs: the config drive")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The host side of the agent protocol (bootstrap/PROTOCOL.md): read events from the agent channel as they
+"""The host side of the agent protocol (docs/protocol.md): read events from the agent channel as they
 come, or from the console log after the fact; send commands. Every line the guest wrote is decoded by
 herovm.protocol_host (bounded, checked against herovm.protocol's schema); `Story` says which events count.
 

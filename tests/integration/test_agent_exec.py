@@ -1,4 +1,4 @@
-"""Exec served by the guest agent on the SSH port, on a real guest (PROTOCOL.md, "Exec without SSH").
+"""Exec served by the guest agent on the SSH port, on a real guest (docs/protocol.md, "Exec without SSH").
 
 The exec semantics shared with SSH (exit codes, env, cwd, stdin, timeouts, 100 MB) are in test_lifecycle;
 these tests are about what is particular to the agent path: it is the one used, SSH still answers on

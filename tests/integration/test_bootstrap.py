@@ -118,7 +118,8 @@ def test_bootstrap_by_url_pinned_and_refused(vm_factory, unique_name, http_serve
 
 
 def test_pkg_install_from_the_image_apt_cache(vm_factory, unique_name):
-    """pkg.install with no network traffic: `tree` waits in the image's apt cache (images/default.toml)."""
+    """pkg.install with no network traffic: `tree` waits in the image's apt cache
+    (herovm/_data/images/default.toml)."""
     vm = vm_factory(unique_name("pkg"), bootstrap="!!pkg.install tree\n")
     r = vm.exec(["sh", "-c", "dpkg-query -W -f='${Status}' tree; echo; tree -L 1 /srv | head -1"])
     assert r.exit_code == 0, r

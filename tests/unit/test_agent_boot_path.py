@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from herovm import images, protocol
 
-AGENT = Path(__file__).resolve().parents[2] / "bootstrap/agent"
+AGENT = Path(__file__).resolve().parents[2] / "herovm/_data/agent"
 sys.path.insert(0, str(AGENT))
 from herovm_agent import exec_server, jsonio  # noqa: E402
 

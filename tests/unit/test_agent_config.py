@@ -18,7 +18,7 @@ from herovm import protocol
 from herovm.guest import configdrive
 from herovm.protocol import BOOTSTRAP_NAME, SSH_PORT, BootstrapSpec, DriveConfig, Limits, Network
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bootstrap/agent"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "herovm/_data/agent"))
 from herovm_agent.system import parse_config  # noqa: E402
 
 GOOD = {

@@ -1,5 +1,5 @@
-"""The agent's reaper (bootstrap/agent/herovm_agent/processes.py) run as PID 1 of a new PID namespace, as in
-the guest, with pids reused on purpose through that namespace's `ns_last_pid`: a command that gets the pid
+"""The agent's reaper (herovm/_data/agent/herovm_agent/processes.py) run as PID 1 of a new PID namespace, as
+in the guest, with pids reused on purpose through that namespace's `ns_last_pid`: a command that gets the pid
 of an earlier child must be answered with its own exit status, never the earlier child's."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-AGENT = Path(__file__).resolve().parents[2] / "bootstrap/agent"
+AGENT = Path(__file__).resolve().parents[2] / "herovm/_data/agent"
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare (a PID namespace)"

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bootstrap/agent"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "herovm/_data/agent"))
 from herovm_agent.events import CONSOLE_PREFIX, Events  # noqa: E402
 
 SECRET = 'tok-3xample"\\with quote'

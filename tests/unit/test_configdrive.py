@@ -35,7 +35,7 @@ CONFIG = {
 
 @pytest.fixture
 def agent_system():
-    """The guest agent's herovm_agent.system, imported from bootstrap/agent as the guest has it."""
+    """The guest agent's herovm_agent.system, imported from herovm/_data/agent as the guest has it."""
     path = str(resources.AGENT)
     if path not in sys.path:
         sys.path.insert(0, path)

@@ -40,7 +40,7 @@ from herovm.protocol_host import (
     validate_event,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bootstrap/agent"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "herovm/_data/agent"))
 from herovm_agent import jsonio  # noqa: E402 - the agent's own encoder: what the host must take
 
 # What each kind needs to pass the schema (herovm.protocol.SCHEMA), for tests that do not care.
@@ -411,7 +411,7 @@ def test_a_word_outside_a_fields_vocabulary_is_kept() -> None:
 
 
 def test_the_initramfs_failure_line_decodes() -> None:
-    # bootstrap/initramfs/init writes this itself, with echo: the schema must take it.
+    # herovm/_data/initramfs/init writes this itself, with echo: the schema must take it.
     line = '@herovm {"event": "failed", "seq": 0, "t": 0, "stage": "initramfs", "error": "no root device"}'
     assert console_event(line) == {
         "event": "failed",

@@ -1,4 +1,4 @@
-"""The exec protocol (bootstrap/PROTOCOL.md, "Exec without SSH") with no VM: the agent's real exec server on
+"""The exec protocol (docs/protocol.md, "Exec without SSH") with no VM: the agent's real exec server on
 real sockets, and the host's real AgentExec against it or against an impostor.
 
 What is held here: before authentication the agent reads at most two small frames, within a deadline, and
@@ -34,7 +34,7 @@ from herovm import protocol
 from herovm.errors import GuestError
 from herovm.guest import agent_exec
 
-AGENT = Path(__file__).resolve().parents[2] / "bootstrap/agent"
+AGENT = Path(__file__).resolve().parents[2] / "herovm/_data/agent"
 sys.path.insert(0, str(AGENT))
 from herovm_agent import exec_server as es  # noqa: E402
 from herovm_agent.processes import Processes  # noqa: E402

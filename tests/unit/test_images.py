@@ -268,17 +268,19 @@ def test_recipe_key_is_stable_and_order_independent() -> None:
 
 
 def copy_sources(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Copy every guest source (agent, initramfs, heroscript) under a new ROOT and point resources at it."""
+    """Copy every guest source (agent, initramfs, heroscript, the contract) under a new ROOT, at the same
+    places relative to it, and point resources at the copy: what an installed wheel is to the checkout."""
     ignore = shutil.ignore_patterns("__pycache__")
-    shutil.copytree(resources.AGENT, root / "bootstrap/agent", ignore=ignore)
-    shutil.copytree(resources.INITRAMFS, root / "bootstrap/initramfs", ignore=ignore)
-    shutil.copytree(resources.HEROSCRIPT, root / "herovm/heroscript", ignore=ignore)
-    shutil.copy2(resources.PROTOCOL, root / "herovm/protocol.py")
+    for name in ("AGENT", "INITRAMFS", "HEROSCRIPT", "PROTOCOL"):
+        source = getattr(resources, name)
+        copy = root / source.relative_to(resources.ROOT)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, copy, ignore=ignore)
+        else:
+            shutil.copy2(source, copy)
+        monkeypatch.setattr(resources, name, copy)
     monkeypatch.setattr(resources, "ROOT", root)
-    monkeypatch.setattr(resources, "AGENT", root / "bootstrap/agent")
-    monkeypatch.setattr(resources, "INITRAMFS", root / "bootstrap/initramfs")
-    monkeypatch.setattr(resources, "HEROSCRIPT", root / "herovm/heroscript")
-    monkeypatch.setattr(resources, "PROTOCOL", root / "herovm/protocol.py")
     return root
 
 
@@ -298,7 +300,7 @@ def test_image_id_changes_with_the_agent(tmp_sources: Path) -> None:
     recipe = images.load_recipe("default")
     before = images.image_id(recipe)
     assert images.image_id(recipe) == before
-    actions = tmp_sources / "bootstrap/agent/herovm_agent/actions.py"
+    actions = tmp_sources / "herovm/_data/agent/herovm_agent/actions.py"
     actions.write_text(actions.read_text() + "\n# changed\n")
     after = images.image_id(recipe)
     assert after != before
@@ -308,11 +310,11 @@ def test_image_id_changes_with_the_agent(tmp_sources: Path) -> None:
 def test_image_id_changes_with_initramfs_heroscript_and_protocol(tmp_sources: Path) -> None:
     recipe = images.load_recipe("default")
     ids = {images.image_id(recipe)}
-    (tmp_sources / "bootstrap/initramfs/init").write_text("#!/bin/sh\n")
+    (tmp_sources / "herovm/_data/initramfs/init").write_text("#!/bin/sh\n")
     ids.add(images.image_id(recipe))
     (tmp_sources / "herovm/heroscript/new_module.py").write_text("X = 1\n")
     ids.add(images.image_id(recipe))
-    (tmp_sources / "bootstrap/agent/sshd_config").write_text("PasswordAuthentication yes\n")  # not Python
+    (tmp_sources / "herovm/_data/agent/sshd_config").write_text("PasswordAuthentication yes\n")  # not Python
     ids.add(images.image_id(recipe))
     (tmp_sources / "herovm/protocol.py").write_text("# the contract, changed\n")
     ids.add(images.image_id(recipe))
@@ -333,7 +335,7 @@ def test_image_id_changes_with_the_assembly(monkeypatch: pytest.MonkeyPatch, tmp
 def test_image_id_ignores_pycache(tmp_sources: Path) -> None:
     recipe = images.load_recipe("default")
     before = images.image_id(recipe)
-    cache = tmp_sources / "bootstrap/agent/herovm_agent/__pycache__"
+    cache = tmp_sources / "herovm/_data/agent/herovm_agent/__pycache__"
     cache.mkdir()
     (cache / "junk.py").write_text("x = 1\n")
     assert images.image_id(recipe) == before

@@ -18,12 +18,12 @@ from herovm import protocol
 from herovm.protocol import Kind, Source, Stage, Step
 
 ROOT = Path(__file__).resolve().parents[2]
-AGENT = ROOT / "bootstrap/agent/herovm_agent"
+AGENT = ROOT / "herovm/_data/agent/herovm_agent"
 
 # Every file that makes up herovm or its guest, but the tests and the documentation.
 SOURCES = [
     p
-    for folder in ("herovm", "bootstrap", "templates", "benchmarks", "scripts")
+    for folder in ("herovm", "benchmarks", "scripts")
     for p in sorted((ROOT / folder).rglob("*"))
     if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".md", ".pyc")
 ]

@@ -1,4 +1,4 @@
-"""bootstrap/PROTOCOL.md says what herovm/protocol.py does: its tables (the config drive's keys, the events
+"""docs/protocol.md says what herovm/protocol.py does: its tables (the config drive's keys, the events
 and their fields, the setup steps, bootstrap sources, failure stages and service states, the commands, the
 exec frames) and the wire constants it names are read here and held equal to the module, so that neither
 can drift from the other."""
@@ -13,7 +13,7 @@ import pytest
 from herovm import protocol
 from herovm.protocol import Command, DriveConfig, Kind
 
-DOC = Path(__file__).resolve().parents[2] / "bootstrap/PROTOCOL.md"
+DOC = Path(__file__).resolve().parents[2] / "docs/protocol.md"
 
 
 def table(header: str) -> list[list[str]]:

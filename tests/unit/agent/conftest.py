@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
-AGENT = REPO / "bootstrap/agent"
+AGENT = REPO / "herovm/_data/agent"
 RESULT = "@@result "
 
 # What the agent and the image provide before a bootstrap runs (system.make_runtime_dirs; the image has

@@ -1,4 +1,4 @@
-"""Each guest action (bootstrap/agent/herovm_agent/actions.py), run for real as the agent runs a bootstrap,
+"""Each guest action (herovm/_data/agent/herovm_agent/actions.py), run for real as the agent runs a bootstrap,
 in a copy-on-write root of this machine (conftest.py): the files it writes are real files, read back here."""
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The agent's service supervisor (`Services` in bootstrap/agent/herovm_agent/processes.py), with real `sh -c`
-services run by the agent's own reaper as PID 1 of a guest root (conftest.py): restart policies, the backoff
-between restarts, the events the host is told, the logs in /var/log/herovm, and stopping at power-off."""
+"""The agent's service supervisor (`Services` in herovm/_data/agent/herovm_agent/processes.py), with
+real `sh -c` services run by the agent's own reaper as PID 1 of a guest root (conftest.py): restart policies,
+the backoff between restarts, the events the host is told, the logs in /var/log/herovm, and stopping at
+power-off."""
 
 from __future__ import annotations
 

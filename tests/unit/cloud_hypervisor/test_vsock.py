@@ -25,7 +25,7 @@ from herovm.manager import Manager
 from herovm.protocol import AGENT_VSOCK_PORT, SSH_PORT
 
 ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT / "bootstrap/agent"))
+sys.path.insert(0, str(ROOT / "herovm/_data/agent"))
 from herovm_agent.events import Events  # noqa: E402
 
 

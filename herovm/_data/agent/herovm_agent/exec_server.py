@@ -1,4 +1,4 @@
-"""`exec` served by the agent itself, on the SSH port (bootstrap/PROTOCOL.md, "Exec without SSH").
+"""`exec` served by the agent itself, on the SSH port (docs/protocol.md, "Exec without SSH").
 
 The SSH listener hands us a connection that began with EXEC_MAGIC. Each command is spawned straight from
 PID 1: no sshd session process and no login shell, which under emulation is most of an SSH exec's cost.

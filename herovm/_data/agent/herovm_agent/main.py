@@ -1,4 +1,4 @@
-"""The boot sequence of a herovm guest, run as PID 1 (bootstrap/PROTOCOL.md)."""
+"""The boot sequence of a herovm guest, run as PID 1 (docs/protocol.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The agent's side of the event protocol (bootstrap/PROTOCOL.md): JSON lines on a virtio-serial port,
+"""The agent's side of the event protocol (docs/protocol.md): JSON lines on a virtio-serial port,
 mirrored on the console, replayed to every host that says hello."""
 
 from __future__ import annotations
