@@ -5,9 +5,7 @@ BootFailed that says where the boot stopped (with the console's last lines when 
 from __future__ import annotations
 
 import secrets
-import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from . import state
@@ -99,7 +97,7 @@ class Boot:
                 self.backend.start(name)
         except HeroVMError as e:
             raise BootFailed(f"{name} could not start: {e.message}", stage="start") from e
-        report = self._follow(vmdir, nonce, deadline, t0, console_start)
+        report = self._follow(vmdir, record, nonce, (t0, deadline), console_start)
         seconds = round(time.monotonic() - t0, 3)
         record = record.booted(replace(begun, outcome=report.outcome, seconds=seconds))
         self.backend.set_metadata(name, record.to_json())
@@ -130,12 +128,13 @@ class Boot:
         )
 
     def _follow(
-        self, vmdir: state.VMDir, nonce: str, deadline: float, t0: float, console_start: int
+        self, vmdir: state.VMDir, record: VMRecord, nonce: str, times: tuple[float, float], console_start: int
     ) -> BootReport:
         """Follow the agent's events until ready or failed. While the channel is quiet, look at this boot's
         console output too: the initramfs reports its failures there, before any agent exists."""
         report = BootReport()
         name = vmdir.name
+        t0, deadline = times
         # Only this boot's agent writes the channel (the socket is new with each start), so a `boot` event
         # without a nonce (the agent could not read its drive) is this boot's too.
         story = Story(nonce, unnamed=True)
@@ -149,7 +148,7 @@ class Boot:
                     raise _EarlyFailure
 
         try:
-            channel = self.agent_channel(vmdir, deadline)
+            channel = agent_channel(self.backend, record, deadline)
         except TimeoutError:
             self._fail_unanswered(name, vmdir, "its agent channel never appeared")
         except OSError as e:  # e.g. a socket path over the 107-byte limit under a deep HEROVM_HOME
@@ -179,16 +178,6 @@ class Boot:
         self._fail_unanswered(name, vmdir, "the guest stopped before it was ready")
         return report  # not reached
 
-    def guest_connector(self, name: str) -> Callable[[int, float], socket.socket] | None:
-        """How to reach a guest port, as the backend says (None: agent socket and SSH forward)."""
-        connector = getattr(self.backend, "guest_connector", None)
-        return connector(name) if connector is not None else None
-
-    def agent_channel(self, vmdir: state.VMDir, deadline: float) -> AgentChannel:
-        connect = self.guest_connector(vmdir.name)
-        sock = connect(AGENT_VSOCK_PORT, deadline) if connect is not None else None
-        return AgentChannel(vmdir.agent_socket, deadline, sock=sock)
-
     def _fail_unanswered(self, name: str, vmdir: state.VMDir, why: str) -> None:
         machine = self.backend.get(name)
         tail = console_tail(vmdir.console_log)
@@ -199,3 +188,10 @@ class Boot:
             stage="boot",
             console=tail,
         )
+
+
+def agent_channel(backend: Backend, record: VMRecord, deadline: float) -> AgentChannel:
+    """The VM's agent channel (events in, commands out), however its backend reaches the guest; waits for
+    it until `deadline` (TimeoutError)."""
+    connect = backend.guest_connector(record.name, record.ssh_port)
+    return AgentChannel(None, deadline, sock=connect(AGENT_VSOCK_PORT, deadline))

@@ -14,7 +14,8 @@ import os
 import signal
 import sys
 import time
-from typing import Annotated, Any, NoReturn
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -32,6 +33,7 @@ image_app = typer.Typer(help="Build, list and remove guest images.", no_args_is_
 app.add_typer(image_app, name="image")
 
 _options: dict[str, object] = {}
+T = TypeVar("T")
 
 
 class _Terminated(KeyboardInterrupt):
@@ -445,34 +447,34 @@ def logs(
             show(line)
 
 
-def _vm_op(name: str, op: str, *args: object) -> object:
-    """pause/resume/snapshot: backends that have them (cloud-hypervisor) do them; others say so."""
+def _vm_op(name: str, capability: type[T], op: Callable[[T], object]) -> object:
+    """pause/resume/snapshot: `op` on the backend, if it has `capability` (herovm.backends.base)."""
+    from .backends import require
     from .state import validate_name
 
     with _manager() as m:
         validate_name(name)
-        method = getattr(m.backend, op, None)
-        if method is None:
-            raise InvalidInput(
-                f"the {m.backend.name} backend has no {op}", hint="use --backend cloud-hypervisor"
-            )
-        return method(name, *args)
+        return op(require(m.backend, capability))
 
 
 @app.command()
 def pause(name: str) -> None:
-    """Pause a running VM (cloud-hypervisor backend)."""
+    """Pause a running VM (backends that can: cloud-hypervisor)."""
+    from .backends.base import Pausable
+
     try:
-        _vm_op(name, "pause")
+        _vm_op(name, Pausable, lambda backend: backend.pause(name))
     except HeroVMError as e:
         _fail(e)
 
 
 @app.command()
 def resume(name: str) -> None:
-    """Resume a paused VM (cloud-hypervisor backend)."""
+    """Resume a paused VM (backends that can: cloud-hypervisor)."""
+    from .backends.base import Pausable
+
     try:
-        _vm_op(name, "resume")
+        _vm_op(name, Pausable, lambda backend: backend.resume(name))
     except HeroVMError as e:
         _fail(e)
 
@@ -481,9 +483,12 @@ def resume(name: str) -> None:
 def snapshot(
     name: str, dest: Annotated[str | None, typer.Argument(help="directory (default: in the VM's)")] = None
 ) -> None:
-    """Save a VM's memory and device state to a directory (cloud-hypervisor backend; not its disks)."""
+    """Save a VM's memory and device state to a directory (backends that can: cloud-hypervisor; not its
+    disks)."""
+    from .backends.base import Snapshots
+
     try:
-        typer.echo(str(_vm_op(name, "snapshot", dest)))
+        typer.echo(str(_vm_op(name, Snapshots, lambda backend: backend.snapshot(name, dest))))
     except HeroVMError as e:
         _fail(e)
 

@@ -2,6 +2,17 @@
 
 Each error carries a process exit code, so the CLI can map it without a table of its own.
 255 is the generic herovm failure (exec reserves 0-254 for the remote command).
+
+    HeroVMError 255
+    ├── InvalidInput 2
+    │   └── Unsupported 2      the backend lacks an optional capability (names the backend)
+    ├── NotFound 3
+    ├── AlreadyExists 4
+    ├── Busy 4
+    ├── BackendUnavailable 5
+    ├── ImageError 6
+    ├── BootFailed 7
+    └── GuestError 255
 """
 
 from __future__ import annotations
@@ -25,6 +36,10 @@ class HeroVMError(Exception):
 
 class InvalidInput(HeroVMError):
     exit_code = 2
+
+
+class Unsupported(InvalidInput):
+    """The backend has no such capability (herovm.backends.base: Pausable, Snapshots)."""
 
 
 class NotFound(HeroVMError):

@@ -8,7 +8,6 @@ where they are used: `herovm exec` pays for none of them (tens of ms per call).
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from . import accel as accel_mod
 from . import disks, state
 from .backends import Backend, Machine, MachineSpec, get_backend
-from .boot import Boot
+from .boot import Boot, agent_channel
 from .bootstrap import Bootstrap, fetch_on_host, load_bootstrap, redact, redacted
 from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, NotFound
 from .guest.events import console_story
@@ -246,10 +245,6 @@ class Manager:
     def _booter(self) -> Boot:
         return Boot(self.backend, self.progress, self.fetch_timeout)
 
-    def guest_connector(self, name: str) -> Callable[[int, float], socket.socket] | None:
-        """How to reach a guest port, as the backend says (None: agent socket and SSH forward)."""
-        return self._booter().guest_connector(name)
-
     # ----------------------------------------------------------------------------- other verbs
 
     def machine(self, name: str) -> Machine:
@@ -290,7 +285,9 @@ class Manager:
             self.progress(Progress("stop", f"stopping {name}"))
             deadline = time.monotonic() + timeout
             try:
-                channel = self._booter().agent_channel(vmdir, time.monotonic() + 2)
+                channel = agent_channel(
+                    self.backend, VMRecord.from_json(name, machine.metadata), time.monotonic() + 2
+                )
                 channel.send({"op": Command.POWEROFF})
                 channel.close()
                 while time.monotonic() < deadline:

@@ -9,9 +9,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
 from . import state
-from .errors import GuestError
 from .guest.agent_exec import AgentExec
-from .guest.execution import ExecResult, open_tcp
+from .guest.execution import ExecResult
 from .progress import Progress
 from .protocol import SSH_PORT
 
@@ -40,29 +39,20 @@ class VM:
         """The record as it is stored (JSON)."""
         return self.record.to_json()
 
-    def _guest_port(self) -> tuple[int, Callable[[float], socket.socket] | None]:
-        """Where the guest's port 22 (sshd, and the agent's exec) is: the forward on 127.0.0.1, or else
-        (timeout) -> a stream from the backend's connector (Cloud Hypervisor: vsock)."""
-        connect = self.manager.guest_connector(self.name)
-        if connect is None and not self.ssh_port:
-            raise GuestError(
-                f"VM {self.name} has no network (--net none), so no exec or SSH",
-                hint="create it with another --net mode to exec into it",
-            )
-        if connect is None:
-            return self.ssh_port, None
-        return SSH_PORT, lambda timeout: connect(SSH_PORT, time.monotonic() + timeout)
+    def _connect(self, timeout: float) -> socket.socket:
+        """A stream to the guest's port 22 (sshd, and the agent's exec), as the backend reaches it."""
+        connect = self.manager.backend.guest_connector(self.name, self.ssh_port)
+        return connect(SSH_PORT, time.monotonic() + timeout)
 
     def connection(self, deadline_s: float = 30.0) -> GuestConnection:
         if self._conn is None or not self._conn.connected:
-            port, sock_factory = self._guest_port()
             from .guest.ssh import GuestConnection  # paramiko: ~90 ms to import, only SSH needs it
 
             self._conn = GuestConnection(
-                port=port,
+                port=self.ssh_port or SSH_PORT,  # what its messages name: the forward, or the guest's port
                 client_key=state.VMDir(self.name).client_key,
                 host_key=self.record.host_key,
-                sock_factory=sock_factory,
+                sock_factory=self._connect,
             )
             self._conn.connect(deadline_s)
         return self._conn
@@ -91,12 +81,11 @@ class VM:
         if not self.record.agent_exec:
             return None
         if self._agent is None:
-            port, sock_factory = self._guest_port()
             token = state.VMDir(self.name).exec_token.read_text().strip()
             self._agent = AgentExec(
                 target=self.name,
                 token=token,
-                connect=sock_factory or (lambda timeout: open_tcp("127.0.0.1", port, timeout)),
+                connect=self._connect,
                 # Asked only when the agent does not answer: a stopped or vanished VM is said at once.
                 on_unreachable=lambda: self.manager.require_running(self.name),
             )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
-from .base import Backend, Machine, MachineSpec
+from .base import CAPABILITIES, Backend, Machine, MachineSpec
 
-__all__ = ["BACKENDS", "Backend", "Machine", "MachineSpec", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "Machine", "MachineSpec", "get_backend", "require"]
+T = TypeVar("T")
 
 BACKENDS = ("libvirt", "cloud-hypervisor")
 _ALIASES = {"ch": "cloud-hypervisor"}
@@ -35,3 +37,19 @@ def get_backend(kind: str | None = None, *, uri: str | None = None, **options: o
     from .cloud_hypervisor import CloudHypervisorBackend
 
     return CloudHypervisorBackend(**options)  # type: ignore[arg-type]
+
+
+def require(backend: Backend, capability: type[T]) -> T:
+    """`backend` as having `capability` (herovm.backends.base: Pausable, Snapshots), checked by type; a
+    backend without it is Unsupported, in an error that names it and the backends that have it."""
+    if isinstance(backend, capability):
+        return backend
+    from ..errors import Unsupported
+    from .cloud_hypervisor import CloudHypervisorBackend
+    from .libvirt import LibvirtBackend
+
+    able = [cls.name for cls in (LibvirtBackend, CloudHypervisorBackend) if issubclass(cls, capability)]
+    raise Unsupported(
+        f"the {backend.name} backend cannot {CAPABILITIES[capability]}",
+        hint=f"the backends that can: {', '.join(able)} (--backend)" if able else None,
+    )

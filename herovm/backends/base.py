@@ -1,12 +1,22 @@
-"""The backend interface: everything herovm needs from a hypervisor, and nothing more."""
+"""The backend interface: everything herovm needs from a hypervisor, and nothing more.
+
+`Backend` is what every backend has. What only some have is a small capability interface of its own, checked
+with `isinstance` (they are `runtime_checkable`): `Pausable` (pause, resume) and `Snapshots` (snapshot,
+restore). `herovm.backends.require` turns a missing one into `Unsupported`, which names the backend.
+
+    backend = get_backend("cloud-hypervisor")
+    if isinstance(backend, Pausable):
+        backend.pause("box")
+"""
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -52,17 +62,72 @@ class Machine:
     metadata: dict
 
 
+GuestConnector = Callable[[int, float], socket.socket]
+"""connect(port, deadline) -> a stream connected to the guest's `port` (herovm.protocol's AGENT_VSOCK_PORT:
+the agent's event channel; SSH_PORT: sshd and the agent's exec), waiting for it to answer until `deadline`
+(time.monotonic()): TimeoutError after that. A port the machine cannot be reached on at all (no network)
+raises GuestError at once."""
+
+
 class Backend(Protocol):
+    """Runs machines: defines, starts and stops them, keeps herovm's metadata with them, says how to reach
+    their guests. Names are herovm's VM names; a backend keeps to its own machines."""
+
     name: str
 
-    def define(self, spec: MachineSpec) -> None: ...  # create the machine, not started; error if it exists
-    def start(self, name: str) -> None: ...
-    def destroy(self, name: str) -> None: ...  # power off at once (no error if already off)
-    def undefine(self, name: str) -> None: ...  # remove the definition (stopped first); no error if absent
-    def get(self, name: str) -> Machine | None: ...
-    def list(self) -> list[Machine]: ...  # only herovm's machines
-    def set_metadata(self, name: str, metadata: dict) -> None: ...
-    def close(self) -> None: ...
-    # How the host reaches a guest port. None: through the agent socket and the SSH forward (libvirt);
-    # else connect(port, deadline) -> a connected stream socket (Cloud Hypervisor: hybrid vsock).
-    def guest_connector(self, name: str) -> Callable[[int, float], socket.socket] | None: ...
+    def define(self, spec: MachineSpec) -> None:
+        """Create the machine, not started. AlreadyExists if it exists."""
+
+    def start(self, name: str) -> None:
+        """Boot the defined machine. NotFound if there is none."""
+
+    def destroy(self, name: str) -> None:
+        """Power the machine off at once; no error if it is off or absent."""
+
+    def undefine(self, name: str) -> None:
+        """Remove the machine's definition, stopping it first; no error if it is absent."""
+
+    def get(self, name: str) -> Machine | None:
+        """The machine (state and metadata), None if there is none."""
+
+    def list(self) -> list[Machine]:
+        """herovm's machines, and only those."""
+
+    def set_metadata(self, name: str, metadata: dict) -> None:
+        """Replace the metadata kept with the machine (herovm's record of it: the backend is its source of
+        truth)."""
+
+    def close(self) -> None:
+        """Let go of connections; running machines keep running."""
+
+    def guest_connector(self, name: str, ssh_port: int | None) -> GuestConnector:
+        """How the host reaches the guest's ports, in every case: libvirt connects the agent's
+        virtio-serial socket and the SSH forward on 127.0.0.1:`ssh_port` (the MachineSpec's, as recorded;
+        None: no NIC, so no SSH port), Cloud Hypervisor its hybrid vsock (it has no forward). Asks the
+        hypervisor nothing until a port is connected: `herovm exec` takes it on its hot path."""
+
+
+@runtime_checkable
+class Pausable(Protocol):
+    """A backend that can freeze a running machine and let it go on later."""
+
+    def pause(self, name: str) -> None:
+        """Stop the machine's vCPUs; its memory and devices stay as they are."""
+
+    def resume(self, name: str) -> None:
+        """Run a paused machine on."""
+
+
+@runtime_checkable
+class Snapshots(Protocol):
+    """A backend that can save a machine's memory and device state, and bring a machine back from it."""
+
+    def snapshot(self, name: str, destination: str | os.PathLike | None = None) -> Path:
+        """Save the running machine's state into `destination` (default: a new directory in the VM's);
+        returns the directory. Disks are not copied."""
+
+    def restore(self, name: str, source: str | os.PathLike) -> None:
+        """Replace the machine with the one saved in `source`, running. Its disks must be as they were."""
+
+
+CAPABILITIES: dict[type, str] = {Pausable: "pause or resume", Snapshots: "take or restore snapshots"}

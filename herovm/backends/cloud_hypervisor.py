@@ -33,7 +33,7 @@ from pathlib import Path
 from .. import state
 from ..errors import AlreadyExists, BackendUnavailable, HeroVMError, InvalidInput, NotFound
 from ..guest import vsock
-from .base import Machine, MachineSpec
+from .base import GuestConnector, Machine, MachineSpec
 
 API_ROOT = "/api/v1/"
 GUEST_CID = 3
@@ -227,7 +227,9 @@ class CloudHypervisorBackend:
             with contextlib.suppress(OSError):
                 proc.poll()  # reap what ended; running VMMs outlive this process on purpose
 
-    def guest_connector(self, name: str) -> Callable[[int, float], socket.socket]:
+    def guest_connector(self, name: str, ssh_port: int | None) -> GuestConnector:
+        """Every guest port over the VM's hybrid vsock (it has no NIC, so no forward: `ssh_port` is None)."""
+
         def connect(port: int, deadline: float) -> socket.socket:
             st = self._require(name)
             try:

@@ -1,4 +1,4 @@
-"""The libvirt backend: QEMU guests (KVM or TCG) defined from templates/libvirt-domain.xml.j2.
+"""The libvirt backend: QEMU guests (KVM or TCG) defined from herovm/_data/templates/libvirt-domain.xml.j2.
 
 herovm's domains are named `herovm-<name>` and carry their metadata in `<metadata>`, so `herovm ls` asks
 libvirt, not a file of ours, which machines exist.
@@ -10,16 +10,20 @@ import contextlib
 import json
 import os
 import pwd
+import socket
+import time
 from pathlib import Path
 from xml.etree import ElementTree
 
 import libvirt
 
-from .. import resources
-from ..errors import AlreadyExists, BackendUnavailable, HeroVMError, InvalidInput, NotFound
-from ..protocol import AGENT_PORT_NAME
+from .. import resources, state
+from ..errors import AlreadyExists, BackendUnavailable, GuestError, HeroVMError, InvalidInput, NotFound
+from ..guest.events import connect_unix
+from ..guest.execution import open_tcp
+from ..protocol import AGENT_PORT_NAME, AGENT_VSOCK_PORT, SSH_PORT
 from . import passt
-from .base import Machine, MachineSpec
+from .base import GuestConnector, Machine, MachineSpec
 
 PREFIX = "herovm-"
 NAMESPACE = "urn:herovm:vm:1"
@@ -248,8 +252,24 @@ class LibvirtBackend:
         except libvirt.libvirtError as e:
             raise _wrap(e, f"updating {name}") from e
 
-    def guest_connector(self, name: str) -> None:
-        return None  # the agent's virtio-serial socket and the SSH port forward
+    def guest_connector(self, name: str, ssh_port: int | None) -> GuestConnector:
+        """The agent's channel is a virtio-serial port, the unix socket QEMU serves in the VM's directory;
+        port 22 is the forward on 127.0.0.1:`ssh_port`. Neither asks libvirt anything."""
+        channel = state.VMDir(name).agent_socket
+
+        def connect(port: int, deadline: float) -> socket.socket:
+            if port == AGENT_VSOCK_PORT:
+                return connect_unix(channel, deadline)
+            if port != SSH_PORT:
+                raise GuestError(f"libvirt reaches no guest port {port} of {name}: only the agent and SSH")
+            if ssh_port is None:
+                raise GuestError(
+                    f"VM {name} has no network (--net none), so no exec or SSH",
+                    hint="create it with another --net mode to exec into it",
+                )
+            return open_tcp("127.0.0.1", ssh_port, max(0.05, deadline - time.monotonic()))
+
+        return connect
 
 
 def _passt_dir(net: dict) -> Path | None:

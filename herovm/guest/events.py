@@ -31,6 +31,7 @@ __all__ = [
     "console_files",
     "console_story",
     "console_tail",
+    "connect_unix",
     "follow_console",
     "read_console",
 ]
@@ -44,7 +45,7 @@ class AgentChannel:
     already connected to the agent another way (Cloud Hypervisor's vsock, herovm/guest/vsock.py)."""
 
     def __init__(self, path: Path | None, deadline: float, sock: socket.socket | None = None) -> None:
-        self.sock = sock if sock is not None else _connect_unix(path, deadline)  # type: ignore[arg-type]
+        self.sock = sock if sock is not None else connect_unix(path, deadline)  # type: ignore[arg-type]
         self._buf = b""
         self._skipping = False
         self._seen = -1
@@ -91,7 +92,9 @@ class AgentChannel:
         self.sock.close()
 
 
-def _connect_unix(path: Path, deadline: float) -> socket.socket:
+def connect_unix(path: Path, deadline: float) -> socket.socket:
+    """A stream to the unix socket `path`, retried while it is missing or refuses, until `deadline`
+    (time.monotonic()): TimeoutError then (QEMU makes the agent's socket as the machine starts)."""
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

@@ -33,5 +33,9 @@ def test_pause_resume_snapshot(standin: StandIn, monkeypatch) -> None:
     r = runner.invoke(
         app, ["pause", "box"], env={"HEROVM_BACKEND": "libvirt", "HEROVM_LIBVIRT_URI": "test:///default"}
     )
-    assert r.exit_code == 2 and "has no pause" in r.output
+    assert r.exit_code == 2
+    assert r.stderr.splitlines() == [
+        "herovm: error: the libvirt backend cannot pause or resume",
+        "  hint: the backends that can: cloud-hypervisor (--backend)",
+    ]
     b.undefine("box")

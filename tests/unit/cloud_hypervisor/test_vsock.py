@@ -18,11 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from herovm.boot import agent_channel
 from herovm.guest import vsock
 from herovm.guest.events import AgentChannel
 from herovm.guest.ssh import GuestConnection
 from herovm.manager import Manager
 from herovm.protocol import AGENT_VSOCK_PORT, SSH_PORT
+from herovm.record import VMRecord
+from herovm.vm import VM
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "herovm/_data/agent"))
@@ -185,20 +188,21 @@ def test_an_ssh_session_over_vsock(sock_dir: Path, tmp_path: Path) -> None:
         hv.close()
 
 
-def test_the_manager_takes_the_transport_from_the_backend(sock_dir: Path) -> None:
-    class Plain:  # like libvirt: no connector at all (or one that says None)
-        name = "plain"
+def test_the_agent_channel_and_exec_take_the_transport_from_the_backend(sock_dir: Path) -> None:
+    class Vsock:  # a backend that reaches its guests as Cloud Hypervisor does
+        name = "vsock"
+
+        def guest_connector(self, name: str, ssh_port: int | None):
+            return lambda port, deadline: vsock.connect_hybrid(sock_dir / f"{name}.sock", port, deadline)
 
         def close(self) -> None:
             pass
 
-    class Vsock(Plain):
-        def guest_connector(self, name: str):
-            return lambda port, deadline: vsock.connect_hybrid(sock_dir / f"{name}.sock", port, deadline)
-
-    assert Manager(Plain()).guest_connector("box") is None  # type: ignore[arg-type]
-    connect = Manager(Vsock()).guest_connector("box")  # type: ignore[arg-type]
-    hv = HybridVsock(sock_dir / "box.sock", {AGENT_VSOCK_PORT: lambda: socket.socketpair()[0]})
-    connect(AGENT_VSOCK_PORT, time.monotonic() + 2).close()
-    assert hv.connects == [AGENT_VSOCK_PORT]
+    hv = HybridVsock(
+        sock_dir / "box.sock",
+        {AGENT_VSOCK_PORT: lambda: socket.socketpair()[0], SSH_PORT: lambda: socket.socketpair()[0]},
+    )
+    agent_channel(Vsock(), VMRecord(name="box"), time.monotonic() + 2).close()  # type: ignore[arg-type]
+    VM(Manager(Vsock()), VMRecord(name="box"))._connect(2).close()  # type: ignore[arg-type]
+    assert hv.connects == [AGENT_VSOCK_PORT, SSH_PORT]
     hv.close()
