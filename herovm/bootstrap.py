@@ -21,6 +21,7 @@ from .protocol import BOOTSTRAP_LIMIT, BOOTSTRAP_NAME
 
 if TYPE_CHECKING:
     from .heroscript import Playbook, Problem
+    from .settings import VMSettings
 
 
 @dataclass
@@ -82,6 +83,17 @@ def load_bootstrap(
         bootstrap.script or "", bootstrap.name, variables, secrets=secrets, allow_empty=allow_empty
     )
     return bootstrap
+
+
+def bootstrap_of(settings: VMSettings) -> Bootstrap:
+    """The bootstrap a VM's settings give, read and checked by `load_bootstrap`."""
+    return load_bootstrap(
+        settings.bootstrap,
+        settings.bootstrap_sha256,
+        variables=settings.variables,
+        secrets=settings.secrets,
+        allow_empty=settings.allow_empty,
+    )
 
 
 _FILE_KINDS = (

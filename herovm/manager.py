@@ -1,6 +1,8 @@
-"""The lifecycle of herovm VMs over a backend: up, exec, cp, stop, start, down, ls, status, logs.
+"""The lifecycle of herovm VMs over a backend: up, start, stop, down, gc, ls, status, logs (exec and cp are
+the VM handle's, herovm/vm.py).
 
-The Manager knows images, keys, the config drive and the agent protocol; the backend knows the hypervisor.
+The Manager holds the verbs; what a VM is made with is herovm.settings, what is recorded about it
+herovm.record, its bootstrap herovm.bootstrap, a boot herovm.boot; the backend knows the hypervisor.
 Modules that only creating or booting a VM needs (images, keys, the config drive, HeroScript) are imported
 where they are used: `herovm exec` pays for none of them (tens of ms per call).
 """
@@ -17,7 +19,7 @@ from . import accel as accel_mod
 from . import disks, state
 from .backends import Backend, Machine, MachineSpec, get_backend
 from .boot import Boot, agent_channel
-from .bootstrap import Bootstrap, fetch_on_host, load_bootstrap, redact, redacted
+from .bootstrap import Bootstrap, bootstrap_of, fetch_on_host, redact, redacted
 from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, NotFound
 from .guest.events import console_story
 from .progress import Progress, Reporter, silent, still_waiting
@@ -97,13 +99,7 @@ class Manager:
             self.progress = report
 
     def _up(self, name: str, s: VMSettings) -> VM:
-        boot = load_bootstrap(
-            s.bootstrap,
-            s.bootstrap_sha256,
-            variables=s.variables,
-            secrets=s.secrets,
-            allow_empty=s.allow_empty,
-        )
+        boot = bootstrap_of(s)
         timeout_s = s.timeout
         if boot.url and s.net in ("restricted", "none"):  # the guest itself has no egress
             fetch_started = time.monotonic()

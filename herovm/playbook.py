@@ -260,7 +260,7 @@ def _create_settings(call: Call) -> VMSettings:
 
 
 def _check_create(call: Call) -> None:
-    from .bootstrap import load_bootstrap
+    from .bootstrap import bootstrap_of
 
     _check_name(call)
     settings = _create_settings(call)
@@ -277,13 +277,7 @@ def _check_create(call: Call) -> None:
             "a bootstrap path is relative to the playbook's directory",
         )
     try:
-        load_bootstrap(
-            source,
-            settings.bootstrap_sha256,
-            variables=settings.variables,
-            secrets=settings.secrets,
-            allow_empty=settings.allow_empty,
-        )
+        bootstrap_of(settings)
     except HeroVMError as e:
         raise _problem_at(call, "bootstrap", e.message, e.hint) from None
 
