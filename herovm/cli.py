@@ -573,7 +573,7 @@ def image_build(
     recipe: Annotated[str, typer.Argument()] = "default",
     force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
 ) -> None:
-    """Build an image from images/RECIPE.toml (cached: built once, reused)."""
+    """Build an image from its recipe (herovm/_data/images/RECIPE.toml; cached: built once, reused)."""
     from . import images
 
     report = _reporter(False)

@@ -344,8 +344,9 @@ class Manager:
         return names
 
     def gc(self) -> list[str]:
-        """Remove what crashed or killed herovm processes left behind: VM directories without a domain, and
-        domains defined but never started whose directory is gone. Running VMs are never touched."""
+        """Remove what crashed or killed herovm processes left behind: VM directories without a domain,
+        domains defined but never started whose directory is gone, and lock files of VMs that are gone.
+        Running VMs are never touched."""
         removed = []
         machines = self._machines()
         for name in state.list_vm_dirs():
@@ -374,6 +375,13 @@ class Manager:
                         removed.append(f"{name} (defined by an `up` that never booted it)")
                 except Busy:
                     continue
+        for name in state.stale_vm_locks():
+            try:
+                with state.VMDir(name).lock(wait=0):  # released with no directory: the file goes
+                    pass
+                removed.append(f"lock file of {name}")
+            except Busy:
+                continue  # an `up` of that name holds it
         return removed
 
     def ls(self) -> list[dict]:

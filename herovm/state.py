@@ -231,6 +231,15 @@ def _flock(fd: int, deadline: float | None, what: str) -> None:
             time.sleep(0.05)
 
 
+def stale_vm_locks() -> list[str]:
+    """Names whose lock file outlived their VM (herovm before 0.1 left one for every name ever used)."""
+    locks = home() / "locks"
+    if not locks.is_dir():
+        return []
+    names = (p.name[3:-5] for p in locks.glob("vm-*.lock"))
+    return sorted(n for n in names if NAME_RE.match(n) and not VMDir(n).exists())
+
+
 def list_vm_dirs() -> list[str]:
     root = home() / "vms"
     if not root.is_dir():

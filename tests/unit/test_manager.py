@@ -1146,3 +1146,28 @@ def test_kernel_command_line_turns_address_randomisation_off_only_under_tcg(
     record = VMRecord.from_json("cmdline", {"ssh_port": 2222, "settings": settings})
     spec = manager._spec(state.VMDir("cmdline"), make_image(tmp_path), record)
     assert spec.cmdline == expected
+
+
+def test_gc_removes_lock_files_left_by_removed_vms_but_not_a_held_one(manager: Manager, home: Path):
+    """herovm before the lock fix left locks/vm-NAME.lock for every name ever used."""
+    locks = home / "locks"
+    locks.mkdir(parents=True)
+    for name in ("gone1", "gone2", "held"):
+        (locks / f"vm-{name}.lock").write_text("123")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # an `up` of that name, before it has made the directory
+        with state.VMDir("held").lock():
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert holding.wait(5)
+    try:
+        removed = manager.gc()
+        assert sorted(p.name for p in locks.iterdir()) == ["vm-held.lock"]
+    finally:
+        release.set()
+        holder.join(5)
+    assert removed == ["lock file of gone1", "lock file of gone2"]
