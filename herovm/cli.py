@@ -457,26 +457,29 @@ def _vm_op(name: str, capability: type[T], op: Callable[[T], object]) -> object:
         return op(require(m.backend, capability))
 
 
-@app.command()
-def pause(name: str) -> None:
-    """Pause a running VM (backends that can: cloud-hypervisor)."""
-    from .backends.base import Pausable
-
+def _pause_or_resume(name: str, json_out: bool, resume: bool) -> None:
     try:
-        _vm_op(name, Pausable, lambda backend: backend.pause(name))
+        with _manager(json_out) as m:
+            (m.resume if resume else m.pause)(name)
+            machine = m.machine(name)
     except HeroVMError as e:
-        _fail(e)
+        _fail(e, json_out)
+    if json_out:
+        _print_json({"name": name, "state": machine.state})
+    else:
+        typer.echo(f"{name} is {machine.state}")
 
 
 @app.command()
-def resume(name: str) -> None:
-    """Resume a paused VM (backends that can: cloud-hypervisor)."""
-    from .backends.base import Pausable
+def pause(name: str, json_out: JsonOpt = False) -> None:
+    """Freeze a running VM: it uses no CPU; memory, processes and files stay until `herovm resume`."""
+    _pause_or_resume(name, json_out, resume=False)
 
-    try:
-        _vm_op(name, Pausable, lambda backend: backend.resume(name))
-    except HeroVMError as e:
-        _fail(e)
+
+@app.command()
+def resume(name: str, json_out: JsonOpt = False) -> None:
+    """Let a paused VM run on from where it was."""
+    _pause_or_resume(name, json_out, resume=True)
 
 
 @app.command()

@@ -1,5 +1,5 @@
-"""The lifecycle of herovm VMs over a backend: up, start, stop, down, gc, ls, status, logs (exec and cp are
-the VM handle's, herovm/vm.py).
+"""The lifecycle of herovm VMs over a backend: up, start, stop, pause, resume, down, gc, ls, status, logs
+(exec and cp are the VM handle's, herovm/vm.py).
 
 The Manager holds the verbs; what a VM is made with is herovm.settings, what is recorded about it
 herovm.record, its bootstrap herovm.bootstrap, a boot herovm.boot; the backend knows the hypervisor.
@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import accel as accel_mod
 from . import disks, state
-from .backends import Backend, Machine, MachineSpec, get_backend
+from .backends import Backend, Machine, MachineSpec, get_backend, require
+from .backends.base import Pausable
 from .boot import Boot, agent_channel
 from .bootstrap import Bootstrap, bootstrap_of, fetch_on_host, redact, redacted
 from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, NotFound
@@ -131,6 +132,10 @@ class Manager:
                 if same and existing.state == "running" and record.last_boot.ready:
                     self.progress(Progress("up", f"{name} is already up with these settings"))
                     return VM(self, record)
+                if same and existing.state == "paused":
+                    raise AlreadyExists(
+                        f"VM {name} already exists (paused)", hint=f"resume it with `herovm resume {name}`"
+                    )
                 why = "with other settings" if not same else "but not ready"
                 raise AlreadyExists(
                     f"VM {name} already exists ({existing.state}) {why}",
@@ -267,15 +272,60 @@ class Manager:
         return VM(self, VMRecord.from_json(name, vmdir.read_meta()))
 
     def require_running(self, name: str) -> None:
+        """GuestError naming the VM's state, and what brings it back, unless it runs."""
         machine = self.machine(name)
+        if machine.state == "paused":
+            raise GuestError(f"VM {name} is paused", hint=f"resume it with `herovm resume {name}`")
         if machine.state != "running":
             raise GuestError(f"VM {name} is {machine.state}", hint=f"start it with `herovm start {name}`")
+
+    def pause(self, name: str) -> None:
+        """Freeze a running VM: its vCPUs stop, so it uses no CPU; its memory, processes, files and open
+        connections stay as they are until `resume`. A paused VM is left as it is. `exec` into a paused VM
+        fails at once, naming the state."""
+        pausable = require(self.backend, Pausable)
+        vmdir = state.VMDir(name)
+        with vmdir.lock():
+            machine = self.machine(name)
+            if machine.state == "paused":
+                if not vmdir.paused_file.exists():  # paused by someone else (virsh suspend)
+                    vmdir.mark_paused(True)
+                return
+            if machine.state != "running":
+                raise GuestError(
+                    f"VM {name} is {machine.state}: only a running VM can be paused",
+                    hint=f"start it with `herovm start {name}`",
+                )
+            vmdir.mark_paused(True)  # first: an exec that starts now already knows
+            try:
+                pausable.pause(name)
+            except BaseException:
+                vmdir.mark_paused(False)
+                raise
+
+    def resume(self, name: str) -> None:
+        """Let a paused VM run on from where it was. A running VM is left as it is."""
+        pausable = require(self.backend, Pausable)
+        vmdir = state.VMDir(name)
+        with vmdir.lock():
+            machine = self.machine(name)
+            if machine.state == "paused":
+                pausable.resume(name)
+            elif machine.state != "running":
+                raise GuestError(
+                    f"VM {name} is {machine.state}: only a paused VM can be resumed",
+                    hint=f"start it with `herovm start {name}`",
+                )
+            vmdir.mark_paused(False)
 
     def stop(self, name: str, timeout: float = 20.0) -> None:
         """Power the guest off through its agent (services get TERM), or hard after `timeout`."""
         vmdir = state.VMDir(name)
         with vmdir.lock():
             machine = self.machine(name)
+            if machine.state == "paused" and isinstance(self.backend, Pausable):
+                self.backend.resume(name)  # a frozen guest cannot power itself off: its services get TERM
+            vmdir.mark_paused(False)
             if machine.state == "stopped":
                 return
             self.progress(Progress("stop", f"stopping {name}"))
@@ -302,6 +352,9 @@ class Manager:
             machine = self.machine(name)
             if machine.state == "running":
                 return VM(self, VMRecord.from_json(name, machine.metadata))
+            if machine.state == "paused":
+                raise GuestError(f"VM {name} is paused", hint=f"resume it with `herovm resume {name}`")
+            vmdir.mark_paused(False)
             record = self._booter().run(vmdir, seconds(timeout, "timeout"))
         return VM(self, record)
 
@@ -346,7 +399,7 @@ class Manager:
     def gc(self) -> list[str]:
         """Remove what crashed or killed herovm processes left behind: VM directories without a domain,
         domains defined but never started whose directory is gone, and lock files of VMs that are gone.
-        Running VMs are never touched."""
+        Running and paused VMs are never touched."""
         removed = []
         machines = self._machines()
         for name in state.list_vm_dirs():
@@ -362,7 +415,7 @@ class Manager:
             except Busy:
                 continue  # an `up` is creating it right now
         for name, machine in machines.items():
-            if machine.state == "running":
+            if machine.state in ("running", "paused"):
                 continue
             vmdir = state.VMDir(name)
             if not vmdir.exists():
@@ -434,6 +487,7 @@ class Manager:
         facts = {
             "name": name,
             "state": machine.state,
+            "paused_since": vmdir.paused_since() if machine.state == "paused" else None,
             "backend": self.backend.name,
             "image": record.image,
             "image_id": record.image_id,

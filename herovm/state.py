@@ -7,6 +7,7 @@ the overlay disk, the config drive, the console log and the agent socket.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import json
 import os
@@ -110,6 +111,28 @@ class VMDir:
     @property
     def meta_file(self) -> Path:
         return self.path / "vm.json"
+
+    @property
+    def paused_file(self) -> Path:
+        """Present while herovm has the VM paused (it holds the time it was paused): `exec` asks the
+        backend for the VM's state only when it is there, so it fails at once instead of waiting for a
+        frozen guest."""
+        return self.path / "paused"
+
+    def paused_since(self) -> str | None:
+        """When herovm paused the VM (UTC, ISO 8601), None if it did not."""
+        try:
+            return self.paused_file.read_text().strip() or None
+        except OSError:
+            return None
+
+    def mark_paused(self, paused: bool) -> None:
+        if not paused:
+            self.paused_file.unlink(missing_ok=True)
+            return
+        fd = os.open(self.paused_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
 
     def exists(self) -> bool:
         return self.path.exists()

@@ -68,6 +68,9 @@ class VM:
         on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None,
     ) -> ExecResult:
+        if state.VMDir(self.name).paused_file.exists():
+            # A paused guest would take the connection and say nothing: ask the backend (only then).
+            self.manager.require_running(self.name)
         agent = self._agent_exec()
         if agent is None:
             self.manager.require_running(self.name)
@@ -90,6 +93,13 @@ class VM:
                 on_unreachable=lambda: self.manager.require_running(self.name),
             )
         return self._agent
+
+    def pause(self) -> None:
+        """Freeze the VM (Manager.pause): no CPU used, everything kept until `resume`."""
+        self.manager.pause(self.name)
+
+    def resume(self) -> None:
+        self.manager.resume(self.name)
 
     def put(self, local: str | os.PathLike, remote: str) -> None:
         self.manager.require_running(self.name)

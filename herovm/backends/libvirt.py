@@ -185,6 +185,19 @@ class LibvirtBackend:
                 raise _wrap(e, f"stopping {name}") from e
         passt.stop(_passt_dir(self._metadata(dom, NET_NAMESPACE)))
 
+    def pause(self, name: str) -> None:
+        """libvirt's suspend: QEMU stops the vCPUs; memory, devices, the NIC's backend stay."""
+        try:
+            self._require(name).suspend()
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"pausing {name}") from e
+
+    def resume(self, name: str) -> None:
+        try:
+            self._require(name).resume()
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"resuming {name}") from e
+
     def undefine(self, name: str) -> None:
         self.destroy(name)
         dom = self._lookup(name)

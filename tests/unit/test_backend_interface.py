@@ -40,9 +40,9 @@ def test_every_backend_has_the_interface_with_its_parameters(cls: type) -> None:
 
 def test_capabilities_are_checked_by_type() -> None:
     assert issubclass(CloudHypervisorBackend, Pausable) and issubclass(CloudHypervisorBackend, Snapshots)
-    assert not issubclass(LibvirtBackend, Pausable) and not issubclass(LibvirtBackend, Snapshots)
-    ch = CloudHypervisorBackend()
-    assert require(ch, Pausable) is ch
+    assert issubclass(LibvirtBackend, Pausable) and not issubclass(LibvirtBackend, Snapshots)
+    ch, lv = CloudHypervisorBackend(), LibvirtBackend("test:///default")
+    assert require(ch, Pausable) is ch and require(lv, Pausable) is lv
 
 
 def test_a_missing_capability_names_the_backend() -> None:
