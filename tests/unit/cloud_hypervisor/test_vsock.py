@@ -198,11 +198,17 @@ def test_the_agent_channel_and_exec_take_the_transport_from_the_backend(sock_dir
         def close(self) -> None:
             pass
 
-    hv = HybridVsock(
-        sock_dir / "box.sock",
-        {AGENT_VSOCK_PORT: lambda: socket.socketpair()[0], SSH_PORT: lambda: socket.socketpair()[0]},
-    )
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+
+    def guest_port() -> socket.socket:  # the far end stays open: closed, it ended the relay under our hello
+        pairs.append(socket.socketpair())
+        return pairs[-1][0]
+
+    hv = HybridVsock(sock_dir / "box.sock", {AGENT_VSOCK_PORT: guest_port, SSH_PORT: guest_port})
     agent_channel(Vsock(), VMRecord(name="box"), time.monotonic() + 2).close()  # type: ignore[arg-type]
     VM(Manager(Vsock()), VMRecord(name="box"))._connect(2).close()  # type: ignore[arg-type]
     assert hv.connects == [AGENT_VSOCK_PORT, SSH_PORT]
     hv.close()
+    for a, b in pairs:
+        a.close()
+        b.close()
