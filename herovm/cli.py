@@ -14,8 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -33,7 +32,6 @@ image_app = typer.Typer(help="Build, list and remove guest images.", no_args_is_
 app.add_typer(image_app, name="image")
 
 _options: dict[str, object] = {}
-T = TypeVar("T")
 
 
 class _Terminated(KeyboardInterrupt):
@@ -386,6 +384,10 @@ def status(name: str, json_out: JsonOpt = False) -> None:
         typer.echo(f"  ssh 127.0.0.1:{st['ssh_port']}")
     if st["bootstrap"]:
         typer.echo(f"  bootstrap {st['bootstrap']}")
+    if st.get("paused_since"):
+        typer.echo(f"  paused since {st['paused_since']}")
+    if r := st.get("restored"):
+        typer.echo(f"  restored to snapshot {r.get('snapshot')} (taken {r.get('taken')}) at {r.get('at')}")
     if st.get("events") == "cut":
         typer.echo("  the start of this boot is no longer in the console log: its steps are unknown")
     for step in st["steps"]:
@@ -447,16 +449,6 @@ def logs(
             show(line)
 
 
-def _vm_op(name: str, capability: type[T], op: Callable[[T], object]) -> object:
-    """pause/resume/snapshot: `op` on the backend, if it has `capability` (herovm.backends.base)."""
-    from .backends import require
-    from .state import validate_name
-
-    with _manager() as m:
-        validate_name(name)
-        return op(require(m.backend, capability))
-
-
 def _pause_or_resume(name: str, json_out: bool, resume: bool) -> None:
     try:
         with _manager(json_out) as m:
@@ -482,18 +474,88 @@ def resume(name: str, json_out: JsonOpt = False) -> None:
     _pause_or_resume(name, json_out, resume=True)
 
 
-@app.command()
-def snapshot(
-    name: str, dest: Annotated[str | None, typer.Argument(help="directory (default: in the VM's)")] = None
-) -> None:
-    """Save a VM's memory and device state to a directory (backends that can: cloud-hypervisor; not its
-    disks)."""
-    from .backends.base import Snapshots
+snapshot_app = typer.Typer(
+    help="Snapshots of a VM: its disk and, while it runs, its memory (docs/snapshots.md).",
+    no_args_is_help=True,
+)
+app.add_typer(snapshot_app, name="snapshot")
 
+
+def _snapshot_line(r: dict) -> str:
+    memory = f"{r['memory_bytes'] >> 20} MiB" if r["memory_bytes"] is not None else "-"
+    disk = f"{r['disk_bytes'] >> 20} MiB" if r["disk_bytes"] is not None else "-"
+    return (
+        f"{r['vm']:<20} {r['name']:<20} {r['kind']:<7} {r['created'] or '-':<26} {memory:>9} {disk:>9} "
+        f"{r['seconds'] if r['seconds'] is not None else '-'}"
+    )
+
+
+@snapshot_app.command("create")
+def snapshot_create(name: str, snap: str, json_out: JsonOpt = False) -> None:
+    """Snapshot VM NAME as SNAP: its disk, and while it runs (or is paused) its memory and device state; it
+    runs on. A stopped VM: its disk."""
     try:
-        typer.echo(str(_vm_op(name, Snapshots, lambda backend: backend.snapshot(name, dest))))
+        with _manager(json_out) as m:
+            row = m.snapshot(name, snap)
     except HeroVMError as e:
-        _fail(e)
+        _fail(e, json_out)
+    if json_out:
+        _print_json(row)
+    else:
+        what = "memory and disk" if row["kind"] == "memory" else "disk"
+        typer.echo(f"snapshot {snap} of {name} taken in {row['seconds']:.2f}s ({what})")
+
+
+@snapshot_app.command("ls")
+def snapshot_ls(name: Annotated[str | None, typer.Argument()] = None, json_out: JsonOpt = False) -> None:
+    """List the snapshots of VM NAME, or of every VM."""
+    try:
+        with _manager(json_out) as m:
+            rows = m.snapshots(name)
+    except HeroVMError as e:
+        _fail(e, json_out)
+    if json_out:
+        _print_json(rows)
+        return
+    if not rows:
+        typer.echo(f"no snapshots (take one with `herovm snapshot create {name or 'NAME'} SNAP`)")
+        return
+    typer.echo(f"{'VM':<20} {'SNAPSHOT':<20} {'KIND':<7} {'CREATED':<26} {'MEMORY':>9} {'DISK':>9} SECONDS")
+    for r in rows:
+        typer.echo(_snapshot_line(r))
+
+
+@snapshot_app.command("restore")
+def snapshot_restore(name: str, snap: str, json_out: JsonOpt = False) -> None:
+    """Roll VM NAME back to its snapshot SNAP: its disk, and for a memory snapshot its running state. A disk
+    snapshot leaves it stopped."""
+    started = time.monotonic()
+    try:
+        with _manager(json_out) as m:
+            row = m.restore(name, snap)
+    except HeroVMError as e:
+        _fail(e, json_out)
+    took = time.monotonic() - started
+    if json_out:
+        _print_json({**row, "restore_seconds": round(took, 3)})
+    elif row["vm_state"] == "stopped":
+        typer.echo(f"{name} restored to {snap} in {took:.2f}s: stopped (`herovm start {name}` boots it)")
+    else:
+        typer.echo(f"{name} restored to {snap} in {took:.2f}s: {row['vm_state']}")
+
+
+@snapshot_app.command("rm")
+def snapshot_rm(name: str, snap: str, json_out: JsonOpt = False) -> None:
+    """Remove VM NAME's snapshot SNAP."""
+    try:
+        with _manager(json_out) as m:
+            m.remove_snapshot(name, snap)
+    except HeroVMError as e:
+        _fail(e, json_out)
+    if json_out:
+        _print_json({"removed": snap, "vm": name})
+    else:
+        typer.echo(f"removed snapshot {snap} of {name}")
 
 
 @app.command()

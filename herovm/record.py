@@ -114,6 +114,9 @@ class VMRecord:
     backend: str | None = None
     home: str | None = None  # the HEROVM_HOME that made it: every home shares libvirt
     last_boot: LastBoot = field(default_factory=LastBoot)
+    # The snapshot the VM was last rolled back to ({"snapshot", "taken", "at"}), until its next boot. After
+    # a memory snapshot's restore, last_boot is the boot whose memory runs again: the snapshot's.
+    restored: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -134,6 +137,7 @@ class VMRecord:
             backend=_of(data.get("backend"), str),
             home=_of(data.get("home"), str),
             last_boot=LastBoot.from_json(data.get("last_boot")),
+            restored=dict(r) if isinstance(r := data.get("restored"), Mapping) else None,
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -145,7 +149,10 @@ class VMRecord:
         data.pop("last_boot")
         if last:
             data["last_boot"] = last
+        if data["restored"] is None:  # absent until a restore, as before restores existed
+            data.pop("restored")
         return {**self.extra, **data}
 
     def booted(self, last_boot: LastBoot) -> VMRecord:
-        return replace(self, last_boot=last_boot)
+        """The record with `last_boot`, a boot of its own: no longer what a restore brought back."""
+        return replace(self, last_boot=last_boot, restored=None)

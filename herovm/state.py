@@ -24,12 +24,26 @@ NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
 NAME_RULE = "1-40 characters: lower-case letters, digits and '-', starting and ending with a letter or digit"
 
 
-def validate_name(name: str) -> str:
+def validate_name(name: str, what: str = "VM", example: str = "box1") -> str:
     """Return `name` if it is a valid VM name; it becomes a path, a hostname and a libvirt domain name."""
     if not isinstance(name, str) or not NAME_RE.match(name):
         shown = name if isinstance(name, str) and len(name) <= 60 and name.isprintable() else repr(name)[:60]
-        raise InvalidInput(f"invalid VM name {shown!r}", hint=f"use {NAME_RULE}, e.g. box1")
+        raise InvalidInput(f"invalid {what} name {shown!r}", hint=f"use {NAME_RULE}, e.g. {example}")
     return name
+
+
+def validate_snapshot_name(name: str) -> str:
+    """Return `name` if it is a valid snapshot name: the rule of VM names (it becomes a directory name)."""
+    return validate_name(name, "snapshot", "clean1")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `path` (0600) whole: through a temporary file renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
 
 
 def home() -> Path:
@@ -111,6 +125,19 @@ class VMDir:
     @property
     def meta_file(self) -> Path:
         return self.path / "vm.json"
+
+    @property
+    def snapshots(self) -> Path:
+        """The VM's snapshots (0700): one directory each, SNAP/ (snapshot.json, memory.save), made as
+        .SNAP.partial/ and renamed when complete. Their frozen disks are overlays in the VM's directory,
+        where QEMU reaches them (herovm.disks)."""
+        return self.path / "snapshots"
+
+    def snapshot_names(self) -> list[str]:
+        """The VM's complete snapshots."""
+        if not self.snapshots.is_dir():
+            return []
+        return sorted(p.name for p in self.snapshots.iterdir() if p.is_dir() and NAME_RE.match(p.name))
 
     @property
     def paused_file(self) -> Path:

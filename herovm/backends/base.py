@@ -2,7 +2,7 @@
 
 `Backend` is what every backend has. What only some have is a small capability interface of its own, checked
 with `isinstance` (they are `runtime_checkable`): `Pausable` (pause, resume) and `Snapshots` (snapshot,
-restore). `herovm.backends.require` turns a missing one into `Unsupported`, which names the backend.
+restore, disk). `herovm.backends.require` turns a missing one into `Unsupported`, which names the backend.
 
     backend = get_backend("cloud-hypervisor")
     if isinstance(backend, Pausable):
@@ -11,7 +11,6 @@ restore). `herovm.backends.require` turns a missing one into `Unsupported`, whic
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,16 +117,34 @@ class Pausable(Protocol):
         """Run a paused machine on."""
 
 
+@dataclass(frozen=True)
+class SavedState:
+    """What a backend's snapshot saved: the machine's disk as it was (a qcow2 that is never written again),
+    and, when the machine ran, its memory and device state (None: a snapshot of a stopped machine)."""
+
+    disk: Path
+    memory: Path | None = None
+
+
 @runtime_checkable
 class Snapshots(Protocol):
-    """A backend that can save a machine's memory and device state, and bring a machine back from it."""
+    """A backend that can snapshot a machine (its disk, and while it runs its memory and device state) and
+    roll it back to a snapshot. The Manager keeps the snapshots (their directories and records); a backend
+    saves into the directory it is given and keeps the machine's disks as a chain of qcow2 overlays in the
+    VM's directory (herovm.disks)."""
 
-    def snapshot(self, name: str, destination: str | os.PathLike | None = None) -> Path:
-        """Save the running machine's state into `destination` (default: a new directory in the VM's);
-        returns the directory. Disks are not copied."""
+    def snapshot(self, name: str, directory: Path) -> SavedState:
+        """Snapshot the machine. While it runs (or is paused): its memory and device state, into a file in
+        `directory` (empty, made by the caller); it runs on (or stays paused) afterwards. Always its disk:
+        the disk as it is now is frozen, and the machine goes on on a new overlay of it."""
 
-    def restore(self, name: str, source: str | os.PathLike) -> None:
-        """Replace the machine with the one saved in `source`, running. Its disks must be as they were."""
+    def restore(self, name: str, saved: SavedState) -> None:
+        """Roll the machine back to `saved`: a new overlay on `saved.disk` becomes its disk. With
+        `saved.memory` the machine then runs on from that state (one that runs is stopped first); without
+        it, the machine is left stopped (one that runs is stopped hard)."""
+
+    def disk(self, name: str) -> Path:
+        """The machine's disk: the overlay it writes, the top of its chain."""
 
 
 CAPABILITIES: dict[type, str] = {Pausable: "pause or resume", Snapshots: "take or restore snapshots"}

@@ -241,7 +241,7 @@ class CloudHypervisorBackend:
 
         return connect
 
-    # ------------------------------------------------------------------ pause, resume, snapshots
+    # --------------------------------------------------------- pause, resume, the VMM's saved state
 
     def pause(self, name: str) -> None:
         self._api(self._running(name), "PUT", "vm.pause")
@@ -249,14 +249,15 @@ class CloudHypervisorBackend:
     def resume(self, name: str) -> None:
         self._api(self._running(name), "PUT", "vm.resume")
 
-    def snapshot(self, name: str, destination: str | os.PathLike | None = None) -> Path:
-        """Save the VM's device and memory state into a directory (the disks are not copied). A running
-        VM is paused for the snapshot (Cloud Hypervisor requires it) and resumed afterwards."""
+    def save_state(self, name: str, destination: str | os.PathLike | None = None) -> Path:
+        """Save the VM's device and memory state into a directory (Cloud Hypervisor's vm.snapshot); the disks
+        are not copied, so this is not herovm's `Snapshots` capability (its disk is not frozen: a VM that
+        runs on changes it). A running VM is paused for it (Cloud Hypervisor requires it) and resumed."""
         st = self._running(name)
         dest = (
             Path(destination)
             if destination
-            else Path(st["vmdir"]) / "snapshots" / time.strftime("%Y%m%dT%H%M%S")
+            else Path(st["vmdir"]) / "saved-state" / time.strftime("%Y%m%dT%H%M%S")
         )
         dest.mkdir(mode=0o700, parents=True, exist_ok=True)
         paused_here = self._vm_state(st) == "Running"
@@ -269,9 +270,9 @@ class CloudHypervisorBackend:
                 self._api(st, "PUT", "vm.resume")
         return dest
 
-    def restore(self, name: str, source: str | os.PathLike) -> None:
-        """Replace the VM's VMM with one restored from a snapshot directory, and resume it. The disks must
-        be as they were when the snapshot was taken: a snapshot holds no disk contents."""
+    def restore_state(self, name: str, source: str | os.PathLike) -> None:
+        """Replace the VM's VMM with one restored from a `save_state` directory, and resume it. The disks
+        must be as they were when the state was saved: it holds no disk contents."""
         st = self._require(name)
         src = Path(source).resolve()
         if not (src / "config.json").is_file():

@@ -17,13 +17,13 @@ from xml.etree import ElementTree
 
 import libvirt
 
-from .. import resources, state
+from .. import disks, resources, state
 from ..errors import AlreadyExists, BackendUnavailable, GuestError, HeroVMError, InvalidInput, NotFound
 from ..guest.events import connect_unix
 from ..guest.execution import open_tcp
 from ..protocol import AGENT_PORT_NAME, AGENT_VSOCK_PORT, SSH_PORT
 from . import passt
-from .base import GuestConnector, Machine, MachineSpec
+from .base import GuestConnector, Machine, MachineSpec, SavedState
 
 PREFIX = "herovm-"
 NAMESPACE = "urn:herovm:vm:1"
@@ -37,6 +37,14 @@ _STATES = {
     libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
 }
+
+# Prefixes for the namespaces of herovm's domain XML, which is read and written again (a snapshot's restore)
+for _prefix, _uri in (
+    ("qemu", "http://libvirt.org/schemas/domain/qemu/1.0"),
+    ("herovm", NAMESPACE),
+    ("herovmnet", NET_NAMESPACE),
+):
+    ElementTree.register_namespace(_prefix, _uri)
 
 libvirt.registerErrorHandler(lambda *_: None, None)  # libvirt would print every error to stderr itself
 
@@ -146,6 +154,16 @@ class LibvirtBackend:
 
     def start(self, name: str) -> None:
         dom = self._require(name)
+        net_dir = self._start_passt(dom)
+        try:
+            dom.create()
+        except libvirt.libvirtError as e:
+            passt.stop(net_dir)
+            raise _wrap(e, f"starting {name}") from e
+
+    def _start_passt(self, dom: libvirt.virDomain) -> Path | None:
+        """Start the domain's passt, in the default network mode (QEMU connects to it as it starts: so does
+        a restored QEMU); returns its directory, None in the other modes."""
         net = self._metadata(dom, NET_NAMESPACE)
         net_dir = _passt_dir(net) if not self.uri.startswith("test:") else None  # test driver: no QEMU
         if net_dir is not None:
@@ -155,11 +173,7 @@ class LibvirtBackend:
                     hint="use --net nat or --net restricted with a remote libvirt",
                 )
             passt.start(net_dir, net["ssh_port"], self._qemu_user())
-        try:
-            dom.create()
-        except libvirt.libvirtError as e:
-            passt.stop(net_dir)
-            raise _wrap(e, f"starting {name}") from e
+        return net_dir
 
     def _qemu_user(self) -> str | None:
         """Who passt runs as: the user QEMU runs as, who must open passt's socket (libvirt-qemu under
@@ -197,6 +211,102 @@ class LibvirtBackend:
             self._require(name).resume()
         except libvirt.libvirtError as e:
             raise _wrap(e, f"resuming {name}") from e
+
+    # ---------------------------------------------------------------------------------- snapshots
+
+    def disk(self, name: str) -> Path:
+        return Path(_source(_vm_disk(ElementTree.fromstring(self._require(name).XMLDesc(0)))))
+
+    def snapshot(self, name: str, directory: Path) -> SavedState:
+        """A running (or paused) domain: libvirt's external snapshot with memory, without libvirt metadata
+        (herovm keeps the record): QEMU pauses the guest, writes its memory and device state to
+        `directory`/memory.save (the format of virDomainSave), switches the disk to a new overlay, and lets
+        the guest run on; QEMU itself keeps running. A stopped domain: a new overlay, defined as its disk.
+        Either way the old overlay is the snapshot's frozen disk (docs/snapshots.md: what was measured)."""
+        dom = self._require(name)
+        root = ElementTree.fromstring(dom.XMLDesc(0))
+        disk = _vm_disk(root)
+        current = Path(_source(disk))
+        new = disks.new_overlay_path(current.parent)
+        if not dom.isActive():
+            disks.create_overlay(current, new, what=name)
+            try:
+                self._define_with_disk(dom, new)
+            except BaseException:
+                new.unlink(missing_ok=True)
+                raise
+            return SavedState(current)
+        memory = directory / "memory.save"
+        snap = ElementTree.Element("domainsnapshot")
+        ElementTree.SubElement(snap, "memory", snapshot="external", file=str(memory))
+        wanted = ElementTree.SubElement(snap, "disks")
+        for d in root.findall("./devices/disk"):
+            target = d.find("target").get("dev")  # type: ignore[union-attr]
+            if d is disk:
+                e = ElementTree.SubElement(wanted, "disk", name=target, snapshot="external")
+                ElementTree.SubElement(e, "driver", type="qcow2")
+                ElementTree.SubElement(e, "source", file=str(new))
+            else:  # the config drive: read-only, nothing to keep
+                ElementTree.SubElement(wanted, "disk", name=target, snapshot="no")
+        flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        try:
+            dom.snapshotCreateXML(ElementTree.tostring(snap, "unicode"), flags)
+        except libvirt.libvirtError as e:
+            with contextlib.suppress(libvirt.libvirtError, HeroVMError):
+                if self.disk(name) != new:
+                    new.unlink(missing_ok=True)  # atomic: libvirt left the domain on its old disk
+            raise _wrap(e, f"snapshotting {name}") from e
+        os.chmod(memory, 0o600)
+        os.chmod(new, 0o600)
+        return SavedState(current, memory)
+
+    def restore(self, name: str, saved: SavedState) -> None:
+        """The domain is destroyed (if it runs) and defined with a new overlay on the snapshot's disk; with
+        memory, virDomainRestoreFlags brings it back running from memory.save, on that overlay and with
+        herovm's metadata as it is now, after its passt (default network mode) was started again: passt
+        ends with the QEMU it served."""
+        dom = self._require(name)
+        self.destroy(name)
+        new = disks.new_overlay_path(saved.disk.parent)
+        disks.create_overlay(saved.disk, new, what=name)
+        try:
+            config = self._define_with_disk(dom, new)
+        except BaseException:
+            new.unlink(missing_ok=True)
+            raise
+        if saved.memory is None:
+            return
+        try:
+            image = ElementTree.fromstring(
+                self.conn.saveImageGetXMLDesc(str(saved.memory), libvirt.VIR_DOMAIN_XML_SECURE)
+            )
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"reading the memory snapshot of {name}") from e
+        _set_source(_vm_disk(image), new)
+        for old in image.findall("metadata"):
+            image.remove(old)
+        for metadata in config.findall("metadata"):  # herovm's record as it is now, not as it was then
+            image.insert(0, metadata)
+        net_dir = self._start_passt(dom)
+        try:
+            self.conn.restoreFlags(
+                str(saved.memory), ElementTree.tostring(image, "unicode"), libvirt.VIR_DOMAIN_SAVE_RUNNING
+            )
+        except libvirt.libvirtError as e:
+            passt.stop(net_dir)
+            raise _wrap(e, f"restoring {name}") from e
+
+    def _define_with_disk(self, dom: libvirt.virDomain, path: Path) -> ElementTree.Element:
+        """Make `path` the disk of the domain's definition (what its next start or restore uses)."""
+        try:
+            config = ElementTree.fromstring(
+                dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+            )
+            _set_source(_vm_disk(config), path)
+            self.conn.defineXML(ElementTree.tostring(config, "unicode"))
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"redefining {dom.name().removeprefix(PREFIX)}") from e
+        return config
 
     def undefine(self, name: str) -> None:
         self.destroy(name)
@@ -283,6 +393,25 @@ class LibvirtBackend:
             return open_tcp("127.0.0.1", ssh_port, max(0.05, deadline - time.monotonic()))
 
         return connect
+
+
+def _vm_disk(domain: ElementTree.Element) -> ElementTree.Element:
+    """The VM's own disk in a domain's XML: the first that is not read-only (the config drive is)."""
+    for disk in domain.findall("./devices/disk[@device='disk']"):
+        if disk.find("readonly") is None and disk.find("source") is not None:
+            return disk
+    raise HeroVMError(f"domain {domain.findtext('name')} has no writable disk")
+
+
+def _source(disk: ElementTree.Element) -> str:
+    return disk.find("source").get("file", "")  # type: ignore[union-attr]
+
+
+def _set_source(disk: ElementTree.Element, path: Path) -> None:
+    """Point a disk at `path`; libvirt probes its backing chain again (the old one described another)."""
+    disk.find("source").set("file", str(path))  # type: ignore[union-attr]
+    for below in disk.findall("backingStore"):
+        disk.remove(below)
 
 
 def _passt_dir(net: dict) -> Path | None:

@@ -54,7 +54,7 @@ def test_boot_bootstrap_exec_snapshot_down(image, tmp_path) -> None:
             backend.pause(name)
             assert backend.get(name).state == "paused"
             backend.resume(name)
-            snap = backend.snapshot(name, tmp_path / "snap")
+            snap = backend.save_state(name, tmp_path / "snap")
             assert (snap / "config.json").is_file()
 
             m.stop(name)

@@ -64,7 +64,7 @@ def test_whole_lifecycle(standin: StandIn) -> None:
     assert b.get("box").state == "paused"
     b.resume("box")
     assert b.get("box").state == "running"
-    snap = b.snapshot("box", standin.home / "snap")
+    snap = b.save_state("box", standin.home / "snap")
     assert (snap / "config.json").is_file()
     assert b.get("box").state == "running"  # paused for the snapshot, resumed after
 
@@ -79,7 +79,7 @@ def test_whole_lifecycle(standin: StandIn) -> None:
     b.start("box")  # a fresh VMM: vm.create again, then vm.boot
     second = json.loads(state_file.read_text())["pid"]
     assert second != first and b.get("box").state == "running"
-    b.restore("box", snap)  # a third VMM, restored and resumed
+    b.restore_state("box", snap)  # a third VMM, restored and resumed
     third = json.loads(state_file.read_text())["pid"]
     assert not alive(second) and alive(third) and b.get("box").state == "running"
 
@@ -195,7 +195,7 @@ def test_wrong_states_and_stopped_vms(standin: StandIn) -> None:
     with pytest.raises(HeroVMError, match="is stopped"):
         b.pause("box")
     with pytest.raises(InvalidInput, match="not a Cloud Hypervisor snapshot"):
-        b.restore("box", standin.home)
+        b.restore_state("box", standin.home)
     b.undefine("box")
 
 

@@ -1,4 +1,5 @@
-"""`herovm pause/resume/snapshot NAME` with --backend cloud-hypervisor, against the stand-in VMM."""
+"""`herovm pause/resume NAME` with --backend cloud-hypervisor, against the stand-in VMM; `herovm snapshot` is
+libvirt's (Cloud Hypervisor cannot freeze a running VM's disk)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from herovm.cli import app
 from .conftest import StandIn
 
 
-def test_pause_resume_snapshot(standin: StandIn, monkeypatch) -> None:
+def test_pause_resume_and_no_snapshots(standin: StandIn, monkeypatch) -> None:
     monkeypatch.setenv("HEROVM_CLOUD_HYPERVISOR", str(standin.binary))
     b = standin.backend()
     b.define(standin.spec())
@@ -25,9 +26,6 @@ def test_pause_resume_snapshot(standin: StandIn, monkeypatch) -> None:
     r = runner.invoke(app, ["--backend", "cloud-hypervisor", "resume", "box"])
     assert r.exit_code == 0, r.output
     assert b.get("box").state == "running"
-    r = runner.invoke(app, ["snapshot", "box", str(standin.home / "s1")], env=env)
-    assert r.exit_code == 0 and r.output.strip() == str(standin.home / "s1")
-    assert (standin.home / "s1/config.json").is_file()
     r = runner.invoke(app, ["resume", "box"], env=env)  # running already: left as it is
     assert (r.exit_code, r.stdout) == (0, "box is running\n")
     r = runner.invoke(app, ["pause", "box", "--json"], env=env)
@@ -35,12 +33,10 @@ def test_pause_resume_snapshot(standin: StandIn, monkeypatch) -> None:
     runner.invoke(app, ["resume", "box"], env=env)
     r = runner.invoke(app, ["pause", "nobox"], env=env)
     assert r.exit_code == 3  # not found
-    r = runner.invoke(
-        app, ["snapshot", "box"], env={"HEROVM_BACKEND": "libvirt", "HEROVM_LIBVIRT_URI": "test:///default"}
-    )
+    r = runner.invoke(app, ["snapshot", "create", "box", "s1"], env=env)
     assert r.exit_code == 2
     assert r.stderr.splitlines() == [
-        "herovm: error: the libvirt backend cannot take or restore snapshots",
-        "  hint: the backends that can: cloud-hypervisor (--backend)",
+        "herovm: error: the cloud-hypervisor backend cannot take or restore snapshots",
+        "  hint: the backends that can: libvirt (--backend)",
     ]
     b.undefine("box")
