@@ -55,6 +55,7 @@ class Command(_Closed):
     HELLO = "hello"  # replay this boot's events, then stream
     STATUS = "status"  # answer with a `status` event
     POWEROFF = "poweroff"
+    CLOCK = "clock"  # {"op": "clock", "time": T}: set the guest's clock to T (the host's, seconds since 1970)
 
 
 # ------------------------------------------------------------------------------------------------- events

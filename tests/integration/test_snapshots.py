@@ -72,6 +72,9 @@ def test_memory_snapshot_restore_under_the_default_network(vm_factory, unique_na
         first_execs.append(time.monotonic() - t0)
         lines = r.stdout.decode().splitlines()
         assert lines[0] == "before" and lines[1].isdigit() and "No such file" in lines[2], r
+        time.sleep(0.2)  # the clock of the snapshot's moment, set to now by the restore
+        skew = float(m.get(name).exec("date +%s.%N").stdout) - time.time()
+        assert abs(skew) < 0.5, f"the restored guest's clock is {skew:+.2f}s off"
         assert len(passt_pids(vmdir)) == 1, "one passt serves the restored QEMU, none is left over"
 
     st = m.status(name)

@@ -6,7 +6,10 @@ with a real guest."""
 from __future__ import annotations
 
 import json
+import socket
 import stat
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +24,10 @@ from herovm.backends.libvirt import LibvirtBackend
 from herovm.cli import app
 from herovm.errors import GuestError, NotFound, Unsupported
 from herovm.manager import Manager
+from herovm.protocol import Command
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "herovm/_data/agent"))
+from herovm_agent import main as agent_main  # noqa: E402
 
 URI = "test:///default"
 
@@ -146,6 +153,44 @@ def test_a_backend_that_cannot_pause_is_unsupported(tmp_path: Path) -> None:
 
     with pytest.raises(Unsupported, match="the nopause backend cannot pause or resume"):
         Manager(NoPause()).pause("box")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------- the clock
+
+
+def test_resume_tells_the_agent_the_time(manager: Manager, backend, tmp_path: Path) -> None:
+    """The guest's clock stands still while it is paused: resume sends the host's time on the agent's
+    channel (the test driver runs no guest: a socket in the VM's directory plays its agent)."""
+    name = running_vm(backend, tmp_path)
+    manager.pause(name)
+    got: list[bytes] = []
+    with socket.socket(socket.AF_UNIX) as agent:
+        agent.bind(str(state.VMDir(name).agent_socket))
+        agent.listen()
+
+        def serve() -> None:
+            conn, _ = agent.accept()
+            with conn:
+                got.append(conn.makefile("rb").readline())
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        before = time.time()
+        manager.resume(name)
+        thread.join(5)
+    command = json.loads(got[0])
+    assert command["op"] == Command.CLOCK and before <= command["time"] <= time.time()
+
+
+def test_the_agent_sets_its_clock_to_a_plausible_time_only(monkeypatch, capsys) -> None:
+    calls: list[tuple[int, float]] = []
+    monkeypatch.setattr(agent_main.time, "clock_settime", lambda clock, t: calls.append((clock, t)))
+    agent_main.set_clock(1_800_000_000.25)
+    assert calls == [(agent_main.time.CLOCK_REALTIME, 1_800_000_000.25)]
+    for bad in (None, True, "1800000000", 5, float("nan"), float("inf"), 1e12, [1]):
+        agent_main.set_clock(bad)
+    assert len(calls) == 1
+    assert capsys.readouterr().out.count("herovm-agent: ignored clock") == 8
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -205,6 +205,8 @@ class Agent:
             self.events.emit(Kind.STATUS, status=self.status)
         elif op == Command.POWEROFF:
             _thread.start_new_thread(self.poweroff, ("host asked",))
+        elif op == Command.CLOCK:
+            set_clock(cmd.get("time"))
         else:
             print(f"herovm-agent: ignored command {op!r}", flush=True)
 
@@ -218,6 +220,18 @@ class Agent:
                 os.kill(-1, sig)
             time.sleep(0.3)
         system.power_off()
+
+
+def set_clock(value: object) -> None:
+    """The host's time, after a pause or a snapshot's restore: the guest's clock stood still meanwhile (no NTP
+    here). Anything but a plausible time is ignored, with a line on the console."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 1e9 < value < 1e11:
+        print(f"herovm-agent: ignored clock {str(value)[:40]!r}", flush=True)
+        return
+    try:
+        time.clock_settime(time.CLOCK_REALTIME, float(value))
+    except OSError as e:
+        print(f"herovm-agent: cannot set the clock: {e}", flush=True)
 
 
 def _read(path: str) -> str | None:
