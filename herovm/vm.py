@@ -45,6 +45,9 @@ class VM:
         return connect(SSH_PORT, time.monotonic() + timeout)
 
     def connection(self, deadline_s: float = 30.0) -> GuestConnection:
+        """The SSH connection (ssh, cp, and exec for old images), made at first use."""
+        if state.VMDir(self.name).paused_file.exists():  # an SSH handshake would wait on a frozen guest
+            self.manager.require_running(self.name)
         if self._conn is None or not self._conn.connected:
             from .guest.ssh import GuestConnection  # paramiko: ~90 ms to import, only SSH needs it
 

@@ -115,6 +115,11 @@ def test_exec_into_a_paused_vm_fails_at_once_naming_the_state(manager: Manager, 
         f"VM {name} is paused",
         f"resume it with `herovm resume {name}`",
     )
+    for ssh_use in (vm.connection, lambda: vm.put(tmp_path, "/root/x")):  # herovm ssh, cp
+        t0 = time.monotonic()
+        with pytest.raises(GuestError, match=f"VM {name} is paused"):
+            ssh_use()
+        assert time.monotonic() - t0 < 1
 
 
 def test_start_of_a_paused_vm_says_resume(manager: Manager, backend, tmp_path: Path) -> None:
