@@ -45,3 +45,10 @@ def test_every_test_that_faults_md_names_exists():
         if not fnmatch.filter(defined, name):
             missing.append(f"{file}::{name}")
     assert missing == []
+
+
+def test_no_two_test_modules_share_a_name():
+    """Test directories are not packages: two modules of one name stop pytest's collection of the whole
+    suite ("import file mismatch"), which a run of tests/unit alone does not show. It happened twice."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py") if not (p.parent / "__init__.py").exists()]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
