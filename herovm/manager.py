@@ -22,17 +22,16 @@ from . import accel as accel_mod
 from . import disks, state
 from .backends import Backend, Machine, MachineSpec, get_backend, require
 from .backends.base import Pausable, SavedState, Snapshots
-from .boot import Boot, agent_channel
-from .bootstrap import Bootstrap, bootstrap_of, fetch_on_host, redact, redacted
 from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, NotFound
-from .guest.events import console_story
 from .progress import Progress, Reporter, silent, still_waiting
 from .protocol import AGENT_VSOCK_PORT, FETCH_TIMEOUT_S, Command, Stage
 from .record import LastBoot, RecordedSettings, VMRecord, now
 from .settings import VMSettings, seconds
 from .vm import VM
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # and imported where used: `herovm exec` needs none of these (~10 ms a call)
+    from .boot import Boot
+    from .bootstrap import Bootstrap
     from .images import Image
 
 __all__ = ["VM", "Manager"]
@@ -86,6 +85,8 @@ class Manager:
         settings = VMSettings.of(options, base=settings)
         if not settings.secrets:
             return self._up(name, settings)
+        from .bootstrap import redact, redacted
+
         secret_vars = settings.secrets
         report = self.progress
         self.progress = lambda p: report(
@@ -103,6 +104,8 @@ class Manager:
             self.progress = report
 
     def _up(self, name: str, s: VMSettings) -> VM:
+        from .bootstrap import bootstrap_of, fetch_on_host
+
         boot = bootstrap_of(s)
         timeout_s = s.timeout
         if boot.url and s.net in ("restricted", "none"):  # the guest itself has no egress
@@ -247,6 +250,8 @@ class Manager:
         )
 
     def _booter(self) -> Boot:
+        from .boot import Boot
+
         return Boot(self.backend, self.progress, self.fetch_timeout)
 
     # ----------------------------------------------------------------------------- other verbs
@@ -334,6 +339,8 @@ class Manager:
                 return
             self.progress(Progress("stop", f"stopping {name}"))
             deadline = time.monotonic() + timeout
+            from .boot import agent_channel
+
             try:
                 channel = agent_channel(
                     self.backend, VMRecord.from_json(name, machine.metadata), time.monotonic() + 2
@@ -671,6 +678,9 @@ class Manager:
         writes after that, or with another nonce, counts (herovm.protocol.Story). When the beginning of the
         boot is no longer in the console (rotated away) the steps are unknown, and so is an outcome nobody
         recorded: `agent` is then "unknown" rather than a guess."""
+        from .bootstrap import redacted
+        from .guest.events import console_story
+
         machine = self.machine(name)
         record = VMRecord.from_json(name, machine.metadata)
         vmdir = state.VMDir(name)
@@ -705,6 +715,9 @@ class Manager:
     def logs(self, name: str, console: bool = False) -> Path | list[dict]:
         """The events of the VM's last boot as the console mirrors them (see `status`), or with `console`
         the console log's path (raw: pass what you show of it through `redactor`)."""
+        from .bootstrap import redacted
+        from .guest.events import console_story
+
         nonce = self.record(name).last_boot.nonce
         vmdir = state.VMDir(name)
         if console:
@@ -715,5 +728,7 @@ class Manager:
     def redactor(self, name: str) -> Callable[[str], str]:
         """Replaces the VM's secret values by `[secret NAME]` in text read from the guest. The agent redacts
         its own events already; this also covers what a guest process wrote to the console itself."""
+        from .bootstrap import redact
+
         secrets = state.VMDir(state.validate_name(name)).read_secrets()
         return lambda text: redact(text, secrets)

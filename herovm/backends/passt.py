@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 from ..errors import BackendUnavailable, HeroVMError
-from . import hostguard
 from .base import GUEST_NET
 
 
@@ -41,6 +40,8 @@ def start(net_dir: Path, ssh_port: int, runas: str | None) -> None:
             hint="apt-get install passt (scripts/setup does), or use --net nat",
         )
     stop(net_dir)
+    from . import hostguard  # only starting a VM needs it, not every CLI call
+
     gid = hostguard.install()
     net_dir.mkdir(mode=0o700, exist_ok=True)
     pw = pwd.getpwnam(runas) if runas else None
