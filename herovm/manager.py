@@ -14,18 +14,17 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import accel as accel_mod
-from . import disks, state
+from . import disks, snapshots, state
 from .backends import Backend, Machine, MachineSpec, get_backend, require
-from .backends.base import Pausable, SavedState, Snapshots
+from .backends.base import Pausable, Snapshots
 from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, NotFound
 from .progress import Progress, Reporter, silent, still_waiting
 from .protocol import AGENT_VSOCK_PORT, FETCH_TIMEOUT_S, Command, Stage
-from .record import LastBoot, RecordedSettings, VMRecord, now
+from .record import RecordedSettings, VMRecord, now
 from .settings import VMSettings, seconds
 from .vm import VM
 
@@ -319,7 +318,7 @@ class Manager:
             machine = self.machine(name)
             if machine.state == "paused":
                 pausable.resume(name)
-                self._set_guest_clock(name)
+                self.set_guest_clock(name)
             elif machine.state != "running":
                 raise GuestError(
                     f"VM {name} is {machine.state}: only a paused VM can be resumed",
@@ -369,7 +368,7 @@ class Manager:
             record = self._booter().run(vmdir, seconds(timeout, "timeout"))
         return VM(self, record)
 
-    def _set_guest_clock(self, name: str) -> None:
+    def set_guest_clock(self, name: str) -> None:
         """Tell the guest's agent the time (Command.CLOCK): its clock stood still while the VM was paused,
         and a restored guest's clock is the snapshot's (there is no NTP in the guest). The agent reads it
         within 0.1 s. Best effort: a guest that cannot be reached keeps its clock, and says nothing."""
@@ -388,158 +387,25 @@ class Manager:
         disk. Files go under the VM's directory (0600) and only a complete snapshot gets its name: one
         interrupted leaves a `.SNAP.partial` directory that the next create of that name, or `gc`, removes.
         Returns the snapshot's row (see `snapshots`)."""
-        saver = require(self.backend, Snapshots)
-        state.validate_snapshot_name(snap)
-        vmdir = state.VMDir(name)
-        with vmdir.lock():
-            machine = self.machine(name)
-            if machine.state not in ("running", "paused", "stopped"):
-                raise GuestError(
-                    f"VM {name} is {machine.state}: only a running, paused or stopped VM can be snapshotted"
-                )
-            final = vmdir.snapshots / snap
-            if final.exists():
-                raise AlreadyExists(
-                    f"VM {name} already has a snapshot {snap}",
-                    hint=f"pick another name, or remove it with `herovm snapshot rm {name} {snap}`",
-                )
-            state.ensure_dir(vmdir.snapshots, 0o700)
-            partial = vmdir.snapshots / f".{snap}.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(0o700)
-            record = VMRecord.from_json(name, machine.metadata)
-            what = "its disk" if machine.state == "stopped" else "its memory and disk"
-            self.progress(Progress("snapshot", f"snapshotting {name} ({machine.state}): {what}"))
-            started = time.monotonic()
-            try:
-                saved = saver.snapshot(name, partial)
-            except BaseException:
-                shutil.rmtree(partial, ignore_errors=True)
-                raise
-            if saved.disk.parent != vmdir.path or (saved.memory and saved.memory.parent != partial):
-                raise HeroVMError(f"the {self.backend.name} backend saved {name} outside its directory")
-            taken = {
-                "name": snap,
-                "vm": name,
-                "created": now(),
-                "state": machine.state,
-                "disk": saved.disk.name,
-                "memory": saved.memory.name if saved.memory is not None else None,
-                "last_boot": record.last_boot.to_json(),
-                "seconds": round(time.monotonic() - started, 3),
-            }
-            state.write_private(partial / "snapshot.json", json.dumps(taken, indent=2, sort_keys=True))
-            os.rename(partial, final)
-            return self._snapshot_row(vmdir, snap)
+        return snapshots.create(self, name, snap)
 
     def snapshots(self, name: str | None = None) -> list[dict]:
         """The snapshots of one VM, or of every VM of this home: one row each (vm, name, created, kind
         "memory" or "disk", state: the VM's then, memory_bytes, disk_bytes: the frozen overlay's, seconds:
         how long taking it took), oldest first."""
-        if name is not None:
-            self.machine(name)  # NotFound
-            names = [name]
-        else:
-            names = state.list_vm_dirs()
-        rows = []
-        for vm in names:
-            vmdir = state.VMDir(vm)
-            rows += [self._snapshot_row(vmdir, snap) for snap in vmdir.snapshot_names()]
-        return sorted(rows, key=lambda r: (r["created"] or "", r["vm"], r["name"]))
+        return snapshots.listing(self, name)
 
     def restore(self, name: str, snap: str) -> dict:
         """Roll the VM back to its snapshot `snap`: its disk as it was then, and for a memory snapshot its
         running state (it runs on from that moment: processes, files; its clock is set to now). A disk
         snapshot leaves the VM stopped (`start` boots it). The snapshot stays, so it can be restored again.
         Returns the snapshot's row with the VM's `vm_state` now."""
-        saver = require(self.backend, Snapshots)
-        state.validate_snapshot_name(snap)
-        vmdir = state.VMDir(name)
-        with vmdir.lock():
-            self.machine(name)
-            taken = self._taken(vmdir, snap)
-            saved = SavedState(
-                vmdir.path / taken["disk"],
-                vmdir.snapshots / snap / taken["memory"] if taken["memory"] else None,
-            )
-            what = "running from its memory" if saved.memory else "its disk (left stopped)"
-            self.progress(Progress("restore", f"restoring {name} to {snap}: {what}"))
-            saver.restore(name, saved)
-            vmdir.mark_paused(False)
-            if saved.memory is not None:
-                self._set_guest_clock(name)
-            record = VMRecord.from_json(name, self.machine(name).metadata)
-            restored = {"snapshot": snap, "taken": taken["created"], "at": now()}
-            if saved.memory is not None:  # the boot whose memory runs again: its console events count
-                record = replace(record, last_boot=LastBoot.from_json(taken["last_boot"]))
-            self.backend.set_metadata(name, replace(record, restored=restored).to_json())
-            self._prune_disks(vmdir)
-            return {**self._snapshot_row(vmdir, snap), "vm_state": self.machine(name).state}
+        return snapshots.restore(self, name, snap)
 
     def remove_snapshot(self, name: str, snap: str) -> None:
         """Remove the VM's snapshot `snap`: its memory file, and its frozen disk unless the VM's disk or
         another snapshot's still lies on it."""
-        require(self.backend, Snapshots)
-        state.validate_snapshot_name(snap)
-        vmdir = state.VMDir(name)
-        with vmdir.lock():
-            self.machine(name)
-            self._taken(vmdir, snap)
-            shutil.rmtree(vmdir.snapshots / snap)
-            self._prune_disks(vmdir)
-
-    def _taken(self, vmdir: state.VMDir, snap: str) -> dict:
-        """A snapshot's record; NotFound if the VM has no such snapshot."""
-        path = vmdir.snapshots / snap / "snapshot.json"
-        try:
-            taken = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise NotFound(
-                f"VM {vmdir.name} has no snapshot {snap}", hint=f"see `herovm snapshot ls {vmdir.name}`"
-            ) from None
-        except (OSError, ValueError) as e:
-            raise HeroVMError(f"snapshot {snap} of {vmdir.name} cannot be read: {e}") from e
-        if not (
-            isinstance(taken, dict)
-            and isinstance(taken.get("disk"), str)
-            and disks.OVERLAY_RE.match(taken["disk"])
-            and taken.get("memory") in (None, "memory.save")
-        ):
-            raise HeroVMError(f"snapshot {snap} of {vmdir.name} is damaged ({path})")
-        return taken
-
-    def _snapshot_row(self, vmdir: state.VMDir, snap: str) -> dict:
-        taken = self._taken(vmdir, snap)
-
-        def size(path: Path) -> int | None:
-            try:
-                return path.stat().st_blocks * 512  # what it takes on the disk (qcow2 files are sparse)
-            except OSError:
-                return None
-
-        memory = taken["memory"]
-        return {
-            "vm": vmdir.name,
-            "name": snap,
-            "created": taken.get("created"),
-            "kind": "memory" if memory else "disk",
-            "state": taken.get("state"),
-            "memory_bytes": size(vmdir.snapshots / snap / memory) if memory else None,
-            "disk_bytes": size(vmdir.path / taken["disk"]),
-            "seconds": taken.get("seconds"),
-        }
-
-    def _prune_disks(self, vmdir: state.VMDir) -> list[str]:
-        """Remove the VM's overlays that neither its disk nor a snapshot needs (herovm.disks.prune)."""
-        if not isinstance(self.backend, Snapshots):
-            return []
-        try:
-            tops = [self.backend.disk(vmdir.name)]
-            for snap in vmdir.snapshot_names():
-                tops.append(vmdir.path / self._taken(vmdir, snap)["disk"])
-        except HeroVMError:  # gone meanwhile, or a damaged snapshot: then nothing is certain, keep all
-            return []
-        return [p.name for p in disks.prune(vmdir.path, tops)]
+        snapshots.remove(self, name, snap)
 
     def down(self, name: str, wait: float = 300.0) -> None:
         """Remove the VM: its domain, disk, drive, keys and state. Nothing is left.
@@ -624,7 +490,8 @@ class Manager:
                         removed.append(f"partial snapshot {path.name[1:].removesuffix('.partial')} of {name}")
                     if vmdir.exists():
                         removed += [
-                            f"disk {disk} of {name} (nothing needs it)" for disk in self._prune_disks(vmdir)
+                            f"disk {disk} of {name} (nothing needs it)"
+                            for disk in snapshots.prune_disks(self.backend, vmdir)
                         ]
             except Busy:
                 continue

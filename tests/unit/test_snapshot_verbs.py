@@ -16,7 +16,7 @@ import pytest
 from specs import define_in_vmdir, unique
 from typer.testing import CliRunner
 
-from herovm import disks, state
+from herovm import disks, snapshots, state
 from herovm.backends import require
 from herovm.backends.base import Snapshots
 from herovm.backends.libvirt import LibvirtBackend
@@ -251,7 +251,7 @@ def test_a_damaged_record_is_said_and_prunes_nothing(manager, backend, tmp_path:
     (vmdir.snapshots / "s1" / "snapshot.json").write_text(json.dumps({"disk": "../../etc/passwd"}))
     with pytest.raises(HeroVMError, match="snapshot s1 of .* is damaged"):
         manager.restore(name, "s1")
-    assert manager._prune_disks(vmdir) == [] and vmdir.disk.exists()
+    assert snapshots.prune_disks(manager.backend, vmdir) == [] and vmdir.disk.exists()
 
 
 # ------------------------------------------------------------------------------------ records
