@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import accel as accel_mod
-from . import disks, snapshots, state
+from . import disks, leftovers, snapshots, state
 from .backends import Backend, Machine, MachineSpec, get_backend, require
-from .backends.base import Pausable, Snapshots
-from .errors import AlreadyExists, BootFailed, Busy, GuestError, HeroVMError, NotFound
+from .backends.base import Pausable
+from .errors import AlreadyExists, BootFailed, GuestError, HeroVMError, NotFound
 from .progress import Progress, Reporter, silent, still_waiting
 from .protocol import AGENT_VSOCK_PORT, FETCH_TIMEOUT_S, Command, Stage
 from .record import RecordedSettings, VMRecord, now
@@ -154,12 +153,12 @@ class Manager:
                 record = self._booter().run(vmdir, timeout_s)
             except KeyboardInterrupt:
                 self.progress(Progress("up", f"interrupted: removing {name}"))
-                self._remove(name)
+                self.remove_held(name)
                 raise
             except BootFailed as e:
                 if not s.keep_failed and e.details.get("stage") != Stage.ACTION:
                     self.progress(Progress("up", f"removing {name}: nothing to inspect"))
-                    self._remove(name)
+                    self.remove_held(name)
                     e.hint = "see the console lines above; `herovm up --keep-failed` keeps such a VM"
                 raise
         return VM(self, record)
@@ -417,30 +416,32 @@ class Manager:
         machine = self.backend.get(name)
         if machine is None and not vmdir.exists():
             raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
-        if machine is not None and not self._ours(machine):
+        if machine is not None and not self.owns(machine):
             raise NotFound(
                 f"VM {name} belongs to another herovm home ({machine.metadata.get('home')})",
                 hint="run herovm with HEROVM_HOME set to that directory to manage it",
             )
         self.backend.destroy(name)
         with vmdir.lock(wait=wait):
-            self._remove(name)
+            self.remove_held(name)
 
-    def _remove(self, name: str) -> None:
+    def remove_held(self, name: str) -> None:
+        """Remove the VM's domain and directory; the caller holds its lock (down, gc, a failed up)."""
         self.progress(Progress("down", f"removing {name}"))
         self.backend.undefine(name)
         state.VMDir(name).remove()
 
-    def _ours(self, machine: Machine) -> bool:
+    def owns(self, machine: Machine) -> bool:
         """Whether a domain belongs to this HEROVM_HOME (domains made before homes were recorded: yes)."""
         home = VMRecord.from_json(machine.name, machine.metadata).home
         return home is None or os.path.realpath(home) == os.path.realpath(state.home())
 
-    def _machines(self) -> dict[str, Machine]:
-        return {m.name: m for m in self.backend.list() if self._ours(m)}
+    def own_machines(self) -> dict[str, Machine]:
+        """This HEROVM_HOME's machines, by name."""
+        return {m.name: m for m in self.backend.list() if self.owns(m)}
 
     def down_all(self) -> list[str]:
-        names = sorted(set(self._machines()) | set(state.list_vm_dirs()))
+        names = sorted(set(self.own_machines()) | set(state.list_vm_dirs()))
         for name in names:
             self.down(name)
         return names
@@ -450,63 +451,11 @@ class Manager:
         domains defined but never started whose directory is gone, lock files of VMs that are gone, partial
         snapshots, and disk overlays that neither a VM nor its snapshots need (a killed restore's). Running
         and paused VMs are never touched, nor anything a herovm process is working on (its VM is locked)."""
-        removed = []
-        machines = self._machines()
-        for name in state.list_vm_dirs():
-            if name in machines:
-                continue
-            vmdir = state.VMDir(name)
-            try:
-                with vmdir.lock(wait=0):
-                    machine = self.backend.get(name)
-                    if machine is None or not self._ours(machine):  # another home's domain of that name
-                        vmdir.remove()
-                        removed.append(f"directory of {name} (no domain)")
-            except Busy:
-                continue  # an `up` is creating it right now
-        for name, machine in machines.items():
-            if machine.state in ("running", "paused"):
-                continue
-            vmdir = state.VMDir(name)
-            if not vmdir.exists():
-                self.backend.undefine(name)
-                removed.append(f"domain of {name} (no directory)")
-            elif not VMRecord.from_json(name, machine.metadata).last_boot.to_json():
-                try:
-                    with vmdir.lock(wait=0):
-                        self._remove(name)
-                        removed.append(f"{name} (defined by an `up` that never booted it)")
-                except Busy:
-                    continue
-        for name in machines:  # what a killed `snapshot` or `snapshot restore` left
-            vmdir = state.VMDir(name)
-            partial = sorted(vmdir.snapshots.glob(".*.partial")) if vmdir.snapshots.is_dir() else []
-            if not partial and not isinstance(self.backend, Snapshots):
-                continue
-            try:
-                with vmdir.lock(wait=0):
-                    for path in partial:
-                        shutil.rmtree(path, ignore_errors=True)
-                        removed.append(f"partial snapshot {path.name[1:].removesuffix('.partial')} of {name}")
-                    if vmdir.exists():
-                        removed += [
-                            f"disk {disk} of {name} (nothing needs it)"
-                            for disk in snapshots.prune_disks(self.backend, vmdir)
-                        ]
-            except Busy:
-                continue
-        for name in state.stale_vm_locks():
-            try:
-                with state.VMDir(name).lock(wait=0):  # released with no directory: the file goes
-                    pass
-                removed.append(f"lock file of {name}")
-            except Busy:
-                continue  # an `up` of that name holds it
-        return removed
+        return leftovers.collect(self)
 
     def ls(self) -> list[dict]:
         rows = []
-        for m in self._machines().values():
+        for m in self.own_machines().values():
             record = VMRecord.from_json(m.name, m.metadata)
             s = record.settings or RecordedSettings()
             rows.append(

@@ -1,0 +1,78 @@
+"""What crashed or killed herovm processes leave behind, found and removed (`herovm gc`).
+
+Only this HEROVM_HOME's leftovers, and never a running or paused VM, nor anything a herovm process is
+working on: each removal happens under the VM's lock, taken without waiting (docs/faults.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import TYPE_CHECKING
+
+from . import snapshots, state
+from .backends.base import Snapshots
+from .errors import Busy
+from .record import VMRecord
+
+if TYPE_CHECKING:
+    from .manager import Manager
+
+
+def collect(m: Manager) -> list[str]:
+    """Remove what crashed or killed herovm processes left behind: VM directories without a domain,
+    domains defined but never started whose directory is gone, lock files of VMs that are gone, partial
+    snapshots, and disk overlays that neither a VM nor its snapshots need (a killed restore's). Running
+    and paused VMs are never touched, nor anything a herovm process is working on (its VM is locked)."""
+    removed = []
+    machines = m.own_machines()
+    for name in state.list_vm_dirs():
+        if name in machines:
+            continue
+        vmdir = state.VMDir(name)
+        try:
+            with vmdir.lock(wait=0):
+                machine = m.backend.get(name)
+                if machine is None or not m.owns(machine):  # another home's domain of that name
+                    vmdir.remove()
+                    removed.append(f"directory of {name} (no domain)")
+        except Busy:
+            continue  # an `up` is creating it right now
+    for name, machine in machines.items():
+        if machine.state in ("running", "paused"):
+            continue
+        vmdir = state.VMDir(name)
+        if not vmdir.exists():
+            m.backend.undefine(name)
+            removed.append(f"domain of {name} (no directory)")
+        elif not VMRecord.from_json(name, machine.metadata).last_boot.to_json():
+            try:
+                with vmdir.lock(wait=0):
+                    m.remove_held(name)
+                    removed.append(f"{name} (defined by an `up` that never booted it)")
+            except Busy:
+                continue
+    for name in machines:  # what a killed `snapshot` or `snapshot restore` left
+        vmdir = state.VMDir(name)
+        partial = sorted(vmdir.snapshots.glob(".*.partial")) if vmdir.snapshots.is_dir() else []
+        if not partial and not isinstance(m.backend, Snapshots):
+            continue
+        try:
+            with vmdir.lock(wait=0):
+                for path in partial:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(f"partial snapshot {path.name[1:].removesuffix('.partial')} of {name}")
+                if vmdir.exists():
+                    removed += [
+                        f"disk {disk} of {name} (nothing needs it)"
+                        for disk in snapshots.prune_disks(m.backend, vmdir)
+                    ]
+        except Busy:
+            continue
+    for name in state.stale_vm_locks():
+        try:
+            with state.VMDir(name).lock(wait=0):  # released with no directory: the file goes
+                pass
+            removed.append(f"lock file of {name}")
+        except Busy:
+            continue  # an `up` of that name holds it
+    return removed
