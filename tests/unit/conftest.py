@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +23,13 @@ def backend() -> Iterator[LibvirtBackend]:
                 d.destroy()
             d.undefine()
     b.close()
+
+
+@pytest.fixture
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A HEROVM_HOME of the test's own (short: an agent socket's path must fit in a sockaddr_un), and
+    libvirt's default URI, whatever the environment says."""
+    h = tmp_path / "h"
+    monkeypatch.setenv("HEROVM_HOME", str(h))
+    monkeypatch.delenv("HEROVM_LIBVIRT_URI", raising=False)
+    return h

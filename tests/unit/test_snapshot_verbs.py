@@ -29,11 +29,8 @@ URI = "test:///default"
 
 
 @pytest.fixture(autouse=True)
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    h = tmp_path / "h"
-    monkeypatch.setenv("HEROVM_HOME", str(h))
-    monkeypatch.delenv("HEROVM_LIBVIRT_URI", raising=False)
-    return h
+def home(isolated_home: Path) -> Path:
+    return isolated_home
 
 
 @pytest.fixture
