@@ -1,4 +1,4 @@
-"""HeroScript: the script language herovm reads (SPEC: /work/shared/heroscript/SPEC.md).
+"""HeroScript: the script language herovm reads (the reference: docs/heroscript.md).
 
 Standard library only: this package is copied into VM guests where only python3 exists.
 """

@@ -1,4 +1,4 @@
-"""Reading HeroScript text into a Playbook (see /work/shared/heroscript/SPEC.md)."""
+"""Reading HeroScript text into a Playbook (the language: docs/heroscript.md)."""
 
 from __future__ import annotations
 

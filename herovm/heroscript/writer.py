@@ -1,4 +1,4 @@
-"""Writing a Playbook in canonical HeroScript (SPEC "Writing HeroScript")."""
+"""Writing a Playbook in canonical HeroScript (docs/heroscript.md, "Tools": `herovm script fmt`)."""
 
 from __future__ import annotations
 

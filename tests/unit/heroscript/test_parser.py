@@ -1,4 +1,4 @@
-"""One test (at least) per rule of SPEC.md; errors assert the exact line and column."""
+"""One test (at least) per rule of the language (docs/heroscript.md); errors assert line and column."""
 
 from __future__ import annotations
 

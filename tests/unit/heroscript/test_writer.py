@@ -1,4 +1,4 @@
-"""Canonical form (SPEC "Writing HeroScript") and the round-trip / robustness properties."""
+"""Canonical form (`herovm script fmt`, docs/heroscript.md) and the round-trip / robustness properties."""
 
 from __future__ import annotations
 
