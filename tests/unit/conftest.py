@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from herovm.backends.libvirt import LibvirtBackend
+from herovm.manager import Manager
 
 TEST_DRIVER_URI = "test:///default"
 
@@ -23,6 +24,12 @@ def backend() -> Iterator[LibvirtBackend]:
                 d.destroy()
             d.undefine()
     b.close()
+
+
+@pytest.fixture
+def manager(backend: LibvirtBackend) -> Manager:
+    """A Manager over the test driver (a module may define its own, e.g. to record progress)."""
+    return Manager(backend)
 
 
 @pytest.fixture

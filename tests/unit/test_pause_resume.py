@@ -37,11 +37,6 @@ def home(isolated_home: Path) -> Path:
     return isolated_home
 
 
-@pytest.fixture
-def manager(backend: LibvirtBackend) -> Manager:
-    return Manager(backend)
-
-
 def running_vm(backend: LibvirtBackend, tmp_path: Path, **metadata: object) -> str:
     name = unique("pz")
     define_in_vmdir(backend, tmp_path, name, {"last_boot": {"nonce": "n", "outcome": "ready"}, **metadata})

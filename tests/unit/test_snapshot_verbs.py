@@ -33,11 +33,6 @@ def home(isolated_home: Path) -> Path:
     return isolated_home
 
 
-@pytest.fixture
-def manager(backend: LibvirtBackend) -> Manager:
-    return Manager(backend)
-
-
 def qcow2(path: Path, base: Path | None = None) -> Path:
     cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
     cmd += ["-F", "qcow2", "-b", str(base), str(path)] if base else [str(path), "1G"]

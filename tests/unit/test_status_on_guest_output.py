@@ -33,11 +33,6 @@ def home(isolated_home: Path) -> Path:
     return isolated_home
 
 
-@pytest.fixture
-def manager(backend: LibvirtBackend) -> Manager:
-    return Manager(backend)
-
-
 def define(backend: LibvirtBackend, tmp_path: Path, last_boot: dict) -> str:
     name = f"out{next(_counter)}-{uuid.uuid4().hex[:6]}"
     meta = {
