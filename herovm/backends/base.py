@@ -1,8 +1,9 @@
 """The backend interface: everything herovm needs from a hypervisor, and nothing more.
 
 `Backend` is what every backend has. What only some have is a small capability interface of its own, checked
-with `isinstance` (they are `runtime_checkable`): `Pausable` (pause, resume) and `Snapshots` (snapshot,
-restore, disk). `herovm.backends.require` turns a missing one into `Unsupported`, which names the backend.
+with `isinstance` (they are `runtime_checkable`): `Pausable` (pause, resume), `Snapshots` (snapshot,
+restore, disk) and `Clones` (clone). `herovm.backends.require` turns a missing one into `Unsupported`,
+which names the backend.
 
     backend = get_backend("cloud-hypervisor")
     if isinstance(backend, Pausable):
@@ -147,4 +148,22 @@ class Snapshots(Protocol):
         """The machine's disk: the overlay it writes, the top of its chain."""
 
 
-CAPABILITIES: dict[type, str] = {Pausable: "pause or resume", Snapshots: "take or restore snapshots"}
+@runtime_checkable
+class Clones(Protocol):
+    """A backend that can make a new machine run on from another machine's memory snapshot (a template's,
+    or a running machine's for a fork): many clones of one snapshot, each its own machine."""
+
+    def clone(self, spec: MachineSpec, memory: Path) -> None:
+        """Create machine `spec.name`, running from `memory` (a file or directory that `snapshot` wrote, of a
+        machine with the same sizes and devices), as `spec` says: its own disk (`spec.disk`, an overlay the
+        caller made on that snapshot's frozen disk), config drive, console, agent channel, forwarded port,
+        network directory and metadata; never the snapshotted machine's. `memory` is only read: any number
+        of clones may be made from it, at the same time too. AlreadyExists if `spec.name` exists. On any
+        failure nothing of the new machine is left."""
+
+
+CAPABILITIES: dict[type, str] = {
+    Pausable: "pause or resume",
+    Snapshots: "take or restore snapshots",
+    Clones: "start clones of a snapshot (templates, fork)",
+}
