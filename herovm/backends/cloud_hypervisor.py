@@ -14,14 +14,20 @@ Lifecycle. define: start the VMM, `vmm.ping`, `vm.create` (Cloud Hypervisor chec
 state file; any failure kills the VMM and leaves no state file. start: `vm.boot` on that VMM, or a new VMM
 (after a power-off the VMM is gone) with `vm.create` + `vm.boot`. destroy: the VMM ends. The guest is
 reached through hybrid vsock (herovm/guest/vsock.py): no network device. See docs/cloud-hypervisor.md.
+
+Capabilities: Pausable (`vm.pause`, `vm.resume`), Snapshots (`vm.snapshot` while paused, the disk frozen as a
+copy of the overlay; a restore is a new VMM's `vm.restore`) and Clones (a new VM restored from another's
+snapshot on its own files); see `snapshot` for why the disk is copied.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import http.client
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,10 +36,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import state
+from .. import disks, state
 from ..errors import AlreadyExists, BackendUnavailable, HeroVMError, InvalidInput, NotFound
 from ..guest import vsock
-from .base import GuestConnector, Machine, MachineSpec
+from .base import GuestConnector, Machine, MachineSpec, SavedState
 
 API_ROOT = "/api/v1/"
 GUEST_CID = 3
@@ -88,10 +94,12 @@ class CloudHypervisorBackend:
         api_timeout: float = 5.0,
         start_timeout: float = 10.0,
         kernel: Callable[[Path], Path] | None = None,
+        snapshot_timeout: float = 300.0,
     ) -> None:
         self.binary = str(binary) if binary else os.environ.get("HEROVM_CLOUD_HYPERVISOR") or None
         self.api_timeout = api_timeout
         self.start_timeout = start_timeout
+        self.snapshot_timeout = snapshot_timeout  # vm.snapshot and vm.restore write or read all guest memory
         self._kernel = kernel  # bzImage -> bootable kernel; default: herovm.kernel.ensure_vmlinux
         self._children: dict[int, subprocess.Popen] = {}
 
@@ -127,11 +135,29 @@ class CloudHypervisorBackend:
     # ---------------------------------------------------------------------------- Backend API
 
     def define(self, spec: MachineSpec) -> None:
+        self._refuse_network(spec)
+        path, st = self._claim(spec)
+        try:
+            st["config"] = vm_config(spec, self._bootable_kernel(spec.kernel), Path(st["vsock_socket"]))
+            self._spawn(st)
+            self._api(st, "PUT", "vm.create", st["config"])
+            self._save(st)
+        except BaseException:
+            self._end_process(st)
+            path.unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def _refuse_network(spec: MachineSpec) -> None:
         if spec.net != "none":
             raise InvalidInput(
                 f"the cloud-hypervisor backend gives guests no network device (asked: --net {spec.net})",
                 hint="use --net none: exec, cp and ssh reach the guest over vsock all the same",
             )
+
+    def _claim(self, spec: MachineSpec) -> tuple[Path, dict]:
+        """The new VM's state file, created empty (so its name is claimed: a second claim fails, whatever
+        else runs), and its state, without "config" yet. AlreadyExists if the VM exists."""
         path = self._state_path(spec.name)
         vmdir = spec.disk.parent
         st = {
@@ -143,22 +169,14 @@ class CloudHypervisorBackend:
             "pid": None,
             "pid_start": None,
         }
-        try:  # claims the name: a second define of it fails here, whatever else runs
+        try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             raise AlreadyExists(
                 f"VM {spec.name} already exists", hint=f"remove it with `herovm down {spec.name}`"
             ) from None
         os.close(fd)
-        try:
-            st["config"] = vm_config(spec, self._bootable_kernel(spec.kernel), Path(st["vsock_socket"]))
-            self._spawn(st)
-            self._api(st, "PUT", "vm.create", st["config"])
-            self._save(st)
-        except BaseException:
-            self._end_process(st)
-            path.unlink(missing_ok=True)
-            raise
+        return path, st
 
     def start(self, name: str) -> None:
         st = self._require(name)
@@ -241,7 +259,7 @@ class CloudHypervisorBackend:
 
         return connect
 
-    # --------------------------------------------------------- pause, resume, the VMM's saved state
+    # ------------------------------------------------------------------------------ pause, resume
 
     def pause(self, name: str) -> None:
         self._api(self._running(name), "PUT", "vm.pause")
@@ -249,42 +267,146 @@ class CloudHypervisorBackend:
     def resume(self, name: str) -> None:
         self._api(self._running(name), "PUT", "vm.resume")
 
-    def save_state(self, name: str, destination: str | os.PathLike | None = None) -> Path:
-        """Save the VM's device and memory state into a directory (Cloud Hypervisor's vm.snapshot); the disks
-        are not copied, so this is not herovm's `Snapshots` capability (its disk is not frozen: a VM that
-        runs on changes it). A running VM is paused for it (Cloud Hypervisor requires it) and resumed."""
-        st = self._running(name)
-        dest = (
-            Path(destination)
-            if destination
-            else Path(st["vmdir"]) / "saved-state" / time.strftime("%Y%m%dT%H%M%S")
-        )
-        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
-        paused_here = self._vm_state(st) == "Running"
-        if paused_here:
-            self._api(st, "PUT", "vm.pause")
-        try:
-            self._api(st, "PUT", "vm.snapshot", {"destination_url": f"file://{dest.resolve()}"})
-        finally:
-            if paused_here:
-                self._api(st, "PUT", "vm.resume")
-        return dest
+    # ------------------------------------------------------------------ snapshots and clones
 
-    def restore_state(self, name: str, source: str | os.PathLike) -> None:
-        """Replace the VM's VMM with one restored from a `save_state` directory, and resume it. The disks
-        must be as they were when the state was saved: it holds no disk contents."""
+    def disk(self, name: str) -> Path:
+        return Path(_disk_entry(self._require(name)["config"], "root")["path"])
+
+    def snapshot(self, name: str, directory: Path) -> SavedState:
+        """A running (or paused) VM: paused (if it ran), Cloud Hypervisor's `vm.snapshot` into
+        `directory`/memory.save/ (config.json, state.json, memory-ranges), its overlay copied to a new
+        overlay file that becomes the frozen disk, resumed (if it ran). A stopped VM: a new overlay on its
+        disk becomes its disk, as on libvirt; a VMM that still holds the VM (created, or shut down) ends
+        first, so that the next start creates the VM on the new overlay.
+
+        Why a copy, and not a new overlay on top as libvirt does: Cloud Hypervisor cannot switch a running
+        VM's disk to another file. Its hot-unplug (`vm.remove-device`) and `vm.add-disk` would take the root
+        disk away from a guest that has it mounted, and ending the VMM to restore it at once on a new
+        overlay costs a full memory restore with the VM down. A copy of the overlay made while the VM is
+        paused is the disk as the guest left it: Cloud Hypervisor (since PR #8607, in the commit our OpenAPI
+        document comes from) drains the disk's requests and writes its cached qcow2 metadata when it pauses.
+        The VM keeps writing its own file, and the copy, never opened by the VMM, is never written again.
+        `cp --reflink=auto` clones the extents where the filesystem can (btrfs, XFS: milliseconds), else
+        copies the overlay's data, keeping holes (the VM stays paused meanwhile)."""
         st = self._require(name)
-        src = Path(source).resolve()
-        if not (src / "config.json").is_file():
-            raise InvalidInput(f"{src} is not a Cloud Hypervisor snapshot (no config.json)")
-        self._end_process(st)
+        current = Path(_disk_entry(st["config"], "root")["path"])
+        vm_state = self._vm_state(st) if self._pid(st) is not None else "NotCreated"
+        if vm_state in ("Running", "Paused"):
+            return self._snapshot_live(st, directory, current, running=vm_state == "Running")
+        if vm_state is None:
+            raise HeroVMError(
+                f"cloud-hypervisor of {name} does not answer: the VM cannot be snapshotted",
+                hint=f"see {Path(st['vmdir']) / 'cloud-hypervisor.log'}; `herovm stop {name}` ends it",
+            )
+        self._end_process(st)  # no VMM may keep the VM's old config: a start makes a fresh one
+        new = disks.new_overlay_path(current.parent)
+        disks.create_overlay(current, new, what=name)
         try:
-            self._spawn(st)
-            self._api(st, "PUT", "vm.restore", {"source_url": f"file://{src}"})
-            self._api(st, "PUT", "vm.resume")
+            _disk_entry(st["config"], "root")["path"] = str(new)
+            self._save(st)
+        except BaseException:
+            new.unlink(missing_ok=True)
+            raise
+        return SavedState(current)
+
+    def _snapshot_live(self, st: dict, directory: Path, current: Path, *, running: bool) -> SavedState:
+        memory = directory / "memory.save"
+        memory.mkdir(mode=0o700)
+        frozen = disks.new_overlay_path(current.parent)
+        if running:
+            self._api(st, "PUT", "vm.pause")  # Cloud Hypervisor snapshots only a paused VM
+        try:
+            self._api(
+                st,
+                "PUT",
+                "vm.snapshot",
+                {"destination_url": f"file://{memory.resolve()}"},
+                timeout=self.snapshot_timeout,
+            )
+            _copy_file(current, frozen, what=f"the disk of {st['name']}")
+            if running:
+                running = False  # resumed below, or not to be resumed again on failure
+                self._api(st, "PUT", "vm.resume")
+        except BaseException:
+            frozen.unlink(missing_ok=True)
+            if running:
+                with contextlib.suppress(HeroVMError):
+                    self._api(st, "PUT", "vm.resume")
+            raise
+        for path in memory.iterdir():
+            os.chmod(path, 0o600)
+        return SavedState(frozen, memory)
+
+    def restore(self, name: str, saved: SavedState) -> None:
+        """The VMM ends (hard: `vm.shutdown` is no ACPI request) and a new overlay on `saved.disk` becomes the
+        VM's disk. With memory: a new VMM is restored (`vm.restore`) from a copy of the snapshot whose
+        config.json names the VM's files as they are now (its new overlay, drive, console log, vsock socket),
+        and resumed; see `_restore_vmm`."""
+        st = self._require(name)
+        snap_config = None
+        if saved.memory is not None:  # a snapshot of another machine is refused before anything changes
+            snap_config = _snapshot_config(saved.memory)
+            _restored_config(snap_config, st["config"])
+        self._end_process(st)
+        new = disks.new_overlay_path(saved.disk.parent)
+        disks.create_overlay(saved.disk, new, what=name)
+        try:
+            _disk_entry(st["config"], "root")["path"] = str(new)
+            self._save(st)
+        except BaseException:
+            new.unlink(missing_ok=True)
+            raise
+        if saved.memory is not None:
+            assert snap_config is not None
+            self._restore_vmm(st, saved.memory, _restored_config(snap_config, st["config"]))
+
+    def clone(self, spec: MachineSpec, memory: Path) -> None:
+        """A new VM `spec.name`, restored from `memory` (a snapshot's memory.save directory, only read) with
+        `spec`'s files and metadata, and resumed; its state file is written as `define` writes it, so it is
+        a VM like any other (a cold `start` after a power-off boots `spec`'s config)."""
+        self._refuse_network(spec)
+        snap_config = _snapshot_config(memory)
+        path, st = self._claim(spec)
+        try:
+            st["config"] = vm_config(spec, self._bootable_kernel(spec.kernel), Path(st["vsock_socket"]))
+            self._restore_vmm(st, memory, _restored_config(snap_config, st["config"]))
+            self._save(st)
         except BaseException:
             self._end_process(st)
+            path.unlink(missing_ok=True)
             raise
+
+    def _restore_vmm(self, st: dict, memory: Path, config: dict) -> None:
+        """A new VMM for the VM of `st`, restored from the snapshot in `memory` with `config` as its
+        config.json, and resumed. Cloud Hypervisor restores the config the snapshot holds (RestoreConfig in
+        the OpenAPI document overrides no path), so it reads a copy of the snapshot: a directory in the VM's
+        directory with `config` as config.json and the snapshot's other files hard-linked (copied where a
+        link cannot be made), removed once the restore is done: it reads memory-ranges into the guest's
+        memory then (the default, eager `memory_restore_mode`). The snapshot itself is never written. Any
+        failure ends the new VMM."""
+        work = Path(st["vmdir"]) / f".ch-restore-{secrets.token_hex(4)}"
+        work.mkdir(mode=0o700)
+        try:
+            for src in memory.iterdir():
+                if src.name != "config.json":
+                    _link_or_copy(src, work / src.name, what=f"the snapshot restored as {st['name']}")
+            state.write_private(work / "config.json", json.dumps(config, indent=1))
+            Path(st["vsock_socket"]).unlink(missing_ok=True)  # the restored VMM binds it again
+            try:
+                self._spawn(st)
+                self._api(
+                    st,
+                    "PUT",
+                    "vm.restore",
+                    {"source_url": f"file://{work.resolve()}"},
+                    timeout=self.snapshot_timeout,
+                )
+                self._api(st, "PUT", "vm.resume")
+            except BaseException:
+                self._end_process(st)
+                raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def _running(self, name: str) -> dict:
         st = self._require(name)
@@ -491,3 +613,74 @@ def _tail(vmdir: Path) -> str:
     except OSError:
         return "(no log)"
     return lines[-1] if lines else "(no output)"
+
+
+def _disk_entry(config: dict, disk_id: str) -> dict:
+    """The disk `disk_id` ("root": the VM's overlay; "drive": its config drive) of a VmConfig."""
+    for disk in config.get("disks") or []:
+        if disk.get("id") == disk_id:
+            return disk
+    raise HeroVMError(f"the VM config has no disk {disk_id!r}")
+
+
+def _snapshot_config(memory: Path) -> dict:
+    """The config.json of a Cloud Hypervisor snapshot directory; InvalidInput if it is none."""
+    try:
+        config = json.loads((memory / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidInput(f"{memory} is not a Cloud Hypervisor snapshot (its config.json: {e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("disks"), list):
+        raise InvalidInput(f"{memory} is not a Cloud Hypervisor snapshot (config.json has no disks)")
+    return config
+
+
+def _restored_config(saved: dict, config: dict) -> dict:
+    """The snapshot's VmConfig `saved` (all its devices and settings, which its state.json must match) with
+    the files of the VM restored from it, as `config` (the VM's own VmConfig) names them: each disk's
+    path (by id), the serial's file, the vsock's socket, the kernel and initramfs. InvalidInput if the
+    snapshot is of a machine of other sizes or disks."""
+    out = copy.deepcopy(saved)
+    ids = sorted(str(d.get("id")) for d in out["disks"])
+    if ids != sorted(str(d.get("id")) for d in config["disks"]):
+        raise InvalidInput(f"the snapshot's machine has other disks ({', '.join(ids)})")
+    for what, path in (("cpus", "boot_vcpus"), ("memory", "size")):
+        have, want = (out.get(what) or {}).get(path), config[what][path]
+        if have != want:
+            raise InvalidInput(f"the snapshot's machine has {what} {path} {have}, this one {want}")
+    for disk in out["disks"]:
+        disk["path"] = _disk_entry(config, disk["id"])["path"]
+    if isinstance(out.get("serial"), dict) and "file" in config.get("serial", {}):
+        out["serial"]["file"] = config["serial"]["file"]
+    if isinstance(out.get("vsock"), dict) and "vsock" in config:
+        out["vsock"]["socket"] = config["vsock"]["socket"]
+    if isinstance(out.get("payload"), dict):
+        for key in ("kernel", "initramfs"):
+            if key in config["payload"]:
+                out["payload"][key] = config["payload"][key]
+    return out
+
+
+def _copy_file(src: Path, dst: Path, *, what: str) -> None:
+    """Copy `src` to the new file `dst` (0600 from the start): extents cloned where the filesystem can,
+    holes kept. `what` names the file in the error."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    try:  # onto the existing file: cp keeps its mode
+        subprocess.run(
+            ["cp", "--reflink=auto", "--", str(src), str(dst)], check=True, capture_output=True, text=True
+        )
+    except subprocess.CalledProcessError as e:
+        dst.unlink(missing_ok=True)
+        raise HeroVMError(f"cannot copy {what} ({src}): {e.stderr.strip()}") from e
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+
+
+def _link_or_copy(src: Path, dst: Path, *, what: str) -> None:
+    """`dst` names the file `src` too (a hard link), or, where none can be made (another filesystem,
+    fs.protected_hardlinks), is a copy of it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        _copy_file(src, dst, what=what)

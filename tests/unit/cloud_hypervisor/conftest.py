@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -15,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from herovm import state
+from herovm import disks, state
 from herovm.backends.base import MachineSpec
 from herovm.backends.cloud_hypervisor import CloudHypervisorBackend
 
 from . import contract
 
 HERE = Path(__file__).resolve().parent
+needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")
 
 if reason := contract.available():
     pytest.skip(reason, allow_module_level=True)
@@ -49,12 +51,17 @@ class StandIn:
         options.setdefault("api_timeout", 2.0)
         return CloudHypervisorBackend(self.binary, kernel=lambda bz: bz, **options)  # type: ignore[arg-type]
 
-    def spec(self, name: str = "box", **changes: object) -> MachineSpec:
+    def spec(self, name: str = "box", *, qcow2: bool = False, **changes: object) -> MachineSpec:
+        """A VM's spec and its files; with `qcow2` its disk is a real overlay on a base image (as herovm's
+        are: snapshots make overlays of it), else an empty file."""
         vmdir = state.VMDir(name)
         vmdir.create()
         for f in ("vmlinuz", "initrd.img"):
             (self.home / f).write_bytes(b"stand-in")
-        vmdir.disk.write_bytes(b"")
+        if qcow2:
+            disks.create_overlay(self.base_image(), vmdir.disk, what=name)
+        else:
+            vmdir.disk.write_bytes(b"")
         vmdir.drive.write_bytes(b"")
         fields = dict(
             name=name,
@@ -75,6 +82,12 @@ class StandIn:
         )
         fields.update(changes)
         return MachineSpec(**fields)  # type: ignore[arg-type]
+
+    def base_image(self) -> Path:
+        base = self.home / "base.qcow2"
+        if not base.exists():
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+        return base
 
 
 def alive(pid: int) -> bool:

@@ -6,6 +6,13 @@ vmm.ping, 404 "not created", 405 "wrong state") and Cloud Hypervisor's error bod
 outermost first). Every request is checked against the document first: an unknown path is a 404, a method
 the path lacks a 400, a body that does not fit the schema a 400 (as Cloud Hypervisor answers them).
 
+Snapshots as Cloud Hypervisor takes them (its docs/snapshot_restore.md): `vm.snapshot` of a paused VM into an
+existing directory writes config.json (the VM's config), state.json and memory-ranges (the "guest memory":
+here a token made at boot, `boot-<pid>-<n>`); `vm.restore` on a VMM with no VM reads those three, opens the
+config's disks, binds its vsock socket (which must not exist) and leaves the VM paused (running with
+`resume`). The console log says `booted <token>` or `restored <token>`. Writable disks are locked while the
+VM holds them (fcntl, as Cloud Hypervisor locks its disk images): a second VMM cannot open the same overlay.
+
 Test knobs (environment): FAKE_CH_LOG=FILE appends every request and answer as a JSON line;
 FAKE_CH_FAIL=endpoint:status[,...] answers that endpoint with that error status; FAKE_CH_HANG=endpoint never
 answers it; FAKE_CH_IGNORE_TERM=1 ignores SIGTERM; FAKE_CH_EXIT=1 exits at once with status 1.
@@ -14,9 +21,11 @@ It runs no guest.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
+import socket
 import socketserver
 import sys
 import time
@@ -40,6 +49,9 @@ class VMM:
         self.config: dict | None = None
         self.state: str | None = None  # None: no VM created
         self.exit_after_reply = False
+        self.memory = ""  # what the guest's memory holds: a token per boot
+        self.boots = 0
+        self.held: list = []  # the disk files the VM holds (locked) and its vsock socket
 
 
 vmm = VMM()
@@ -49,6 +61,42 @@ class Error(Exception):
     def __init__(self, status: int, *messages: str) -> None:
         self.status = status
         self.messages = list(messages)
+
+
+def open_devices(config: dict, doing: str, *, bind_vsock: bool = False) -> None:
+    """Open the config's disks (locked) and, with `bind_vsock`, bind its vsock socket, as Cloud Hypervisor
+    does at boot and restore (at boot the tests' own vsock servers play the VMM's socket: not bound here)."""
+    payload = config.get("payload") or {}
+    for path in (payload.get("kernel"), payload.get("initramfs")):
+        if path and not os.path.exists(path):
+            raise Error(500, "Error from API", doing, f"Cannot open {path}")
+    for disk in config.get("disks", []):
+        try:
+            f = open(disk["path"], "rb" if disk.get("readonly") else "r+b")  # noqa: SIM115 (held open)
+        except OSError as e:
+            raise Error(500, "Error from API", doing, f"Cannot open {disk['path']}: {e}") from None
+        try:
+            fcntl.lockf(f, (fcntl.LOCK_SH if disk.get("readonly") else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise Error(500, "Error from API", doing, f"Cannot lock {disk['path']}: it is in use") from None
+        vmm.held.append(f)
+    vsock = (config.get("vsock") or {}).get("socket")
+    if vsock and bind_vsock:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.bind(vsock)
+        except OSError as e:
+            s.close()
+            raise Error(500, "Error from API", doing, f"vsock socket {vsock}: {e}") from None
+        vmm.held.append(s)
+
+
+def write_console(config: dict, line: str) -> None:
+    serial = config.get("serial") or {}
+    if serial.get("mode") == "File":
+        with open(serial["file"], "w") as f:  # Cloud Hypervisor creates (truncates) the file
+            f.write(f"stand-in VMM: no guest runs here; {line}\n")
 
 
 def handle(method: str, endpoint: str, body: dict | None) -> tuple[int, object | None]:
@@ -70,12 +118,20 @@ def handle(method: str, endpoint: str, body: dict | None) -> tuple[int, object |
         src = Path(body["source_url"].removeprefix("file://"))
         try:
             snap = json.loads((src / "config.json").read_text())
+            json.loads((src / "state.json").read_text())
+            memory = (src / "memory-ranges").read_text()
         except (OSError, ValueError) as e:
             raise Error(400, "Error from API", "The VM could not be restored", str(e)) from None
-        vmm.config, vmm.state = snap, "Running" if body.get("resume") else "Paused"
+        open_devices(snap, "The VM could not be restored", bind_vsock=True)
+        vmm.config, vmm.memory = snap, memory
+        vmm.state = "Running" if body.get("resume") else "Paused"
+        write_console(snap, f"restored {memory}")
         return 204, None
     if endpoint == "vm.delete":
         vmm.config = vmm.state = None
+        for held in vmm.held:
+            held.close()
+        vmm.held.clear()
         return 204, None
     if vmm.state is None:
         raise Error(404, "Error from API", "The VM is not created")
@@ -84,16 +140,10 @@ def handle(method: str, endpoint: str, body: dict | None) -> tuple[int, object |
     if endpoint == "vm.boot":
         if vmm.state in ("Running", "Paused"):
             raise Error(500, "Error from API", "Error booting the VM", "The VM is already running")
-        payload = vmm.config["payload"]
-        for path in [payload.get("kernel"), payload.get("initramfs")] + [
-            d["path"] for d in vmm.config.get("disks", [])
-        ]:
-            if path and not os.path.exists(path):
-                raise Error(500, "Error from API", "Error booting the VM", f"Cannot open {path}")
-        serial = vmm.config.get("serial") or {}
-        if serial.get("mode") == "File":
-            with open(serial["file"], "w") as f:  # Cloud Hypervisor creates (truncates) the file
-                f.write("stand-in VMM: no guest runs here\n")
+        open_devices(vmm.config, "Error booting the VM")
+        vmm.boots += 1
+        vmm.memory = f"boot-{os.getpid()}-{vmm.boots}"
+        write_console(vmm.config, f"booted {vmm.memory}")
         vmm.state = "Running"
         return 204, None
     if endpoint == "vm.pause":
@@ -110,6 +160,9 @@ def handle(method: str, endpoint: str, body: dict | None) -> tuple[int, object |
         if vmm.state not in ("Running", "Paused"):
             raise Error(405, "Error from API", "The VM could not be shut down", f"it is {vmm.state}")
         vmm.state = "Shutdown"
+        for held in vmm.held:
+            held.close()  # the VM's devices are gone: its disks unlocked, its vsock socket closed
+        vmm.held.clear()
         return 204, None
     if endpoint == "vm.snapshot":
         if vmm.state not in ("Running", "Paused"):
@@ -117,8 +170,11 @@ def handle(method: str, endpoint: str, body: dict | None) -> tuple[int, object |
         if vmm.state != "Paused":  # as in Cloud Hypervisor: only a paused VM is snapshotted
             raise Error(500, "Error from API", "The VM could not be snapshotted", "VM is not paused")
         dest = Path(body["destination_url"].removeprefix("file://"))
+        if not dest.is_dir():
+            raise Error(500, "Error from API", "The VM could not be snapshotted", f"{dest} is no directory")
         (dest / "config.json").write_text(json.dumps(vmm.config))
         (dest / "state.json").write_text(json.dumps({"stand_in": True}))
+        (dest / "memory-ranges").write_text(vmm.memory)
         return 204, None
     raise Error(500, "Error from API", f"the stand-in does not implement {endpoint}")
 
