@@ -14,7 +14,7 @@ from .backends.base import GUEST_NET
 from .errors import BootFailed, HeroVMError, NotFound
 from .guest.events import AgentChannel, console_events, console_tail
 from .progress import Progress, Reporter, still_waiting
-from .protocol import AGENT_VSOCK_PORT, BOOTSTRAP_LIMIT, SSH_PORT, TERMINAL, Kind, Stage
+from .protocol import AGENT_VSOCK_PORT, BOOTSTRAP_LIMIT, SSH_PORT, TERMINAL, Command, Kind, Stage
 from .protocol_host import Story, describe_event, printable
 from .record import LastBoot, VMRecord, now
 
@@ -47,7 +47,8 @@ class Boot:
     progress: Reporter
     fetch_timeout: float
 
-    def _write_drive(self, vmdir: state.VMDir, record: VMRecord) -> str:
+    def write_drive(self, vmdir: state.VMDir, record: VMRecord) -> str:
+        """Write the VM's config drive for its next boot; returns the boot's nonce."""
         local = vmdir.read_meta()
         nonce = secrets.token_hex(16)
         from .guest import configdrive
@@ -59,12 +60,7 @@ class Boot:
                 "hostname": vmdir.name,
                 "nonce": nonce,
                 "network": GUEST_NET if record.ssh_port else None,
-                "ssh": {
-                    "host_key": vmdir.host_key.read_text(),
-                    "authorized_keys": [record.client_key],
-                    "port": SSH_PORT,
-                    "exec_token": vmdir.exec_token.read_text() if vmdir.exec_token.exists() else None,
-                },
+                "ssh": self._ssh_config(vmdir, record),
                 "bootstrap": local.get("bootstrap_entry"),
                 "vars": local.get("vars") or {},
                 "secrets": vmdir.read_secrets(),
@@ -73,6 +69,15 @@ class Boot:
         )
         return nonce
 
+    @staticmethod
+    def _ssh_config(vmdir: state.VMDir, record: VMRecord) -> dict:
+        return {
+            "host_key": vmdir.host_key.read_text(),
+            "authorized_keys": [record.client_key],
+            "port": SSH_PORT,
+            "exec_token": vmdir.exec_token.read_text() if vmdir.exec_token.exists() else None,
+        }
+
     def run(self, vmdir: state.VMDir, timeout_s: float) -> VMRecord:
         """Start the machine with a fresh config drive and follow the agent until ready or failed."""
         name = vmdir.name
@@ -80,7 +85,7 @@ class Boot:
         if machine is None:
             raise NotFound(f"VM {name} not found")
         record = VMRecord.from_json(name, machine.metadata)
-        nonce = self._write_drive(vmdir, record)
+        nonce = self.write_drive(vmdir, record)
         t0 = time.monotonic()
         deadline = t0 + timeout_s
         vmdir.agent_socket.unlink(missing_ok=True)
@@ -98,6 +103,31 @@ class Boot:
         except HeroVMError as e:
             raise BootFailed(f"{name} could not start: {e.message}", stage="start") from e
         report = self._follow(vmdir, record, nonce, (t0, deadline), console_start)
+        return self._conclude(vmdir, record, begun, report, t0)
+
+    def handover(self, vmdir: state.VMDir, record: VMRecord, nonce: str, timeout_s: float) -> VMRecord:
+        """A clone's first moments (a template's, a fork's: the machine runs on from another's memory):
+        hand the agent the VM's own identity (Command.IDENTITY; docs/protocol.md) and follow it until it
+        says `ready` under `nonce` (which the VM's metadata holds already) or `failed`."""
+        t0 = time.monotonic()
+        begun = LastBoot(nonce=nonce, started=now())
+        identity = {
+            "op": Command.IDENTITY,
+            "name": vmdir.name,
+            "hostname": vmdir.name,
+            "nonce": nonce,
+            "ssh": self._ssh_config(vmdir, record),
+            "seed": secrets.token_hex(64),
+            "time": time.time(),
+        }
+        report = self._follow(vmdir, record, nonce, (t0, t0 + timeout_s), 0, first=identity)
+        return self._conclude(vmdir, record, begun, report, t0)
+
+    def _conclude(
+        self, vmdir: state.VMDir, record: VMRecord, begun: LastBoot, report: BootReport, t0: float
+    ) -> VMRecord:
+        """Record how the boot ended; BootFailed, saying where it stopped, unless it became ready."""
+        name = vmdir.name
         seconds = round(time.monotonic() - t0, 3)
         record = record.booted(replace(begun, outcome=report.outcome, seconds=seconds))
         self.backend.set_metadata(name, record.to_json())
@@ -128,7 +158,13 @@ class Boot:
         )
 
     def _follow(
-        self, vmdir: state.VMDir, record: VMRecord, nonce: str, times: tuple[float, float], console_start: int
+        self,
+        vmdir: state.VMDir,
+        record: VMRecord,
+        nonce: str,
+        times: tuple[float, float],
+        console_start: int,
+        first: dict | None = None,
     ) -> BootReport:
         """Follow the agent's events until ready or failed. While the channel is quiet, look at this boot's
         console output too: the initramfs reports its failures there, before any agent exists."""
@@ -156,6 +192,8 @@ class Boot:
                 f"cannot open the agent channel of {name}: {e}", hint="use a shorter HEROVM_HOME"
             ) from e
         try:
+            if first is not None:  # a command for the agent before anything else (a clone's identity)
+                channel.send(first)
             for event in channel.events(deadline, on_idle=check_console):
                 if story.take(event) != Story.THIS:
                     continue

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -158,14 +159,19 @@ _UP_TYPES: dict[str, Any] = {
 }
 
 
-def _up_command() -> None:
-    """`herovm up NAME`, its options made from herovm.settings.VMSettings: one per setting, with its help
-    and default, as `--var`/`--secret` where the option's name differs from the setting's."""
+def _settings_command(
+    command: Callable[..., None], exclude: tuple[str, ...] = ()
+) -> tuple[Callable[..., None], Callable[[dict[str, Any]], dict[str, Any]]]:
+    """`command(name, json_out, **given)` with one option per VM setting (herovm.settings.VMSettings) but
+    `exclude`, each with its help and default, as `--var`/`--secret` where the option's name differs from
+    the setting's; and the function that turns what was given into VMSettings's keyword arguments."""
     from .settings import declared
 
     options = {}  # the command's parameter name -> the setting's name and declaration
     params = [inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)]
     for field, setting in declared():
+        if field in exclude:
+            continue
         option = setting.option or field
         annotation = _UP_TYPES[setting.kind] if setting.given is not None else _UP_TYPES[setting.kind] | None
         default = None if setting.kind == "pairs" else setting.given
@@ -182,17 +188,28 @@ def _up_command() -> None:
         inspect.Parameter("json_out", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=JsonOpt)
     )
 
+    def values(given: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for option, value in given.items():
+            field, setting = options[option]
+            if setting.kind == "pairs":
+                value = _secrets(value) if setting.secret else _kv(value, f"--{option}")
+            out[field] = value
+        return out
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return command, values
+
+
+def _up_command() -> None:
+    """`herovm up NAME`, its options made from herovm.settings.VMSettings."""
+
     def up(name: str, json_out: bool = False, **given: Any) -> None:
-        """Create and boot a VM; return when its bootstrap has run and it answers exec."""
+        """Create and boot a VM (or restore it from a template); return when its bootstrap has run and it
+        answers exec."""
         try:
             with _manager(json_out) as m:
-                values = {}
-                for option, value in given.items():
-                    field, setting = options[option]
-                    if setting.kind == "pairs":
-                        value = _secrets(value) if setting.secret else _kv(value, f"--{option}")
-                    values[field] = value
-                vm = m.up(name, **values)
+                vm = m.up(name, **values(given))
                 status = m.status(vm.name)
         except HeroVMError as e:
             _fail(e, json_out)
@@ -208,7 +225,7 @@ def _up_command() -> None:
                 f"herovm ssh {name}"
             )
 
-    up.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    up, values = _settings_command(up)
     app.command()(up)
 
 
@@ -556,6 +573,97 @@ def snapshot_rm(name: str, snap: str, json_out: JsonOpt = False) -> None:
         _print_json({"removed": snap, "vm": name})
     else:
         typer.echo(f"removed snapshot {snap} of {name}")
+
+
+template_app = typer.Typer(
+    help="Templates: a VM booted and bootstrapped once, kept as its memory and disk; `herovm up NAME "
+    "--template T` restores new VMs from it instead of booting (docs/templates.md).",
+    no_args_is_help=True,
+)
+app.add_typer(template_app, name="template")
+
+
+def _template_create_command() -> None:
+    def create(name: str, json_out: bool = False, **given: Any) -> None:
+        """Make template NAME: boot a VM with these settings, run its bootstrap, keep its memory and disk,
+        remove the VM."""
+        try:
+            with _manager(json_out) as m:
+                row = m.create_template(name, **values(given))
+        except HeroVMError as e:
+            _fail(e, json_out)
+        except KeyboardInterrupt as e:
+            typer.echo("herovm: interrupted; `herovm gc` removes what was half made", err=True)
+            raise typer.Exit(143 if isinstance(e, _Terminated) else 130) from None
+        if json_out:
+            _print_json(row)
+        else:
+            typer.echo(
+                f"template {name} made in {row['seconds']:.1f}s ({row['memory_bytes'] >> 20} MiB of memory): "
+                f"herovm up NAME --template {name}"
+            )
+
+    create, values = _settings_command(create, exclude=("template", "keep_failed"))
+    template_app.command("create")(create)
+
+
+_template_create_command()
+
+
+@template_app.command("ls")
+def template_ls(json_out: JsonOpt = False) -> None:
+    """List the templates."""
+    try:
+        with _manager(json_out) as m:
+            rows = m.templates()
+    except HeroVMError as e:
+        _fail(e, json_out)
+    if json_out:
+        _print_json(rows)
+        return
+    if not rows:
+        typer.echo("no templates (make one with `herovm template create NAME --bootstrap FILE`)")
+        return
+    typer.echo(
+        f"{'TEMPLATE':<20} {'IMAGE':<10} {'CPUS':>4} {'MEMORY':>7} {'NET':<10} {'CREATED':<26} USED BY"
+    )
+    for r in rows:
+        typer.echo(
+            f"{r['name']:<20} {r['image'] or '-':<10} {r['cpus'] or '-':>4} "
+            f"{(r['memory'] or 0) >> 20:>4}MiB {r['net'] or '-':<10} {r['created'] or '-':<26} "
+            f"{', '.join(r['used_by'] or []) or '-'}"
+        )
+
+
+@template_app.command("rm")
+def template_rm(name: str, json_out: JsonOpt = False) -> None:
+    """Remove template NAME (refused while a VM's disk lies on it)."""
+    try:
+        with _manager(json_out) as m:
+            m.remove_template(name)
+    except HeroVMError as e:
+        _fail(e, json_out)
+    if json_out:
+        _print_json({"removed": name})
+    else:
+        typer.echo(f"removed template {name}")
+
+
+@app.command()
+def fork(source: str, new: Annotated[list[str], typer.Argument()], json_out: JsonOpt = False) -> None:
+    """New VMs NEW... from the running VM SOURCE: each holds its memory and disk as they were at the fork,
+    with an identity of its own. SOURCE runs on (it is paused while its memory is saved)."""
+    try:
+        with _manager(json_out) as m:
+            result = m.fork(source, new)
+    except HeroVMError as e:
+        _fail(e, json_out)
+    if json_out:
+        _print_json(result)
+        return
+    for c in result["clones"]:
+        typer.echo(f"{c['name']} is ready in {c['seconds']:.1f}s: forked from {source}")
+    typer.echo(f"{source} was paused {result['source_pause_seconds']:.2f}s for the fork")
 
 
 @app.command()

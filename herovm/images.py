@@ -121,6 +121,17 @@ def find(recipe_name: str) -> Image | None:
     return _load(recipe_name, path)
 
 
+def cached(recipe_name: str, image_id_: str) -> Image | None:
+    """The cached image `recipe_name`/`image_id_` (whatever the recipe is now), or None."""
+    try:
+        check_recipe_name(recipe_name)
+    except InvalidInput:
+        return None
+    if not IMAGE_ID_RE.match(image_id_):
+        return None
+    return _load(recipe_name, state.images_dir() / recipe_name / image_id_)
+
+
 def _load(recipe_name: str, path: Path) -> Image | None:
     try:
         manifest = json.loads((path / "manifest.json").read_text())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from typing import TYPE_CHECKING
 
-from . import snapshots, state
+from . import clones, snapshots, state, templates
 from .backends.base import Snapshots
 from .errors import Busy
 from .record import VMRecord
@@ -21,9 +21,11 @@ if TYPE_CHECKING:
 def collect(m: Manager) -> list[str]:
     """Remove what crashed or killed herovm processes left behind: VM directories without a domain,
     domains defined but never started whose directory is gone, lock files of VMs that are gone, partial
-    snapshots, and disk overlays that neither a VM nor its snapshots need (a killed restore's). Running
-    and paused VMs are never touched, nor anything a herovm process is working on (its VM is locked)."""
-    removed = []
+    snapshots, disk overlays that neither a VM nor its snapshots need (a killed restore's), partial
+    templates and their builder VMs, and fork layers no VM lies on. Running and paused VMs are never
+    touched (but a killed `template create`'s own VM), nor anything a herovm process is working on (its VM,
+    template or the fork layers are locked)."""
+    removed = templates.leftovers(m)  # first: a killed `template create`'s VM runs, and is garbage
     machines = m.own_machines()
     for name in state.list_vm_dirs():
         if name in machines:
@@ -68,6 +70,7 @@ def collect(m: Manager) -> list[str]:
                     ]
         except Busy:
             continue
+    removed += clones.remove_unused_layers(m)
     for name in state.stale_vm_locks():
         try:
             with state.VMDir(name).lock(wait=0):  # released with no directory: the file goes

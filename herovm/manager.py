@@ -81,6 +81,8 @@ class Manager:
         holds no action is refused unless `allow_empty`."""
         state.validate_name(name)
         settings = VMSettings.of(options, base=settings)
+        if settings.template is not None:
+            return self._up_from_template(name, settings)
         if not settings.secrets:
             return self._up(name, settings)
         from .bootstrap import redact, redacted
@@ -101,7 +103,30 @@ class Manager:
         finally:
             self.progress = report
 
-    def _up(self, name: str, s: VMSettings) -> VM:
+    def up_marked(self, name: str, settings: VMSettings, marks: dict[str, Any]) -> VM:
+        """`up`, with `marks` kept in the VM's record (a template's builder VM: herovm.templates)."""
+        return self._up(name, settings, marks)
+
+    def _up_from_template(self, name: str, s: VMSettings) -> VM:
+        from . import templates
+
+        existing = self.backend.get(name)
+        if existing is not None:
+            record = VMRecord.from_json(name, existing.metadata)
+            if (
+                record.origin == {"template": s.template}
+                and existing.state == "running"
+                and record.last_boot.ready
+            ):
+                self.progress(Progress("up", f"{name} is already up from template {s.template}"))
+                return VM(self, record)
+            raise AlreadyExists(
+                f"VM {name} already exists ({existing.state})",
+                hint=f"pick another name or remove it with `herovm down {name}`",
+            )
+        return templates.up(self, name, s.template, keep_failed=s.keep_failed)  # type: ignore[arg-type]
+
+    def _up(self, name: str, s: VMSettings, marks: dict[str, Any] | None = None) -> VM:
         from .bootstrap import bootstrap_of, fetch_on_host
 
         boot = bootstrap_of(s)
@@ -148,9 +173,9 @@ class Manager:
             from . import images
 
             img = images.ensure(s.image, self.progress)
-            self._create(vmdir, img, wanted, boot, dict(s.secrets))
+            self._create(vmdir, img, wanted, boot, dict(s.secrets), marks or {})
             try:
-                record = self._booter().run(vmdir, timeout_s)
+                record = self.booter().run(vmdir, timeout_s)
             except KeyboardInterrupt:
                 self.progress(Progress("up", f"interrupted: removing {name}"))
                 self.remove_held(name)
@@ -164,7 +189,13 @@ class Manager:
         return VM(self, record)
 
     def _create(
-        self, vmdir: state.VMDir, img: Image, settings: RecordedSettings, boot: Bootstrap, secret_vars: dict
+        self,
+        vmdir: state.VMDir,
+        img: Image,
+        settings: RecordedSettings,
+        boot: Bootstrap,
+        secret_vars: dict,
+        marks: dict[str, Any],
     ) -> None:
         """Make the VM's directory (keys, disk, vm.json) and define its machine; on any failure, undo both."""
         name = vmdir.name
@@ -201,10 +232,11 @@ class Manager:
                     created=now(),
                     backend=self.backend.name,
                     home=str(state.home()),  # every HEROVM_HOME shares libvirt: gc, ls keep to theirs
+                    extra=marks,
                 )
                 local = {"bootstrap_entry": boot.drive_entry(), "vars": settings.vars}
                 vmdir.write_meta({**record.to_json(), **local})
-                spec = self._spec(vmdir, img, record)
+                spec = self.machine_spec(vmdir, img, record)
                 self.progress(
                     Progress(
                         "define",
@@ -225,7 +257,8 @@ class Manager:
             vmdir.remove()
             raise
 
-    def _spec(self, vmdir: state.VMDir, img: Image, record: VMRecord) -> MachineSpec:
+    def machine_spec(self, vmdir: state.VMDir, img: Image, record: VMRecord) -> MachineSpec:
+        """The machine the backend makes for the VM: its image's kernel, its directory's files, its record."""
         s = record.settings
         assert s is not None, "a record being defined has its settings"
         tcg = TCG_KERNEL_ARGS if s.accel == "tcg" else ""
@@ -247,7 +280,8 @@ class Manager:
             net_dir=vmdir.net_dir,
         )
 
-    def _booter(self) -> Boot:
+    def booter(self) -> Boot:
+        """Boots (and hands clones their identity) for this Manager's backend, reporting to its progress."""
         from .boot import Boot
 
         return Boot(self.backend, self.progress, self.fetch_timeout)
@@ -364,7 +398,7 @@ class Manager:
             if machine.state == "paused":
                 raise GuestError(f"VM {name} is paused", hint=f"resume it with `herovm resume {name}`")
             vmdir.mark_paused(False)
-            record = self._booter().run(vmdir, seconds(timeout, "timeout"))
+            record = self.booter().run(vmdir, seconds(timeout, "timeout"))
         return VM(self, record)
 
     def set_guest_clock(self, name: str) -> None:
@@ -405,6 +439,38 @@ class Manager:
         """Remove the VM's snapshot `snap`: its memory file, and its frozen disk unless the VM's disk or
         another snapshot's still lies on it."""
         snapshots.remove(self, name, snap)
+
+    # ------------------------------------------------------------------------------ templates, fork
+
+    def create_template(self, name: str, settings: VMSettings | None = None, **options: Any) -> dict:
+        """Make template `name`: boot a VM with `settings` (or `options`, as for `up`), run its bootstrap,
+        seal it, keep its memory and disk, remove the VM. `up(..., template=name)` then restores a new VM
+        from it instead of booting. Returns its row (see `templates`)."""
+        from . import templates
+
+        return templates.create(self, name, VMSettings.of(options, base=settings))
+
+    def templates(self) -> list[dict]:
+        """Every template: name, created, image, cpus, memory, net, bootstrap, memory_bytes, disk_bytes,
+        seconds (how long making it took), used_by (the VMs whose disks lie on it)."""
+        from . import templates
+
+        return templates.listing(self)
+
+    def remove_template(self, name: str) -> None:
+        """Remove template `name`; refused (Busy) while a VM's disk lies on it."""
+        from . import templates
+
+        templates.remove(self, name)
+
+    def fork(self, source: str, names: list[str]) -> dict:
+        """New VMs `names` from the running VM `source`: each holds its memory (processes, files) and disk
+        as they were at the fork, with an identity of its own; writes after the fork cross in neither
+        direction. The source runs on. Returns {"source", "source_pause_seconds", "clones": [{"name",
+        "seconds"}]}."""
+        from . import clones
+
+        return clones.fork(self, source, names)
 
     def down(self, name: str, wait: float = 300.0) -> None:
         """Remove the VM: its domain, disk, drive, keys and state. Nothing is left.
@@ -447,10 +513,10 @@ class Manager:
         return names
 
     def gc(self) -> list[str]:
-        """Remove what crashed or killed herovm processes left behind: VM directories without a domain,
-        domains defined but never started whose directory is gone, lock files of VMs that are gone, partial
-        snapshots, and disk overlays that neither a VM nor its snapshots need (a killed restore's). Running
-        and paused VMs are never touched, nor anything a herovm process is working on (its VM is locked)."""
+        """Remove what crashed or killed herovm processes left behind (herovm.leftovers.collect): VM
+        directories without a domain, domains never started, stale lock files, partial snapshots and
+        templates (and a killed `template create`'s VM), overlays and fork layers nothing needs. Running
+        and paused VMs of the user are never touched, nor anything a herovm process is working on."""
         return leftovers.collect(self)
 
     def ls(self) -> list[dict]:

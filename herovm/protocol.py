@@ -56,6 +56,12 @@ class Command(_Closed):
     STATUS = "status"  # answer with a `status` event
     POWEROFF = "poweroff"
     CLOCK = "clock"  # {"op": "clock", "time": T}: set the guest's clock to T (the host's, seconds since 1970)
+    # Before a template's snapshot: the agent refuses every exec and SSH connection and removes the SSH keys,
+    # so that the template's memory and disk hold no live credential; it answers with a `sealed` event.
+    SEAL = "seal"
+    # After a restore into a new VM (a template's clone, a fork): {"op": "identity", ...} (`Identity`). The
+    # agent takes the VM's own identity, then reports `boot` with its nonce and `ready` (docs/protocol.md).
+    IDENTITY = "identity"
 
 
 # ------------------------------------------------------------------------------------------------- events
@@ -74,6 +80,7 @@ class Kind(_Closed):
     SERVICE = "service"
     STATUS = "status"
     SHUTDOWN = "shutdown"
+    SEALED = "sealed"  # the answer to Command.SEAL
 
 
 # A boot ends in exactly one of these: the first one the boot sends decides it, and nothing after it does.
@@ -163,7 +170,13 @@ COMMON = (_req("event", STR), _req("seq", COUNT), _req("t", NUM))
 # Per kind, what the agent sends besides COMMON. Required: what the host decides on or shows; the agent sends
 # the optional ones too wherever it has them.
 SCHEMA: dict[str, tuple[Field, ...]] = {
-    Kind.BOOT: (_req("nonce", STR, NULL), _opt("agent", STR), _opt("kernel", STR), _opt("pid", INT)),
+    Kind.BOOT: (
+        _req("nonce", STR, NULL),
+        _opt("agent", STR),
+        _opt("kernel", STR),
+        _opt("pid", INT),
+        _opt("restored", BOOL),  # true: a clone's identity handover, not a kernel boot (Command.IDENTITY)
+    ),
     Kind.SETUP: (
         _req("step", STR, values=Step.ALL),
         _req("ok", BOOL),
@@ -205,6 +218,7 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
     ),
     Kind.STATUS: (_req("status", OBJ),),
     Kind.SHUTDOWN: (_req("reason", STR),),
+    Kind.SEALED: (),
 }
 
 OUTPUT_TAIL = 4096  # the last characters of an action's output that an event carries
@@ -219,6 +233,9 @@ DRIVE_MAX_BYTES = 4 << 20  # the most of config.json the agent reads
 BOOTSTRAP_LIMIT = 1 << 20  # bytes of a bootstrap, inline or fetched
 FETCH_TIMEOUT_S = 30.0  # how long the guest waits for a bootstrap URL to answer
 BOOTSTRAP_NAME = "bootstrap.hero"  # a bootstrap's name when it has none (errors say FILE:LINE)
+
+
+_HEX = frozenset("0123456789abcdef")
 
 
 class Key:
@@ -384,6 +401,29 @@ class DriveConfig(Record):
         return super().from_json(value, where)
 
 
+def _is_seed(value: str) -> bool:
+    return len(value) >= 64 and len(value) % 2 == 0 and set(value) <= _HEX
+
+
+class Identity(Record):
+    """Command.IDENTITY: what makes a clone its own VM. Checked like the config drive (from_json)."""
+
+    name: str
+    hostname: str | None
+    nonce: str  # the new VM's, echoed in the `boot` event that begins its story
+    ssh: SSH  # its own host key, authorized key and exec token
+    seed: str  # >= 64 hex characters from the host's CSPRNG, mixed into the guest's, which is then reseeded
+    time: float  # the host's clock (seconds since 1970)
+    KEYS = (
+        Key("name", str, required=True),
+        Key("hostname", str),
+        Key("nonce", str, required=True),
+        Key("ssh", SSH, required=True),
+        Key("seed", str, required=True, check=(_is_seed, "64 or more lowercase hex digits")),
+        Key("time", float, required=True, check=((lambda v: 1e9 < v < 1e11), "a time since 1970")),
+    )
+
+
 # --------------------------------------------------------------------------------------------------- exec
 
 EXEC_MAGIC = b"HEROVM-EXEC/2\n"  # what a client sends first on the SSH port to be served by the agent
@@ -464,7 +504,6 @@ EXEC_ENV = {  # every command's environment, which the request's env adds to (ne
 # direction's label, so that neither proof can stand in for the other.
 AGENT_PROOF_LABEL = b"herovm-exec/2 agent proof\n"
 HOST_ANSWER_LABEL = b"herovm-exec/2 host answer\n"
-_HEX = frozenset("0123456789abcdef")
 
 
 def agent_proof(token: bytes, nonce: str, challenge: str) -> str:

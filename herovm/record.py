@@ -117,6 +117,8 @@ class VMRecord:
     # The snapshot the VM was last rolled back to ({"snapshot", "taken", "at"}), until its next boot. After
     # a memory snapshot's restore, last_boot is the boot whose memory runs again: the snapshot's.
     restored: dict[str, Any] | None = None
+    # What a clone began as: {"template": NAME} (`up --template`), {"fork": SOURCE, "at": TIME}; None: booted
+    origin: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -138,6 +140,7 @@ class VMRecord:
             home=_of(data.get("home"), str),
             last_boot=LastBoot.from_json(data.get("last_boot")),
             restored=dict(r) if isinstance(r := data.get("restored"), Mapping) else None,
+            origin=dict(o) if isinstance(o := data.get("origin"), Mapping) else None,
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -149,8 +152,9 @@ class VMRecord:
         data.pop("last_boot")
         if last:
             data["last_boot"] = last
-        if data["restored"] is None:  # absent until a restore, as before restores existed
-            data.pop("restored")
+        for key in ("restored", "origin"):  # absent when unset, as before they existed
+            if data[key] is None:
+                data.pop(key)
         return {**self.extra, **data}
 
     def booted(self, last_boot: LastBoot) -> VMRecord:

@@ -164,6 +164,21 @@ def _kernel_args(value: Any, what: str) -> str:
     return text
 
 
+def _template(value: Any) -> str:
+    from .state import validate_name
+
+    return validate_name(_text(value, "template"), "template", "py311")
+
+
+# What a VM restored from a template takes from it, so cannot be given with `template`.
+FROM_TEMPLATE = ("image", "cpus", "memory", "disk", "bootstrap", "bootstrap_sha256", "variables", "secrets")
+FROM_TEMPLATE += ("allow_empty", "accel", "net", "kernel_args")
+
+
+def _default(name: str, s: Setting) -> Any:
+    return s.check(s.given, name) if s.given is not None else None
+
+
 def _setting(
     given: Any,
     help: str,
@@ -221,6 +236,12 @@ class VMSettings:
     accel: str = _setting("auto", "kvm, tcg or auto", _accel)
     net: str = _setting("default", "network: default (no host access), restricted, none or nat", _net)
     kernel_args: str = _setting("", "extra kernel command line arguments", _kernel_args)
+    template: str | None = _setting(
+        None,
+        "restore the VM from this template (herovm template create) instead of booting it; the image, "
+        "sizes, network and bootstrap are the template's",
+        lambda v, what: None if v is None or v == "" else _template(v),
+    )
     keep_failed: bool = _setting(
         False, "keep the VM even when it never got to run the bootstrap", _flag, kind="bool"
     )
@@ -237,6 +258,12 @@ class VMSettings:
             raise InvalidInput(
                 f"{', '.join(both)}: given both as a variable and as a secret", setting="secrets"
             )
+        if self.template is not None:
+            fixed = [n for n, s in declared() if n in FROM_TEMPLATE and getattr(self, n) != _default(n, s)]
+            if fixed:
+                raise InvalidInput(
+                    f"{fixed[0]} is the template's: it cannot be given with a template", setting=fixed[0]
+                )
         if self.bootstrap_sha256 and self.bootstrap is None:
             raise InvalidInput("bootstrap_sha256 without a bootstrap", setting="bootstrap_sha256")
 

@@ -13,7 +13,6 @@ import os
 import shutil
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import disks, state
@@ -161,12 +160,6 @@ def taken_record(vmdir: state.VMDir, snap: str) -> dict:
 def row(vmdir: state.VMDir, snap: str) -> dict:
     taken = taken_record(vmdir, snap)
 
-    def size(path: Path) -> int | None:
-        try:
-            return path.stat().st_blocks * 512  # what it takes on the disk (qcow2 files are sparse)
-        except OSError:
-            return None
-
     memory = taken["memory"]
     return {
         "vm": vmdir.name,
@@ -174,8 +167,8 @@ def row(vmdir: state.VMDir, snap: str) -> dict:
         "created": taken.get("created"),
         "kind": "memory" if memory else "disk",
         "state": taken.get("state"),
-        "memory_bytes": size(vmdir.snapshots / snap / memory) if memory else None,
-        "disk_bytes": size(vmdir.path / taken["disk"]),
+        "memory_bytes": state.footprint(vmdir.snapshots / snap / memory) if memory else None,
+        "disk_bytes": state.footprint(vmdir.path / taken["disk"]),
         "seconds": taken.get("seconds"),
     }
 

@@ -46,6 +46,17 @@ def write_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def footprint(path: Path) -> int | None:
+    """What a file, or a directory's files, take on the disk (qcow2 files are sparse; a memory snapshot is
+    a file for libvirt, a directory for Cloud Hypervisor); None if it is gone."""
+    try:
+        if not path.is_dir():
+            return path.stat().st_blocks * 512
+        return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
+    except OSError:
+        return None
+
+
 def home() -> Path:
     """herovm's data directory: $HEROVM_HOME, else /var/lib/herovm for root, else ~/.local/share/herovm."""
     if env := os.environ.get("HEROVM_HOME"):

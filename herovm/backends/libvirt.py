@@ -12,6 +12,7 @@ import os
 import pwd
 import socket
 import time
+import uuid
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -24,6 +25,7 @@ from ..guest.execution import open_tcp
 from ..protocol import AGENT_PORT_NAME, AGENT_VSOCK_PORT, SSH_PORT
 from . import passt
 from .base import GuestConnector, Machine, MachineSpec, SavedState
+from .save_image import SaveImage
 
 PREFIX = "herovm-"
 NAMESPACE = "urn:herovm:vm:1"
@@ -296,6 +298,31 @@ class LibvirtBackend:
             passt.stop(net_dir)
             raise _wrap(e, f"restoring {name}") from e
 
+    def clone(self, spec: MachineSpec, memory: Path) -> None:
+        """Define `spec` as a new domain, then restore `memory` (another domain's save image) into it: the
+        image's XML with this domain's name, UUID, generation ID, metadata, disks, console, channel and
+        network arguments, served through a pipe (herovm.backends.save_image: libvirt restores an image
+        only into the UUID it names). The image file is only read."""
+        image = SaveImage.read(memory)
+        if self._lookup(spec.name) is not None:
+            raise AlreadyExists(f"VM {spec.name} already exists")
+        self.define(spec)
+        dom = self._require(spec.name)
+        net_dir = None
+        try:
+            live = _cloned_xml(
+                ElementTree.fromstring(image.xml), ElementTree.fromstring(render_domain_xml(spec)), dom
+            )
+            net_dir = self._start_passt(dom)
+            with image.served_as(live, spec.disk.parent / ".restore.fifo") as fifo:
+                self.conn.restoreFlags(str(fifo), live, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        except BaseException as e:
+            passt.stop(net_dir)
+            self.undefine(spec.name)
+            if isinstance(e, libvirt.libvirtError):
+                raise _wrap(e, f"restoring {spec.name} from {memory.name}") from e
+            raise
+
     def _define_with_disk(self, dom: libvirt.virDomain, path: Path) -> ElementTree.Element:
         """Make `path` the disk of the domain's definition (what its next start or restore uses)."""
         try:
@@ -393,6 +420,36 @@ class LibvirtBackend:
             return open_tcp("127.0.0.1", ssh_port, max(0.05, deadline - time.monotonic()))
 
         return connect
+
+
+_PATHS = ("serial", "console", "channel")
+
+
+def _cloned_xml(saved: ElementTree.Element, fresh: ElementTree.Element, dom: libvirt.virDomain) -> str:
+    """The saved domain's XML (devices and addresses as its QEMU had them, which the stream must match),
+    with what belongs to the new domain taken from `fresh` (its rendered XML) and `dom` (its definition)."""
+    saved.find("name").text = dom.name()  # type: ignore[union-attr]
+    saved.find("uuid").text = dom.UUIDString()  # type: ignore[union-attr]
+    for tag in ("title", "metadata", "genid", "{http://libvirt.org/schemas/domain/qemu/1.0}commandline"):
+        for old in saved.findall(tag):
+            saved.remove(old)
+        for new in fresh.findall(tag) if tag != "genid" else ():
+            saved.append(new)
+    ElementTree.SubElement(saved, "genid").text = str(uuid.uuid4())  # a new generation, for vmgenid
+    _set_source(_vm_disk(saved), Path(_source(_vm_disk(fresh))))
+    drives = [d for d in saved.findall("./devices/disk") if d.find("readonly") is not None]
+    fresh_drives = [d for d in fresh.findall("./devices/disk") if d.find("readonly") is not None]
+    for old, new in zip(drives, fresh_drives, strict=True):
+        _set_source(old, Path(_source(new)))
+    paths = {  # the console is the serial port, so the same file
+        tag: fresh.find(f"./devices/{'serial' if tag == 'console' else tag}/source") for tag in _PATHS
+    }
+    for tag, wanted in paths.items():
+        for device in saved.findall(f"./devices/{tag}"):
+            source = device.find("source")
+            if source is not None and wanted is not None:
+                source.set("path", wanted.get("path", ""))
+    return ElementTree.tostring(saved, "unicode")
 
 
 def _vm_disk(domain: ElementTree.Element) -> ElementTree.Element:

@@ -15,7 +15,7 @@ import pytest
 
 from herovm import resources, state
 from herovm.backends import require
-from herovm.backends.base import Backend, Pausable, Snapshots
+from herovm.backends.base import Backend, Clones, Pausable, Snapshots
 from herovm.backends.cloud_hypervisor import CloudHypervisorBackend
 from herovm.backends.libvirt import LibvirtBackend
 from herovm.errors import GuestError, InvalidInput, Unsupported
@@ -38,19 +38,27 @@ def test_every_backend_has_the_interface_with_its_parameters(cls: type) -> None:
         assert list(inspect.signature(getattr(cls, name)).parameters) == wanted, f"{cls.__name__}.{name}"
 
 
-def test_capabilities_are_checked_by_type() -> None:
-    assert issubclass(CloudHypervisorBackend, Pausable) and not issubclass(CloudHypervisorBackend, Snapshots)
-    assert issubclass(LibvirtBackend, Pausable) and issubclass(LibvirtBackend, Snapshots)
+@pytest.mark.parametrize("capability", [Pausable, Snapshots, Clones])
+def test_capabilities_are_checked_by_type(capability: type) -> None:
+    assert issubclass(LibvirtBackend, capability) and issubclass(CloudHypervisorBackend, capability)
     ch, lv = CloudHypervisorBackend(), LibvirtBackend("test:///default")
-    assert require(ch, Pausable) is ch and require(lv, Pausable) is lv
+    assert require(ch, capability) is ch and require(lv, capability) is lv
+
+
+class Plain:
+    """A backend with Backend's methods only (one written elsewhere, say)."""
+
+    name = "plain"
 
 
 def test_a_missing_capability_names_the_backend() -> None:
     with pytest.raises(Unsupported) as info:
-        require(CloudHypervisorBackend(), Snapshots)
-    assert info.value.message == "the cloud-hypervisor backend cannot take or restore snapshots"
-    assert info.value.hint == "the backends that can: libvirt (--backend)"
+        require(Plain(), Snapshots)  # type: ignore[arg-type]
+    assert info.value.message == "the plain backend cannot take or restore snapshots"
+    assert info.value.hint == "the backends that can: libvirt, cloud-hypervisor (--backend)"
     assert isinstance(info.value, InvalidInput) and info.value.exit_code == 2
+    with pytest.raises(Unsupported, match="plain backend cannot start clones of a snapshot"):
+        require(Plain(), Clones)  # type: ignore[arg-type]
 
 
 def test_nothing_asks_a_backend_for_a_method_by_name() -> None:

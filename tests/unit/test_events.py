@@ -55,6 +55,7 @@ FIELDS: dict[str, dict] = {
     "service": {"name": "web", "state": "started", "pid": 9},
     "status": {"status": {"state": "ready"}},
     "shutdown": {"reason": "host asked"},
+    "sealed": {},
 }
 
 

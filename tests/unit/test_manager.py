@@ -1144,7 +1144,7 @@ def test_kernel_command_line_turns_address_randomisation_off_only_under_tcg(
 ) -> None:
     settings = {"cpus": 1, "memory": 1 << 30, "accel": accel, "kernel_args": "loglevel=3", "net": "default"}
     record = VMRecord.from_json("cmdline", {"ssh_port": 2222, "settings": settings})
-    spec = manager._spec(state.VMDir("cmdline"), make_image(tmp_path), record)
+    spec = manager.machine_spec(state.VMDir("cmdline"), make_image(tmp_path), record)
     assert spec.cmdline == expected
 
 
@@ -1166,7 +1166,7 @@ def test_gc_removes_lock_files_left_by_removed_vms_but_not_a_held_one(manager: M
     assert holding.wait(5)
     try:
         removed = manager.gc()
-        assert sorted(p.name for p in locks.iterdir()) == ["vm-held.lock"]
+        assert sorted(p.name for p in locks.iterdir() if p.name.startswith("vm-")) == ["vm-held.lock"]
     finally:
         release.set()
         holder.join(5)

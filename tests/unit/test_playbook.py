@@ -40,6 +40,7 @@ ACTIONS = {
         "accel",
         "net",
         "kernel_args",
+        "template",
         "keep_failed",
         "replace",
     ],

@@ -36,6 +36,8 @@ def fields(cell: str) -> dict[str, tuple[bool, list[str]]]:
     """An events row's "other fields": each field's name -> (marked optional, its [vocabulary])."""
     out = {}
     for item in re.split(r",\s*(?![^()\[\]]*[)\]])", cell):  # commas outside brackets
+        if not ticked(item):  # "none"
+            continue
         name = ticked(item)[0]
         vocabulary = re.search(r"\[([^\]]*)\]", item)
         out[name.rstrip("?")] = (name.endswith("?"), ticked(vocabulary.group(1)) if vocabulary else [])

@@ -15,6 +15,7 @@ from herovm.protocol import (
     BootstrapSpec,
     Command,
     DriveConfig,
+    Identity,
     Kind,
     Source,
     Stage,
@@ -207,8 +208,61 @@ class Agent:
             _thread.start_new_thread(self.poweroff, ("host asked",))
         elif op == Command.CLOCK:
             set_clock(cmd.get("time"))
+        elif op == Command.SEAL:
+            self.seal()
+        elif op == Command.IDENTITY:
+            self.take_identity(cmd)
         else:
             print(f"herovm-agent: ignored command {op!r}", flush=True)
+
+    def seal(self) -> None:
+        """Command.SEAL: a template is about to be snapshotted. From now on nothing answers with this VM's
+        credentials (exec and SSH connections are closed at once, the SSH keys are gone); each clone gets
+        its own with Command.IDENTITY."""
+        listener = getattr(self, "ssh", None)
+        if listener is not None:
+            listener.seal()
+        system.remove_ssh_keys()
+        self.events.emit(Kind.SEALED)
+
+    def take_identity(self, cmd: dict) -> None:
+        """Command.IDENTITY: this guest was restored into a new VM (a template's clone, a fork). Reseed the
+        CRNG first (its state is the snapshot's, shared with every other clone), set the clock, then take the
+        VM's name, hostname, SSH keys and exec token, and only then say `boot` (the new nonce) and `ready`."""
+        try:
+            identity = Identity.from_json(cmd)
+        except ValueError as e:
+            print(f"herovm-agent: ignored an identity: {e}", flush=True)
+            return
+        started = time.monotonic()
+        system.reseed(bytes.fromhex(identity.seed))
+        set_clock(identity.time)
+        self.events.emit(
+            Kind.BOOT,
+            nonce=identity.nonce,
+            agent=VERSION,
+            kernel=os.uname().release,
+            pid=os.getpid(),
+            restored=True,
+        )
+        try:
+            self.step(Step.HOSTNAME, system.set_hostname, identity.hostname or identity.name)
+            self.step(Step.SSH, self.take_ssh, identity.ssh)
+        except Exception as e:  # noqa: BLE001 - reported; the host removes the clone
+            self.fail(Stage.SETUP, str(e))
+            return
+        self.write_status(state="ready")
+        self.events.emit(
+            Kind.READY, actions=len(self.status["actions"]), seconds=round(time.monotonic() - started, 3)
+        )
+
+    def take_ssh(self, ssh: SSH) -> None:
+        listener = getattr(self, "ssh", None)
+        if listener is None:
+            self.start_ssh(ssh)
+            return
+        system.install_ssh_keys(ssh)
+        listener.unseal((ssh.exec_token or "").encode() or None)
 
     def poweroff(self, reason: str) -> None:
         import contextlib

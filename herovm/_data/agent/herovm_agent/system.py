@@ -257,6 +257,29 @@ def install_ssh_keys(ssh: SSH) -> None:
     write_private("/root/.ssh/authorized_keys", "".join(k.strip() + "\n" for k in ssh.authorized_keys))
 
 
+def remove_ssh_keys() -> None:
+    for path in ("/etc/ssh/ssh_host_ed25519_key", "/root/.ssh/authorized_keys"):
+        try:  # noqa: SIM105 - contextlib is not imported at boot (its imports cost under emulation)
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07), linux/random.h
+
+
+def reseed(seed: bytes) -> None:
+    """Mix `seed` into the kernel's input pool (a write to /dev/urandom) and reseed the CRNG from it at once
+    (RNDRESEEDCRNG). A clone's CRNG and pool are its snapshot's, so two clones would otherwise draw the same
+    bytes until the kernel reseeds on its own; the cloud kernel has no vmgenid driver to do it."""
+    fd = os.open("/dev/urandom", os.O_WRONLY)
+    try:
+        os.write(fd, seed)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
+
+
 class SSHListener:
     """Accepts on the SSH port and hands each connection to `sshd -i` (inetd mode). Bound before the
     bootstrap runs, so connections queue while it does, and no daemon start-up sits on the boot path.
@@ -272,6 +295,7 @@ class SSHListener:
     def __init__(self, port: int, processes, exec_token: bytes | None = None, vsock: bool = False) -> None:
         self._processes = processes
         self._exec_token = exec_token
+        self._sealed = False  # a template's snapshot is being taken: nothing is served (Command.SEAL)
         self._sessions = 0
         self._sessions_lock = _thread.allocate_lock()
         self.sock = Socket(_socket.AF_INET6, _socket.SOCK_STREAM)
@@ -287,6 +311,14 @@ class SSHListener:
             self.vsock.listen(64)
             _thread.start_new_thread(self._serve, (self.vsock,))
 
+    def seal(self) -> None:
+        self._sealed = True
+
+    def unseal(self, exec_token: bytes | None) -> None:
+        """Serve again, with this exec token: a clone's own (Command.IDENTITY)."""
+        self._exec_token = exec_token
+        self._sealed = False
+
     def _serve(self, sock: Socket) -> None:
         while True:
             conn, _ = sock.accept()
@@ -294,6 +326,8 @@ class SSHListener:
 
     def _dispatch(self, conn: Socket) -> None:
         try:
+            if self._sealed:
+                return
             if self._exec_token is not None and self._opens_with_exec_magic(conn):
                 from . import exec_server
 

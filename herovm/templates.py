@@ -1,0 +1,328 @@
+"""Templates (`herovm template create|ls|rm`, `herovm up --template`): a VM booted and bootstrapped once,
+sealed, and kept as its memory and disk, from which new VMs are restored instead of booted (herovm.clones).
+
+A template lives in HEROVM_HOME/templates/NAME/ (0711; its files 0600): template.json (what it was made
+with), the backend's memory snapshot, disk.qcow2 (the frozen disk, lying on the image) and, if it was made
+with secrets, secrets.json. It is built as `.NAME.partial` by a VM recorded as the template's builder and
+gets its name only when whole: `gc` removes a partial template and its builder VM once no `template create`
+holds the template's lock (a killed one). docs/templates.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import clones, disks, state
+from .backends import require
+from .backends.base import Clones, Snapshots
+from .errors import AlreadyExists, Busy, GuestError, HeroVMError, NotFound
+from .progress import Progress
+from .protocol import Command, Kind
+from .record import VMRecord, now
+
+if TYPE_CHECKING:
+    from .images import Image
+    from .manager import Manager
+    from .settings import VMSettings
+    from .vm import VM
+
+BUILDER_MARK = "template_build"  # in a builder VM's record: the template it is building
+SEAL_TIMEOUT_S = 15.0
+
+
+def templates_dir() -> Path:
+    return state.ensure_dir(state.vms_dir().parent / "templates", 0o711)
+
+
+def validate_template_name(name: str) -> str:
+    return state.validate_name(name, "template", "py311")
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    path: Path
+    facts: dict  # template.json
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "disk.qcow2"
+
+    @property
+    def memory(self) -> Path:
+        return self.path / self.facts["memory"]
+
+    @property
+    def record(self) -> VMRecord:
+        return VMRecord.from_json(self.name, self.facts["record"])
+
+    def check_files(self) -> None:
+        """HeroVMError if a file is not as the template left it (truncated, replaced, gone)."""
+        for path, want in ((self.memory, self.facts["memory_bytes"]), (self.disk, self.facts["disk_bytes"])):
+            size = _bytes(path)
+            if size is None:
+                raise HeroVMError(
+                    f"template {self.name} is damaged: {path.name} is gone",
+                    hint=f"make it again: `herovm template rm {self.name}`, then `template create`",
+                )
+            if size != want:
+                raise HeroVMError(
+                    f"template {self.name} is damaged: {path.name} is {size} bytes, it was {want}",
+                    hint=f"make it again: `herovm template rm {self.name}`, then `template create`",
+                )
+
+    def image(self) -> Image:
+        return clones.image_of(
+            self.record,
+            f"template {self.name}",
+            f"make the template again: `herovm template rm {self.name}`, then `template create`",
+        )
+
+    def origin(self) -> clones.Origin:
+        return clones.Origin(
+            memory=self.memory,
+            disk=self.disk,
+            record=self.record,
+            local=self.facts.get("local") or {},
+            secrets=_read_secrets(self.path / "secrets.json"),
+            origin={"template": self.name},
+        )
+
+
+def load(name: str) -> Template:
+    """The template; NotFound (exit 3) if there is none."""
+    validate_template_name(name)
+    path = templates_dir() / name
+    try:
+        facts = json.loads((path / "template.json").read_text())
+    except FileNotFoundError:
+        raise NotFound(f"no template {name}", hint="see `herovm template ls`") from None
+    except (OSError, ValueError) as e:
+        raise HeroVMError(f"template {name} cannot be read: {e}") from e
+    if (
+        not isinstance(facts, dict)
+        or facts.get("memory") not in ("memory.save", "memory")
+        or not all(isinstance(facts.get(k), int) for k in ("memory_bytes", "disk_bytes"))
+    ):
+        raise HeroVMError(f"template {name} is damaged ({path / 'template.json'})")
+    return Template(name, path, facts)
+
+
+def all_templates() -> list[Template]:
+    found = []
+    for path in sorted(templates_dir().iterdir()):
+        if path.is_dir() and not path.name.startswith("."):
+            try:
+                found.append(load(path.name))
+            except HeroVMError:
+                continue
+    return found
+
+
+def _bytes(path: Path) -> int | None:
+    """The length of a file, or of a directory's files (Cloud Hypervisor's memory snapshot); None: gone."""
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _read_secrets(path: Path) -> dict[str, str]:
+    try:
+        found = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise HeroVMError(f"the secrets of {path.parent.name} cannot be read: {e}") from e
+    return found if isinstance(found, dict) else {}
+
+
+# ------------------------------------------------------------------------------------------------ verbs
+
+
+def create(m: Manager, name: str, settings: VMSettings) -> dict:
+    """Boot a VM with `settings`, wait for its bootstrap to finish, seal it (docs/protocol.md), snapshot its
+    memory and disk as template `name`, and remove the VM. Returns the template's row (see `listing`)."""
+    require(m.backend, Snapshots)
+    require(m.backend, Clones)
+    validate_template_name(name)
+    with state.named_lock(f"template-{name}", wait=0, what=f"template {name}"):
+        final = templates_dir() / name
+        if final.exists():
+            raise AlreadyExists(
+                f"template {name} already exists", hint=f"remove it with `herovm template rm {name}` first"
+            )
+        partial = templates_dir() / f".{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(0o700)
+        builder = f"tmpl-{secrets.token_hex(4)}"
+        started = time.monotonic()
+        try:
+            m.progress(Progress("template", f"booting template {name} (VM {builder})"))
+            vm = m.up_marked(builder, settings, {BUILDER_MARK: name})
+            ready_s = vm.record.last_boot.seconds
+            vm.close()
+            _seal(m, vm.record)
+            m.progress(Progress("template", f"snapshotting {builder}: its memory and disk"))
+            snap_started = time.monotonic()
+            saved = require(m.backend, Snapshots).snapshot(builder, partial)
+            snapshot_s = time.monotonic() - snap_started
+            if saved.memory is None:
+                raise HeroVMError(f"the {m.backend.name} backend kept no memory of {builder}")
+            builder_dir = state.VMDir(builder)
+            m.backend.destroy(builder)
+            os.rename(
+                saved.disk, partial / "disk.qcow2"
+            )  # it lies on the image only: it was never snapshotted
+            memory = partial / saved.memory.name
+            if builder_dir.secrets_file.exists():
+                shutil.copy2(builder_dir.secrets_file, partial / "secrets.json")
+            facts = {
+                "name": name,
+                "created": now(),
+                "backend": m.backend.name,
+                "record": replace(vm.record, extra={}).to_json(),  # without the builder's mark
+                "local": clones.local_facts(builder_dir),
+                "memory": memory.name,
+                "memory_bytes": _bytes(memory),
+                "disk_bytes": _bytes(partial / "disk.qcow2"),
+                "ready_seconds": ready_s,
+                "snapshot_seconds": round(snapshot_s, 3),
+                "seconds": round(time.monotonic() - started, 3),
+            }
+            state.write_private(partial / "template.json", json.dumps(facts, indent=2, sort_keys=True))
+            os.chmod(partial, 0o711)  # QEMU reads the disk, as the image's user
+            os.rename(partial, final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        finally:
+            _remove_builder(m, builder)
+    return row(load(name), m)
+
+
+def _seal(m: Manager, record: VMRecord) -> None:
+    """Command.SEAL, and wait for the agent's `sealed`: from then on the VM's credentials answer nothing."""
+    from .boot import agent_channel
+
+    m.progress(Progress("template", f"sealing {record.name}: its exec and SSH credentials stop answering"))
+    deadline = time.monotonic() + SEAL_TIMEOUT_S
+    try:
+        channel = agent_channel(m.backend, record, deadline)
+        try:
+            channel.send({"op": Command.SEAL})
+            for event in channel.events(deadline):
+                if event["event"] == Kind.SEALED:
+                    return
+        finally:
+            channel.close()
+    except (TimeoutError, OSError):
+        pass
+    raise GuestError(
+        f"the agent of {record.name} did not seal it",
+        hint="rebuild the image (`herovm image build --force`): an older agent cannot make templates",
+    )
+
+
+def _remove_builder(m: Manager, builder: str) -> None:
+    vmdir = state.VMDir(builder)
+    if m.backend.get(builder) is not None or vmdir.exists():
+        m.progress(Progress("template", f"removing {builder}"))
+        with vmdir.lock():
+            m.remove_held(builder)
+
+
+def row(t: Template, m: Manager | None = None) -> dict:
+    record = t.record
+    s = record.settings
+    return {
+        "name": t.name,
+        "created": t.facts.get("created"),
+        "image": record.image,
+        "image_id": record.image_id,
+        "cpus": s.cpus if s else None,
+        "memory": s.memory if s else None,
+        "net": s.net if s else None,
+        "bootstrap": record.bootstrap,
+        "memory_bytes": t.facts["memory_bytes"],
+        "disk_bytes": t.facts["disk_bytes"],
+        "seconds": t.facts.get("seconds"),
+        "used_by": users(t) if m is not None else None,
+    }
+
+
+def listing(m: Manager) -> list[dict]:
+    """Every template: its row (name, created, image, cpus, memory, net, bootstrap, memory_bytes,
+    disk_bytes, seconds: how long making it took, used_by: the VMs whose disks lie on it)."""
+    return [row(t, m) for t in all_templates()]
+
+
+def users(t: Template) -> list[str]:
+    """The VMs whose disk, or one of whose snapshots, lies on the template's disk."""
+    disk = t.disk.resolve()
+    found = []
+    for name in state.list_vm_dirs():
+        for top in state.VMDir(name).path.glob("disk*.qcow2"):
+            try:
+                if disk in (p.resolve() for p in disks.chain(top)):
+                    found.append(name)
+                    break
+            except (OSError, UnicodeDecodeError, HeroVMError):
+                found.append(name)  # cannot tell: counted as a user, so its disk is never cut from under it
+                break
+    return found
+
+
+def remove(m: Manager, name: str) -> None:
+    """Remove the template; refused (Busy) while a VM's disk lies on it."""
+    with state.named_lock(f"template-{name}", wait=0, what=f"template {name}"):
+        t = load(name)
+        using = users(t)
+        if using:
+            raise Busy(
+                f"template {name} is in use: the disks of {', '.join(using)} lie on it",
+                hint=f"remove them first (`herovm down {' '.join(using)}`)",
+            )
+        shutil.rmtree(t.path)
+
+
+def up(m: Manager, name: str, template: str, keep_failed: bool = False) -> VM:
+    """VM `name`, restored from `template` (herovm.clones.make)."""
+    t = load(template)
+    t.check_files()
+    return clones.make(m, name, t.origin(), t.image(), keep_failed=keep_failed)
+
+
+def leftovers(m: Manager) -> list[str]:
+    """What killed `template create`s left: partial templates and their builder VMs (running ones too: the
+    builder is herovm's, not the user's), each only once no `template create` holds the template's lock."""
+    removed = []
+    builders: dict[str, list[str]] = {}
+    for vm, machine in m.own_machines().items():
+        mark = VMRecord.from_json(vm, machine.metadata).extra.get(BUILDER_MARK)
+        if isinstance(mark, str):
+            builders.setdefault(mark, []).append(vm)
+    partials = {p.name[1:].removesuffix(".partial"): p for p in templates_dir().glob(".*.partial")}
+    for name in sorted(set(builders) | set(partials)):
+        try:
+            with state.named_lock(f"template-{name}", wait=0):
+                if name in partials:
+                    shutil.rmtree(partials[name], ignore_errors=True)
+                    removed.append(f"partial template {name}")
+                for vm in builders.get(name, []):
+                    m.backend.destroy(vm)
+                    with state.VMDir(vm).lock(wait=0):
+                        m.remove_held(vm)
+                    removed.append(f"{vm} (the VM of a template create that did not finish)")
+        except Busy:
+            continue
+    return removed
