@@ -836,6 +836,7 @@ def _script_app() -> typer.Typer:
 
 
 app.add_typer(_script_app(), name="script", help="Check, parse and format HeroScript files.")
+app.command(name="serve")(__import__("herovm.cli_serve", fromlist=["serve"]).serve)  # herovm serve
 
 
 def main() -> None:

@@ -1,0 +1,177 @@
+"""The ASGI application of `herovm serve`: one listener for both of E2B's APIs.
+
+A request that carries `E2b-Sandbox-Id` (what the SDK sends when `E2B_SANDBOX_URL` points here) is for the
+in-sandbox API of that sandbox and must carry its access token (`X-Access-Token`); any other request is for
+the REST API and must carry an API key (`X-API-KEY`). A sandbox's token opens that sandbox only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .api import Api, error
+from .auth import basic_user, matches
+from .envd import Envd, FsError, check_user, ops_for, resolve_path
+from .sandboxes import DEFAULT_USER, Sandboxes
+
+ENVD_PORT = 49983
+MAX_UPLOAD = 1 << 30  # one upload: 1 GiB
+REAP_EVERY_S = 1.0
+
+_FS_STATUS = {"not_found": 404, "exists": 409, "invalid": 400, "denied": 403}
+
+
+def _log_stderr(line: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
+class ServeApp:
+    """The ASGI app: routing, authentication, the timeout reaper (started by the server's lifespan)."""
+
+    def __init__(
+        self,
+        sandboxes: Sandboxes,
+        api_keys: list[str],
+        *,
+        log: Callable[[str], None] = _log_stderr,
+        workers: int = 64,
+    ) -> None:
+        self.sandboxes = sandboxes
+        self.api_keys = api_keys
+        self.log = log
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="herovm-serve")
+        self.api = Api(sandboxes, self.executor, log)
+        self.rest = Starlette(routes=self.api.routes())
+        self.envd = Envd(sandboxes, self.executor)
+        self.files = Starlette(
+            routes=[
+                Route("/files", self.read_file, methods=["GET"]),
+                Route("/files", self.write_file, methods=["POST"]),
+                Route("/health", lambda _r: Response(status_code=204), methods=["GET"]),
+            ]
+        )
+        self._reaper: asyncio.Task | None = None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        sandbox_id = headers.get("e2b-sandbox-id")
+        if sandbox_id is None:
+            if not matches(headers.get("x-api-key"), self.api_keys):
+                await error(401, "invalid API key")(scope, receive, send)
+                return
+            await self.rest(scope, receive, send)
+            return
+        sb = self.sandboxes.find(sandbox_id)
+        # Unknown sandbox and wrong token answer alike: a token holder learns nothing about other ids.
+        if sb is None or not matches(headers.get("x-access-token"), [sb.token]):
+            await error(401, "invalid access token for this sandbox")(scope, receive, send)
+            return
+        if headers.get("e2b-sandbox-port", str(ENVD_PORT)) != str(ENVD_PORT):
+            await error(502, "only the sandbox's envd port is served by herovm serve")(scope, receive, send)
+            return
+        if sb.state != "running":
+            await error(502, f"sandbox {sb.id} is {sb.state}")(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if path.startswith("/process.Process/"):
+            await self.envd.process_app(scope, receive, send)
+        elif path.startswith("/filesystem.Filesystem/"):
+            await self.envd.filesystem_app(scope, receive, send)
+        else:
+            await self.files(scope, receive, send)
+
+    async def _lifespan(self, receive: Callable, send: Callable) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._reaper = asyncio.create_task(self._reap())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self._reaper is not None:
+                    self._reaper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._reaper
+                self.executor.shutdown(wait=False, cancel_futures=True)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _reap(self) -> None:
+        """Enforce timeouts: a running sandbox past its end is killed (or paused, if made with autoPause)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(REAP_EVERY_S)
+            for sb in self.sandboxes.expired():
+                self.log(f"{sb.id} timed out: {'pausing' if sb.on_timeout == 'pause' else 'killing'} it")
+                try:
+                    await loop.run_in_executor(self.executor, self.sandboxes.expire, sb)
+                except Exception as e:  # the reaper goes on whatever one sandbox did
+                    self.log(f"could not expire {sb.id}: {e}")
+
+    # ----------------------------------------------------------------------- envd HTTP: files
+
+    def _file_context(self, request: Request) -> tuple[Any, str]:
+        sb = self.sandboxes.find(request.headers.get("e2b-sandbox-id", ""))
+        assert sb is not None, "the router let through a known sandbox only"
+        user = request.query_params.get("username") or basic_user(
+            request.headers.get("authorization"), DEFAULT_USER
+        )
+        return ops_for(self.sandboxes.manager, sb), check_user(user)
+
+    async def _blocking(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+    async def read_file(self, request: Request) -> Response:
+        try:
+            ops, user = self._file_context(request)
+            path = resolve_path(request.query_params.get("path", ""), user)
+            data = await self._blocking(lambda: ops.read_file(path, user))
+        except FsError as e:
+            return error(_FS_STATUS[e.kind], e.message)
+        return Response(data, media_type="application/octet-stream")
+
+    async def write_file(self, request: Request) -> Response:
+        try:
+            ops, user = self._file_context(request)
+            uploads: list[tuple[str, bytes]] = []
+            ctype = request.headers.get("content-type", "")
+            if ctype.startswith("multipart/form-data"):
+                async with request.form(max_files=1000, max_part_size=MAX_UPLOAD) as form:
+                    for _field, value in form.multi_items():
+                        if isinstance(value, str):
+                            continue
+                        name = value.filename or request.query_params.get("path", "")
+                        uploads.append((resolve_path(name, user), await value.read()))
+            else:
+                if request.headers.get("content-encoding", "identity") not in ("identity", ""):
+                    return error(400, "compressed uploads are not supported by herovm serve yet")
+                body = bytearray()
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > MAX_UPLOAD:
+                        return error(413, "upload too large")
+                uploads.append((resolve_path(request.query_params.get("path", ""), user), bytes(body)))
+            if not uploads:
+                return error(400, "no file in the upload")
+            written = []
+            for path, data in uploads:
+                e = await self._blocking(lambda p=path, d=data: ops.write_file(p, d, user))
+                written.append({"name": e.name, "type": "file" if e.type != "dir" else "dir", "path": e.path})
+        except FsError as e:
+            return error(_FS_STATUS[e.kind], e.message)
+        return JSONResponse(written)

@@ -1,0 +1,260 @@
+"""E2B sandboxes as herovm VMs.
+
+A sandbox is an ordinary herovm VM named `e2b-<sandbox id>` (`herovm ls` shows it, `herovm down` removes
+it). What E2B says about it and herovm does not keep (its template name, metadata, environment variables,
+end time, access token) is in `$HEROVM_HOME/serve/sandboxes/<id>.json` (0600, in a 0700 directory). A
+restarted server reads those files and keeps the ones whose VM libvirt still has, so running and paused
+sandboxes outlive the server; a file whose VM is gone is removed.
+
+Everything here blocks (libvirt, the guest): the server calls it from worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .. import state
+from ..errors import HeroVMError, NotFound
+from ..manager import Manager
+from ..settings import VMSettings
+
+PREFIX = "e2b-"
+DEFAULT_TIMEOUT_S = 300
+MAX_TIMEOUT_S = 86_400  # E2B's longest sandbox life: 24 h
+ENVD_VERSION = "0.5.7"  # the envd behaviour the SDKs should expect (multipart and octet-stream uploads)
+DEFAULT_USER = "user"
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+# E2B's default user: made in the guest when the sandbox is created (and again if a template lacks it).
+ENSURE_USER = (
+    "id -u user >/dev/null 2>&1 || useradd --create-home --shell /bin/bash user >/dev/null 2>&1; "
+    "mkdir -p /home/user && chown user:user /home/user"
+)
+
+
+class ApiError(Exception):
+    """An error the REST API answers with: E2B's shape, {"code": status, "message": ...}."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def to_json(self) -> dict[str, object]:
+        return {"code": self.status, "message": self.message}
+
+
+def new_id() -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(20))
+
+
+def serve_dir() -> Path:
+    return state.ensure_dir(state.home() / "serve" / "sandboxes", 0o700)
+
+
+@dataclass
+class Sandbox:
+    id: str
+    template: str
+    token: str  # the per-sandbox envd access token (X-Access-Token)
+    started_at: float
+    end_at: float
+    metadata: dict[str, str] = field(default_factory=dict)
+    envs: dict[str, str] = field(default_factory=dict)
+    cpus: int = 1
+    memory_mb: int = 1024
+    disk_mb: int = 0
+    on_timeout: str = "kill"  # or "pause" (autoPause)
+    state: str = "running"  # running | paused
+
+    @property
+    def vm(self) -> str:
+        return PREFIX + self.id
+
+    def save(self) -> None:
+        state.write_private(serve_dir() / f"{self.id}.json", json.dumps(asdict(self), indent=1))
+
+    def forget(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (serve_dir() / f"{self.id}.json").unlink()
+
+    @classmethod
+    def load(cls, path: Path) -> Sandbox:
+        facts = json.loads(path.read_text())
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in facts.items() if k in known})
+
+
+class Sandboxes:
+    """The server's sandboxes: made, found, timed out and removed through one herovm Manager."""
+
+    def __init__(self, manager: Manager, max_sandboxes: int | None = None) -> None:
+        self.manager = manager
+        self.max_sandboxes = max_sandboxes
+        self._lock = threading.Lock()
+        self._by_id: dict[str, Sandbox] = {}
+        self._creating = 0
+
+    # ------------------------------------------------------------------------------------- state
+
+    def rebuild(self) -> list[str]:
+        """Read the sandboxes this home holds from their files and libvirt; returns the ids kept."""
+        machines = self.manager.own_machines()
+        found: dict[str, Sandbox] = {}
+        for path in sorted(serve_dir().glob("*.json")):
+            try:
+                sb = Sandbox.load(path)
+            except (OSError, ValueError, TypeError):
+                continue
+            machine = machines.get(sb.vm)
+            if machine is None or machine.state not in ("running", "paused"):
+                if machine is not None:  # stopped or crashed: no use to an E2B client
+                    with contextlib.suppress(HeroVMError):
+                        self.manager.down(sb.vm)
+                sb.forget()
+                continue
+            sb.state = machine.state
+            found[sb.id] = sb
+        with self._lock:
+            self._by_id = found
+        return sorted(found)
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        with self._lock:
+            sb = self._by_id.get(sandbox_id)
+        if sb is None:
+            raise ApiError(404, f"sandbox {sandbox_id} not found")
+        return sb
+
+    def find(self, sandbox_id: str) -> Sandbox | None:
+        with self._lock:
+            return self._by_id.get(sandbox_id)
+
+    def all(self) -> list[Sandbox]:
+        with self._lock:
+            return list(self._by_id.values())
+
+    # ---------------------------------------------------------------------------------- verbs
+
+    def create(
+        self,
+        template: str,
+        timeout: int,
+        metadata: dict[str, str],
+        envs: dict[str, str],
+        on_timeout: str = "kill",
+    ) -> Sandbox:
+        """A new running sandbox: a VM restored from herovm template `template`, or for `base` (without
+        such a template) a cold VM of the default image."""
+        templates = {t["name"]: t for t in self.manager.templates()}
+        if template != "base" and template not in templates:
+            raise ApiError(404, f"template '{template}' not found (see `herovm template ls`)")
+        with self._lock:
+            if self.max_sandboxes is not None and len(self._by_id) + self._creating >= self.max_sandboxes:
+                raise ApiError(429, f"the limit of {self.max_sandboxes} sandboxes is reached")
+            self._creating += 1
+        try:
+            sb_id = new_id()
+            if template in templates:
+                vm = self.manager.up(PREFIX + sb_id, template=template)
+                row = templates[template]
+                cpus, memory = row.get("cpus") or 1, row.get("memory") or (1 << 30)
+            else:
+                settings = VMSettings.of({})
+                vm = self.manager.up(PREFIX + sb_id, settings)
+                cpus, memory = settings.cpus, settings.memory
+            try:
+                result = vm.exec(["sh", "-c", ENSURE_USER], timeout=30)
+                if result.exit_code != 0:
+                    raise ApiError(
+                        500, f"could not make the user 'user' in the sandbox: {result.stderr[-200:]!r}"
+                    )
+                now = time.time()
+                sb = Sandbox(
+                    id=sb_id,
+                    template=template,
+                    token=secrets.token_urlsafe(32),
+                    started_at=now,
+                    end_at=now + timeout,
+                    metadata=dict(metadata),
+                    envs=dict(envs),
+                    cpus=int(cpus),
+                    memory_mb=int(memory) >> 20,
+                    on_timeout=on_timeout,
+                )
+                sb.save()
+            except BaseException:
+                with contextlib.suppress(HeroVMError):
+                    self.manager.down(PREFIX + sb_id)
+                raise
+            finally:
+                vm.close()
+            with self._lock:
+                self._by_id[sb.id] = sb
+            return sb
+        finally:
+            with self._lock:
+                self._creating -= 1
+
+    def kill(self, sandbox_id: str) -> None:
+        sb = self.get(sandbox_id)
+        with self._lock:
+            self._by_id.pop(sb.id, None)
+        try:
+            self.manager.down(sb.vm)
+        except NotFound:
+            pass
+        finally:
+            sb.forget()
+
+    def set_timeout(self, sandbox_id: str, timeout: int, only_extend: bool = False) -> Sandbox:
+        sb = self.get(sandbox_id)
+        end = time.time() + timeout
+        if not only_extend or end > sb.end_at:
+            sb.end_at = end
+            sb.save()
+        return sb
+
+    def pause(self, sandbox_id: str) -> bool:
+        """Pause; False if it was paused already."""
+        sb = self.get(sandbox_id)
+        if sb.state == "paused":
+            return False
+        self.manager.pause(sb.vm)
+        sb.state = "paused"
+        sb.save()
+        return True
+
+    def resume(self, sandbox_id: str, timeout: int | None) -> tuple[Sandbox, bool]:
+        """Make it run (resuming a paused one) with at least `timeout` seconds left; (sandbox, resumed)."""
+        sb = self.get(sandbox_id)
+        resumed = False
+        if sb.state == "paused":
+            self.manager.resume(sb.vm)
+            sb.state = "running"
+            resumed = True
+            sb.end_at = time.time() + (timeout if timeout is not None else DEFAULT_TIMEOUT_S)
+        elif timeout is not None:
+            sb.end_at = max(sb.end_at, time.time() + timeout)
+        sb.save()
+        return sb, resumed
+
+    def expired(self, now: float | None = None) -> list[Sandbox]:
+        """Running sandboxes past their end time."""
+        now = time.time() if now is None else now
+        return [sb for sb in self.all() if sb.state == "running" and sb.end_at <= now]
+
+    def expire(self, sb: Sandbox) -> None:
+        """What a sandbox's timeout does: kill it, or pause it where it was created with autoPause."""
+        if sb.on_timeout == "pause":
+            with contextlib.suppress(ApiError):
+                self.pause(sb.id)
+            return
+        with contextlib.suppress(ApiError):
+            self.kill(sb.id)
