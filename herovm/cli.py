@@ -27,7 +27,6 @@ app = typer.Typer(
     help="herovm: real, isolated Linux sandboxes in seconds.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 image_app = typer.Typer(help="Build, list and remove guest images.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
@@ -39,7 +38,12 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, handled as Ctrl-C is (an `up` removes its half-made VM), but exiting 143."""
 
 
+_terminated = False  # click turns the interrupt into Abort: remember which one it was
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
+    global _terminated
+    _terminated = True
     raise _Terminated
 
 
@@ -110,6 +114,12 @@ def _fail(e: HeroVMError, json_out: bool = False, code: int | None = None) -> No
         typer.echo(f"herovm: error: {e.message}", err=True)
         for line in (e.details.get("console") or [])[-8:]:
             typer.echo(f"  console| {line}", err=True)
+        output = e.details.get("output")
+        if isinstance(output, str) and output.strip():  # a failed action's output (the guest's: shown inert)
+            from .protocol_host import printable
+
+            for line in printable(output.replace("\r\n", "\n")).rstrip().splitlines()[-20:]:
+                typer.echo(f"  output| {line}", err=True)
         if e.hint:
             typer.echo(f"  hint: {e.hint}", err=True)
     raise typer.Exit(code if code is not None else e.exit_code)
@@ -156,6 +166,7 @@ _UP_TYPES: dict[str, Any] = {
     "size": str,
     "duration": str,
     "pairs": list[str] | None,
+    "list": list[str],
 }
 
 
@@ -265,16 +276,24 @@ def exec_(
     env: Annotated[list[str] | None, typer.Option(help="K=V for the command")] = None,
     cwd: Annotated[str | None, typer.Option(help="working directory in the guest")] = None,
     interactive: Annotated[bool, typer.Option("-i", "--interactive", help="pass stdin through")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="print {exit_code, stdout, stderr, timed_out} when it ends")
+    ] = False,
 ) -> None:
-    """Run a command in the VM (served by its agent); exit with its exit code (255: herovm failed).
+    """Run a command in the VM (served by its agent); exit with its exit code. herovm's own failures: 2 bad
+    input, 3 no such VM, 255 anything else (the VM is not running, its agent does not answer).
 
     One argument is a shell line (bash), several are the program and its arguments, run as they are."""
     from .settings import seconds
 
     out, err = sys.stdout.buffer, sys.stderr.buffer
+    captured: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
 
-    def write(stream):
+    def write(stream, key: str):
         def w(data: bytes) -> None:
+            if json_out:
+                captured[key] += data
+                return
             stream.write(data)
             stream.flush()
 
@@ -289,15 +308,32 @@ def exec_(
                 cwd=cwd,
                 timeout=seconds(timeout, "timeout") if timeout else None,
                 stdin=sys.stdin.buffer if interactive else None,
-                on_stdout=write(out),
-                on_stderr=write(err),
+                on_stdout=write(out, "stdout"),
+                on_stderr=write(err, "stderr"),
             )
             vm.close()
     except HeroVMError as e:
-        _fail(e, code=255)
-    if result.timed_out:
+        _fail(e, json_out, code=_own_failure(e))
+    code = result.exit_code if 0 <= result.exit_code < 255 or result.timed_out else 255
+    if json_out:
+        _print_json(
+            {
+                "exit_code": result.exit_code,
+                "timed_out": result.timed_out,
+                **{k: v.decode("utf-8", "replace") for k, v in captured.items()},
+            }
+        )
+    elif result.timed_out:
         typer.echo(f"herovm: {name}: command timed out after {timeout}", err=True)
-    raise typer.Exit(result.exit_code if 0 <= result.exit_code < 255 or result.timed_out else 255)
+    raise typer.Exit(code)
+
+
+def _own_failure(e: HeroVMError) -> int:
+    """The exit code of a command whose codes are its guest command's (exec, ssh): herovm's own bad input
+    (2) and missing VM (3) keep theirs, everything else is 255."""
+    from .errors import NotFound
+
+    return e.exit_code if isinstance(e, InvalidInput | NotFound) else 255
 
 
 @app.command()
@@ -307,13 +343,14 @@ def ssh(name: str) -> None:
         with _manager() as m:
             code = m.get(name).connection().shell()
     except HeroVMError as e:
-        _fail(e, code=255)
+        _fail(e, code=_own_failure(e))
     raise typer.Exit(code)
 
 
 @app.command()
-def cp(src: str, dst: str) -> None:
-    """Copy files or directories: NAME:/path on either side."""
+def cp(src: str, dst: str, json_out: JsonOpt = False) -> None:
+    """Copy files or directories: NAME:/path on either side. From a guest, what cannot be copied safely
+    (links out of the tree, special files) is skipped, each with a line."""
 
     def split(arg: str) -> tuple[str | None, str]:
         head, sep, tail = arg.partition(":")
@@ -325,15 +362,18 @@ def cp(src: str, dst: str) -> None:
     try:
         if (src_vm is None) == (dst_vm is None):
             raise InvalidInput("exactly one side of cp must be NAME:/path", hint="herovm cp ./f box:/tmp/f")
-        with _manager() as m:
+        skipped: list[str] = []
+        with _manager(json_out) as m:
             if dst_vm:
                 with m.get(dst_vm) as vm:
                     vm.put(src_path, dst_path)
             else:
                 with m.get(src_vm) as vm:  # type: ignore[arg-type]
-                    vm.get(src_path, dst_path)
+                    skipped = vm.get(src_path, dst_path)
     except HeroVMError as e:
-        _fail(e)
+        _fail(e, json_out)
+    if json_out:
+        _print_json({"src": src, "dst": dst, "skipped": skipped})
 
 
 @app.command()
@@ -377,26 +417,42 @@ def ls_(json_out: JsonOpt = False) -> None:
 
 
 @app.command()
-def status(name: str, json_out: JsonOpt = False) -> None:
-    """State, settings and the bootstrap steps of a VM."""
+def status(names: Annotated[list[str], typer.Argument(metavar="NAME...")], json_out: JsonOpt = False) -> None:
+    """State, settings and the bootstrap steps of VMs (--json: an object for one VM, a list for several)."""
     try:
         with _manager(json_out) as m:
-            st = m.status(name)
+            facts = [m.status(name) for name in names]
     except HeroVMError as e:
         _fail(e, json_out)
     if json_out:
-        _print_json(st)
+        _print_json(facts[0] if len(facts) == 1 else facts)
         return
+    for n, st in enumerate(facts):
+        if n:
+            typer.echo("")
+        _print_status(st)
+
+
+def _print_status(st: dict) -> None:
     from .protocol_host import printable  # what the guest wrote is shown, never obeyed by the terminal
 
     s = st["settings"] or {}
-    typer.echo(f"{st['name']}: {st['state']}, agent {st['agent']}")
+    if st["state"] == "running":
+        typer.echo(f"{st['name']}: {st['state']}, agent {st['agent']}")
+    else:  # nothing answers now: say how its last boot ended, not "ready"
+        typer.echo(f"{st['name']}: {st['state']} (its last boot: {st['agent']})")
     typer.echo(
         f"  image {st['image']}/{st['image_id']}, {s.get('accel')}, {s.get('cpus')} CPU, "
         f"{(s.get('memory') or 0) >> 20} MiB, disk {(s.get('disk') or 0) >> 30} GiB"
     )
     if st["ssh_port"]:
         typer.echo(f"  ssh 127.0.0.1:{st['ssh_port']}")
+    if o := st.get("origin"):
+        typer.echo(
+            f"  restored from template {o['template']}"
+            if "template" in o
+            else f"  forked from {o.get('fork')}"
+        )
     if st["bootstrap"]:
         typer.echo(f"  bootstrap {st['bootstrap']}")
     if st.get("paused_since"):
@@ -666,14 +722,23 @@ def fork(source: str, new: Annotated[list[str], typer.Argument()], json_out: Jso
 
 @app.command()
 def stop(
-    name: str, timeout: Annotated[float, typer.Option(help="seconds before a hard stop")] = 20.0
+    name: str,
+    timeout: Annotated[str, typer.Option(help="how long the guest may take to power off, e.g. 20s")] = "20s",
+    json_out: JsonOpt = False,
 ) -> None:
-    """Power a VM off, keeping its disk."""
+    """Power a VM off, keeping its disk (hard, after --timeout)."""
+    from .settings import seconds
+
     try:
-        with _manager() as m:
-            m.stop(name, timeout)
+        with _manager(json_out) as m:
+            m.stop(name, seconds(timeout, "timeout"))
+            machine = m.machine(name)
     except HeroVMError as e:
-        _fail(e)
+        _fail(e, json_out)
+    if json_out:
+        _print_json({"name": name, "state": machine.state})
+    else:
+        typer.echo(f"{name} is {machine.state}")
 
 
 @app.command()
@@ -742,19 +807,23 @@ def doctor(json_out: JsonOpt = False) -> None:
 @image_app.command("build")
 def image_build(
     recipe: Annotated[str, typer.Argument()] = "default",
-    force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
+    force: Annotated[
+        bool, typer.Option(help="rebuild even if cached: the Debian packages too (refused while in use)")
+    ] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Build an image from its recipe (herovm/_data/images/RECIPE.toml; cached: built once, reused)."""
     from . import images
 
-    report = _reporter(False)
+    report = _reporter(json_out)
     try:
-        img = images.find(recipe) if not force else None
-        if img is None:
-            img = images.build(recipe, report)
+        img = images.build(recipe, report, force=force)
     except HeroVMError as e:
-        _fail(e)
-    typer.echo(f"{recipe}/{img.id}: {img.path}")
+        _fail(e, json_out)
+    if json_out:
+        _print_json({"recipe": recipe, "id": img.id, "path": str(img.path), "built": img.manifest["built"]})
+    else:
+        typer.echo(f"{recipe}/{img.id}: {img.path}")
 
 
 @image_app.command("ls")
@@ -840,11 +909,26 @@ app.command(name="serve")(__import__("herovm.cli_serve", fromlist=["serve"]).ser
 
 
 def main() -> None:
+    """The `herovm` command. Usage errors are one line and a hint, like herovm's own errors (click's boxed
+    panels are not), exit 2; Ctrl-C exits 130, SIGTERM 143."""
+    import click
+
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app()
-    except KeyboardInterrupt as e:
-        sys.exit(143 if isinstance(e, _Terminated) else 130)
+        code = typer.main.get_command(app).main(prog_name="herovm", standalone_mode=False)
+    except click.UsageError as e:
+        if not e.format_message():  # no arguments at all: the help was shown
+            sys.exit(2)
+        where = e.ctx.command_path if e.ctx is not None else "herovm"
+        typer.echo(f"herovm: error: {e.format_message()}", err=True)
+        typer.echo(f"  hint: see `{where} --help`", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        typer.echo(f"herovm: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, click.Abort) as e:
+        sys.exit(143 if isinstance(e, _Terminated) or _terminated else 130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,28 @@ def chain(top: Path) -> list[Path]:
     return files
 
 
+def users_of(target: Path, home: Path) -> list[str]:
+    """What lies on `target` under the herovm home `home`: VMs (by name), templates ("template T") and fork
+    layers ("layer L"), each once. A chain that cannot be read counts as lying on it (never cut a disk from
+    under something)."""
+    target = target.resolve()
+    places = [
+        (lambda p: p.parent.name, sorted((home / "vms").glob("*/disk*.qcow2"))),
+        (lambda p: f"template {p.parent.name}", sorted((home / "templates").glob("*/disk.qcow2"))),
+        (lambda p: f"layer {p.stem}", sorted((home / "layers").glob("*.qcow2"))),
+    ]
+    found: list[str] = []
+    for label, tops in places:
+        for top in tops:
+            try:
+                lies = target in (p.resolve() for p in chain(top)[1:])
+            except (OSError, UnicodeDecodeError, HeroVMError):
+                lies = True
+            if lies and label(top) not in found:
+                found.append(label(top))
+    return found
+
+
 def prune(directory: Path, tops: Iterable[Path]) -> list[Path]:
     """Remove the overlays in `directory` that no chain from `tops` (the VM's disk, its snapshots' frozen
     disks) goes through; returns them. A chain that cannot be read removes nothing."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import resources, state
-from .errors import ImageError, InvalidInput, NotFound
+from .errors import Busy, ImageError, InvalidInput, NotFound
 from .heroscript import parse_size
 from .progress import Progress, Reporter, silent
 from .protocol import CONSOLE_PREFIX, Kind, Stage
@@ -300,12 +300,28 @@ def build_rootfs(recipe_name: str, recipe: dict, progress: Reporter) -> Path:
     return tar
 
 
-def build(recipe_name: str = "default", progress: Reporter = silent) -> Image:
+def build(recipe_name: str = "default", progress: Reporter = silent, force: bool = False) -> Image:
+    """The image of the recipe: the cached one, or built (and cached). `force`: built again from the Debian
+    packages up, replacing the cached one; refused while a VM, template or fork layer lies on it (its disk
+    would change under them)."""
     recipe = load_recipe(recipe_name)
     image_root = state.ensure_dir(state.images_dir() / recipe_name, 0o755)
     with state.named_lock(f"image-{recipe_name}"):
-        if image := find(recipe_name):  # another process built it while we waited
+        image = find(recipe_name)  # another process may have built it while we waited
+        if image is not None and not force:
             return image
+        if image is not None:
+            from . import disks
+
+            users = disks.users_of(image.disk, state.home())
+            if users:
+                raise Busy(
+                    f"image {recipe_name}/{image.id} is in use: {', '.join(users)} lie on it",
+                    hint="remove them first (`herovm down`, `herovm template rm`), or build without --force",
+                )
+        if force:  # the Debian packages too: the root file system is built again
+            rootfs = state.images_dir() / ".rootfs" / f"{recipe_name}-{recipe_key(recipe)}.tar"
+            rootfs.unlink(missing_ok=True)
         rootfs_tar = build_rootfs(recipe_name, recipe, progress)
         iid = image_id(recipe)
         work = Path(tempfile.mkdtemp(prefix=f".build-{iid}-", dir=image_root))

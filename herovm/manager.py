@@ -120,6 +120,8 @@ class Manager:
             ):
                 self.progress(Progress("up", f"{name} is already up from template {s.template}"))
                 return VM(self, record)
+            if record.origin == {"template": s.template} and existing.state == "stopped":
+                return self.start(name, s.timeout)
             raise AlreadyExists(
                 f"VM {name} already exists ({existing.state})",
                 hint=f"pick another name or remove it with `herovm down {name}`",
@@ -161,6 +163,10 @@ class Manager:
                 if same and existing.state == "running" and record.last_boot.ready:
                     self.progress(Progress("up", f"{name} is already up with these settings"))
                     return VM(self, record)
+                if same and existing.state == "stopped":  # as `start` would: its disk, its bootstrap done
+                    self.progress(Progress("up", f"{name} exists, stopped, with these settings: starting it"))
+                    vmdir.mark_paused(False)
+                    return VM(self, self.booter().run(vmdir, timeout_s))
                 if same and existing.state == "paused":
                     raise AlreadyExists(
                         f"VM {name} already exists (paused)", hint=f"resume it with `herovm resume {name}`"
@@ -533,7 +539,7 @@ class Manager:
                     "cpus": s.cpus,
                     "memory": s.memory,
                     "ssh_port": record.ssh_port,
-                    "ready": record.last_boot.ready,
+                    "ready": record.last_boot.ready and m.state == "running",  # answers exec now
                 }
             )
         known = {r["name"] for r in rows}
@@ -582,7 +588,8 @@ class Manager:
             "created": record.created,
             "last_boot": last.to_json(),
             "restored": record.restored,  # the snapshot it was rolled back to since its last boot, if any
-            "agent": agent,
+            "origin": record.origin,  # a clone's: {"template": T} or {"fork": SOURCE, "at": TIME}
+            "agent": agent,  # what its last boot came to (ready, failed, booting, unknown): see `state` for now
             # whole: the boot's events from its start; cut: its start is no longer in the console (a guest
             # that writes a lot: virtlogd rotates the log); none: the console holds nothing of this boot.
             "events": "whole" if story.begun else ("none" if whole else "cut"),

@@ -237,6 +237,8 @@ def describe_event(e: dict) -> str:
     if kind == Kind.SETUP:
         return f"setup {s('step')} {'ok' if e['ok'] else 'FAILED: ' + s('error')}"
     if kind == Kind.BOOT:
+        if e.get("restored") is True:
+            return f"agent {s('agent')} restored at {e['t']:.2f}s guest time: taking this VM's identity"
         return f"agent {s('agent')} started at {e['t']:.2f}s (kernel {s('kernel')})"
     if kind == Kind.BOOTSTRAP:
         return f"bootstrap from {s('source')}: {e['actions']} actions"
@@ -245,4 +247,19 @@ def describe_event(e: dict) -> str:
     if kind == Kind.FAILED:
         where = f" at line {e['line']} ({s('action')})" if e.get("line") else ""
         return f"FAILED in {s('stage')}{where}: {s('error')}"
+    if kind == Kind.SERVICE:
+        extra = []
+        if "pid" in e:
+            extra.append(f"pid {e['pid']}")
+        if "exit_code" in e:
+            extra.append(f"exit code {e['exit_code']}")
+        if e.get("restarts"):
+            extra.append(f"restart {e['restarts']}")
+        return f"service {s('name')} {s('state')}" + (f" ({', '.join(extra)})" if extra else "")
+    if kind == Kind.SHUTDOWN:
+        return f"shutting down: {s('reason')}"
+    if kind == Kind.SEALED:
+        return "sealed: its exec and SSH credentials no longer answer"
+    if kind == Kind.STATUS:
+        return f"status: {s('status')}"
     return json.dumps(e)  # ASCII only: no control character gets through unescaped

@@ -257,12 +257,12 @@ def test_up_url_fetch_ends_at_the_timeout() -> None:
 
 def test_exec_unknown() -> None:
     result = run("exec", "nope", "--", "true")
-    assert result.exit_code == 255
+    assert result.exit_code == 3  # herovm's own "not found", as every command says it
     assert error_lines(result)[0] == "herovm: error: VM nope not found"
 
 
 def test_ssh_and_cp_unknown() -> None:
-    assert run("ssh", "nope").exit_code == 255
+    assert run("ssh", "nope").exit_code == 3
     result = run("cp", "./a", "nope:/tmp/a")
     assert result.exit_code == 3
     assert "VM nope not found" in result.stderr

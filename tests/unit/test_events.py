@@ -701,8 +701,19 @@ def test_describe_event_escapes_what_the_guest_chose() -> None:
     text = describe_event(e)
     assert "\x1b" not in text and "\n" not in text and "\x07" not in text
     assert text == "FAILED in action\\x1b[31m at line 3 (cmd.run): x\\ny\\x1b]2;t\\x07"
-    service = describe_event(event("service", 1, name="\x1b[2J"))
-    assert "\x1b" not in service and "\\u001b" in service  # json.dumps escapes it
+    service = describe_event(event("service", 1, name="\x1b[2J", state="started\r"))
+    assert service == "service \\x1b[2J started\\x0d (pid 9)"
+
+
+def test_describe_event_renders_every_kind_for_people() -> None:
+    """No kind falls through to its raw JSON (`up` and `logs` print these lines)."""
+    for kind in FIELDS:
+        assert not describe_event(event(kind, 1)).startswith("{"), kind
+    assert describe_event(event("service", 2, name="web", state="exited", exit_code=3, restarts=2)) == (
+        "service web exited (pid 9, exit code 3, restart 2)"
+    )
+    restored = describe_event(event("boot", 0, restored=True))
+    assert restored.startswith("agent 1 restored at") and "identity" in restored
 
 
 # ---------------------------------------------------------------------------------- console readers

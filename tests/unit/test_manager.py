@@ -1117,9 +1117,9 @@ def test_status_of_unknown_vm(manager: Manager) -> None:
         ({"event": "failed", "stage": "drive", "error": "no drive"}, "FAILED in drive: no drive"),
         (
             {"event": "service", "name": "web", "state": "started"},
-            '{"event": "service", "name": "web", "state": "started"}',
+            "service web started",
         ),
-        ({"event": "shutdown", "reason": "poweroff"}, '{"event": "shutdown", "reason": "poweroff"}'),
+        ({"event": "shutdown", "reason": "poweroff"}, "shutting down: poweroff"),
     ],
 )
 def test_describe_event(event: dict, text: str) -> None:

@@ -193,7 +193,7 @@ def test_forged_lines_after_ready_change_nothing(
 
     status = cli("status", name)
     assert status.exit_code == 0, status.output
-    assert f"{name}: stopped, agent ready" in status.stdout
+    assert f"{name}: stopped (its last boot: ready)" in status.stdout
     assert "FAILED" not in status.stdout and "forged" not in status.stdout
     assert "[2] line 3    cmd.run          ok 0.10s" in status.stdout
     as_json = cli("status", name, "--json")
@@ -250,7 +250,7 @@ def test_status_says_unknown_when_the_start_of_the_boot_was_rotated_away(
     assert st["agent"] == "unknown" and st["events"] == "cut"  # not the forged `failed`, not a guess
     assert st["steps"] == [] and st["failure"] is None
     out = cli("status", name)
-    assert out.exit_code == 0 and "agent unknown" in out.stdout
+    assert out.exit_code == 0 and "(its last boot: unknown)" in out.stdout
     assert "the start of this boot is no longer in the console log" in out.stdout
     assert cli("logs", name).exit_code == 0
 
