@@ -137,6 +137,7 @@ class Type(_Closed):
     BOOL = "boolean"
     OBJECT = "object"
     NULL = "null"
+    STRINGS = "list of strings"  # an op's argv
 
 
 class Field:
@@ -444,6 +445,12 @@ class Frame(_Closed):
     STDERR = b"2"
     EXIT = b"X"  # {"exit_code": N}
     ERROR = b"E"  # {"error": "<one line>"}, then the agent hangs up
+    # Ops (below): each op ends in exactly one RESULT or FAILED; a streamed op sends EVENTs (and STDOUT,
+    # STDERR: a process's output, a file's bytes) before it. In an op, STDIN carries a file's bytes to the
+    # agent (empty: their end) and KILL stops a stream (the process it follows runs on).
+    RESULT = b"O"  # an op's result (JSON): it ended
+    EVENT = b"V"  # an event of a streamed op (JSON)
+    FAILED = b"F"  # {"error": <OpError>, "message": "<one line>"}: the op failed; the connection stays usable
 
 
 FRAME_HEADER_SIZE = 5
@@ -451,6 +458,8 @@ MAX_HANDSHAKE = 256  # HELLO and AUTH: all the agent reads before the host has p
 MAX_CHALLENGE = 512  # CHALLENGE: all the host reads before the agent has proved it
 MAX_REQUEST = 1 << 20
 MAX_CHUNK = 64 << 10  # STDIN, STDOUT, STDERR
+MAX_REPLY = 1 << 20  # RESULT, EVENT: all the host reads of one
+MAX_FAILURE = 4096  # FAILED
 
 TO_AGENT, TO_HOST, BOTH = "host to agent", "agent to host", "both"
 # Each kind, who sends it, and its payload's limit in bytes (None: none of its own). After the handshake
@@ -467,6 +476,9 @@ FRAMES = (
     (Frame.STDERR, TO_HOST, MAX_CHUNK),
     (Frame.EXIT, TO_HOST, None),
     (Frame.ERROR, TO_HOST, None),
+    (Frame.RESULT, TO_HOST, MAX_REPLY),
+    (Frame.EVENT, TO_HOST, MAX_REPLY),
+    (Frame.FAILED, TO_HOST, MAX_FAILURE),
 )
 # What the agent reads once the host has proved itself: every frame the host sends but the handshake's.
 AUTHENTICATED_LIMITS = {
@@ -498,6 +510,110 @@ EXEC_ENV = {  # every command's environment, which the request's env adds to (ne
     "SHELL": "/bin/bash",
     "LANG": "C.UTF-8",
 }
+
+# ---------------------------------------------------------------------------------------------------- ops
+# A request with `op` instead of argv, shell or kill_session (docs/protocol.md, "Ops"): what an E2B-style
+# server needs of a sandbox, on the same authenticated connection. Processes that outlive the connection,
+# files and directory watches, each file op as a guest user.
+
+OP_FIELD = "op"
+
+
+class Op(_Closed):
+    """An op request's `op`."""
+
+    PROC_START = "proc.start"  # stream: EVENT start, STDOUT/STDERR, EVENT dropped; RESULT end
+    PROC_CONNECT = "proc.connect"  # the same stream, of a process started before, from now on
+    PROC_LIST = "proc.list"
+    PROC_INPUT = "proc.input"
+    PROC_CLOSE_STDIN = "proc.close_stdin"
+    PROC_SIGNAL = "proc.signal"
+    FILE_READ = "file.read"  # stream: STDOUT (the bytes); RESULT
+    FILE_WRITE = "file.write"  # then STDIN frames from the host, an empty one last; RESULT
+    FILE_STAT = "file.stat"
+    FILE_LIST = "file.list"  # stream: EVENT {"entries": [...]}; RESULT
+    FILE_MKDIR = "file.mkdir"
+    FILE_MOVE = "file.move"
+    FILE_REMOVE = "file.remove"
+    FILE_WATCH = "file.watch"  # stream: EVENT watching, EVENT {"events": [...]}, until KILL; RESULT
+
+
+class OpError(_Closed):
+    """A FAILED frame's `error`: what went wrong, as a closed set (its `message` says the rest)."""
+
+    NOT_FOUND = "not_found"
+    EXISTS = "exists"
+    PERMISSION = "permission"
+    NOT_A_DIRECTORY = "not_a_directory"
+    IS_A_DIRECTORY = "is_a_directory"
+    INVALID = "invalid"  # the request is wrong (and nothing ran): a bad field, an unknown user, a limit
+    OTHER = "other"
+
+
+class EntryType(_Closed):
+    """A file entry's `type` (lstat: a symlink is itself, with its `symlink_target`)."""
+
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    OTHER = "other"
+
+
+class WatchType(_Closed):
+    """A watch event's `type`, as inotify's events map onto E2B's (and fsnotify's)."""
+
+    CREATE = "create"  # IN_CREATE, IN_MOVED_TO
+    WRITE = "write"  # IN_MODIFY
+    REMOVE = "remove"  # IN_DELETE, IN_DELETE_SELF
+    RENAME = "rename"  # IN_MOVED_FROM, IN_MOVE_SELF
+    CHMOD = "chmod"  # IN_ATTRIB
+
+
+STRS = Type.STRINGS
+_PROC = (_opt("pid", INT), _opt("tag", STR))  # which process: exactly one of them
+_AS = (_opt("user", STR),)  # the guest user the op runs as (default root)
+# Each op's fields besides `op`: what the agent accepts (any other field is refused), of these JSON types.
+OP_FIELDS: dict[str, tuple[Field, ...]] = {
+    Op.PROC_START: (
+        _opt("argv", STRS),
+        _opt("shell", STR),
+        _opt("env", OBJ),
+        _opt("cwd", STR),
+        *_AS,
+        _opt("tag", STR),
+        _opt("stdin", BOOL),
+    ),
+    Op.PROC_CONNECT: (*_PROC, _opt("replay", BOOL)),
+    Op.PROC_LIST: (),
+    Op.PROC_INPUT: (*_PROC, _req("data", STR)),
+    Op.PROC_CLOSE_STDIN: _PROC,
+    Op.PROC_SIGNAL: (*_PROC, _req("signal", STR, INT)),
+    Op.FILE_READ: (_req("path", STR), *_AS, _opt("offset", COUNT), _opt("limit", COUNT)),
+    Op.FILE_WRITE: (_req("path", STR), *_AS, _opt("mode", COUNT)),
+    Op.FILE_STAT: (_req("path", STR), *_AS),
+    Op.FILE_LIST: (_req("path", STR), *_AS, _opt("depth", COUNT)),
+    Op.FILE_MKDIR: (_req("path", STR), *_AS, _opt("parents", BOOL)),
+    Op.FILE_MOVE: (_req("path", STR), _req("to", STR), *_AS),
+    Op.FILE_REMOVE: (_req("path", STR), *_AS, _opt("recursive", BOOL)),
+    Op.FILE_WATCH: (_req("path", STR), *_AS, _opt("recursive", BOOL)),
+}
+# A proc.signal's `signal`: one of these names (SIGTERM is "TERM"), or a number from 1 to 64.
+SIGNALS = ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT")
+
+MAX_PROCESSES = 64  # processes the agent keeps at once, running or ended (an ended one is dropped first)
+PROCESS_OUTPUT_BUFFER = 1 << 20  # per process: its latest output, for followers behind and `replay`
+PROCESS_STDIN_BUFFER = 1 << 20  # per process: stdin accepted, not yet read by it
+ENDED_KEEP_S = 60.0  # how long an ended process stays known (connect, list) after its end
+AFTER_EXIT_S = 1.0  # how long after its exit a process's output may still come (from what it left running)
+MAX_TAG = 256  # characters of a tag
+MAX_PATH = 4096  # bytes of a path, encoded
+MAX_LIST_ENTRIES = 10_000  # entries of one file.list; more: `truncated`
+MAX_LIST_DEPTH = 64
+MAX_WATCHES = 8192  # directories one recursive watch follows
+MAX_WATCH_STREAMS = 16  # watches at once
+MAX_READ = 1 << 30  # the default `limit` of a file.read: what the host takes of one file
+DEFAULT_USER = "root"
+
 
 # The handshake proves the VM's exec token both ways, the agent first, each side with HMAC-SHA256 keyed with
 # the token's 64 hex characters over both sides' fresh nonces. What each side's HMAC covers begins with its

@@ -55,6 +55,11 @@ class _NotTheAgent(Exception):
         self.reason, self.where = reason, where
 
 
+class FrameRefused(Exception):
+    """The agent sent a frame of a kind not expected there, or longer than its limit (judged from the
+    header: its payload is never read). The connection is of no further use."""
+
+
 class _Stream:
     """One connection to the agent: frames out (from any thread), frames in (from one)."""
 
@@ -70,10 +75,13 @@ class _Stream:
             self.sock.sendall(self.pending + frame(kind, payload))
             self.pending = b""
 
-    def read(self, timeout: float | None, limit: int | None = None) -> tuple[bytes, bytes] | None:
+    def read(
+        self, timeout: float | None, limit: int | None = None, limits: Mapping[bytes, int] | None = None
+    ) -> tuple[bytes, bytes] | None:
         """The next frame, or None if none arrived within ``timeout``; EOFError when the agent hung up.
         With a ``limit`` (a peer not yet proved): _NotTheAgent for a longer frame (we do not wait for its
-        payload) or an SSH server's greeting."""
+        payload) or an SSH server's greeting. With ``limits`` (kind -> most bytes): FrameRefused for any
+        other kind or a longer frame, from its header."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if limit is not None and self._buffer.startswith(b"SSH-"):
@@ -82,6 +90,8 @@ class _Stream:
                 kind, length = frame_header(self._buffer)
                 if limit is not None and length > limit:
                     raise _NotTheAgent(f"it announced a {kind!r} frame of {length} bytes")
+                if limits is not None and (kind not in limits or length > limits[kind]):
+                    raise FrameRefused(f"a {kind!r} frame of {length} bytes")
                 if len(self._buffer) >= FRAME_HEADER_SIZE + length:
                     payload = bytes(self._buffer[FRAME_HEADER_SIZE : FRAME_HEADER_SIZE + length])
                     del self._buffer[: FRAME_HEADER_SIZE + length]
@@ -131,6 +141,19 @@ class AgentExec:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def checkout(self, timeout: float = _CONNECT_ATTEMPT_S * 2) -> _Stream:
+        """An authenticated connection of our own (an idle one, or a new one), for herovm.guest.ops; give it
+        back with :meth:`checkin`. GuestError when the agent cannot be reached or does not prove itself."""
+        return self._take(time.monotonic() + timeout)
+
+    def checkin(self, stream: _Stream, reusable: bool) -> None:
+        """Keep ``stream`` for the next call if ``reusable`` (it is between requests), else close it."""
+        if reusable:
+            with self._lock:
+                self._idle.append(stream)
+        else:
+            stream.close()
 
     def exec(
         self,

@@ -34,6 +34,7 @@ from herovm.protocol import (
     FRAME_HEADER_SIZE,
     MAX_CHUNK,
     MAX_HANDSHAKE,
+    OP_FIELD,
     REQUEST_COMMANDS,
     REQUEST_FIELDS,
     Frame,
@@ -140,6 +141,7 @@ class Session:
         self._lock = threading.Lock()
         self.proc: subprocess.Popen | None = None
         self.stdin: queue.Queue | None = None
+        self.stream: threading.Event | None = None  # an op's stream (ops.py): set it to stop the stream
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
         with self._send_lock:
@@ -167,6 +169,9 @@ class Session:
             with _sessions_lock:
                 _sessions.pop(self.challenge, None)
             self.kill()  # the host went away: its command must not outlive it
+            stream = self.stream
+            if stream is not None:
+                stream.set()  # an op's stream ends with the connection (its process runs on)
             with contextlib.suppress(OSError):
                 self.conn.close()
 
@@ -198,13 +203,22 @@ class Session:
                 if "kill_session" in request:
                     self.kill_session(request["kill_session"])
                     continue
-                if self.proc is not None:
+                if self.proc is not None or self.stream is not None:
                     raise ProtocolError("one command at a time per connection")
+                if OP_FIELD in request:
+                    from . import ops  # first needed long after `ready`
+
+                    ops.handle(self, request)
+                    continue
                 self.start(request)
             elif kind == Frame.STDIN:
-                self.feed(payload)
+                self.feed(payload)  # also the rest of a failed file write's bytes: dropped
             elif kind == Frame.KILL:
-                self.kill()
+                stream = self.stream
+                if stream is not None:
+                    stream.set()
+                else:
+                    self.kill()
 
     def refuse(self, message: str) -> None:
         """Tell the host why (an E frame), then the caller hangs up. A peer that does not read gets the
@@ -313,6 +327,8 @@ def parse_request(payload: bytes) -> dict:
         raise ProtocolError(f"bad request: not JSON ({str(e)[:80]})") from None
     if not isinstance(request, dict):
         raise ProtocolError("bad request: not a JSON object")
+    if OP_FIELD in request:  # an op (its own fields): ops.parse checks it, and answers FAILED, not E
+        return request
     unknown = sorted(set(request) - REQUEST_FIELDS)
     if unknown:
         raise ProtocolError(f"bad request: unknown field {unknown[0][:40]!r}")
