@@ -9,7 +9,8 @@ import shutil
 import stat
 from dataclasses import dataclass
 
-from . import accel, images
+from . import accel, images, state
+from .tools import which
 
 
 @dataclass
@@ -21,7 +22,7 @@ class Check:
 
 
 def _tool(name: str, package: str, why: str) -> Check:
-    path = shutil.which(name)
+    path = which(name)
     if path:
         return Check(name, "ok", f"{path} ({why})")
     return Check(name, "fail", f"not found ({why})", f"apt-get install {package}  (or run scripts/setup)")
@@ -113,14 +114,20 @@ def run_checks(uri: str | None = None) -> list[Check]:
     )
     try:
         image = images.find("default")
-        checks.append(
-            Check(
-                "image",
-                "ok" if image else "warn",
-                f"default/{image.id} at {image.path}" if image else "default image not built yet",
-                "" if image else "herovm image build (or the first herovm up builds it)",
+        shared = image is not None and state.shared_images_dir() in image.path.parents
+        if image is None:
+            detail = "default image not built yet"
+            fix = (
+                "herovm image build (or the first herovm up builds it)"
+                if os.geteuid() == 0
+                else "only root builds images: `sudo herovm image build` once, and every user reads it"
             )
-        )
+        else:
+            detail = f"default/{image.id} at {image.path}" + (
+                " (root's, shared with every user)" if shared else ""
+            )
+            fix = ""
+        checks.append(Check("image", "ok" if image else "warn", detail, fix))
     except Exception as e:  # noqa: BLE001
         checks.append(Check("image", "fail", str(e)))
     ch = os.environ.get("HEROVM_CLOUD_HYPERVISOR") or shutil.which("cloud-hypervisor")
@@ -141,12 +148,17 @@ def run_checks(uri: str | None = None) -> list[Check]:
         )
     )
     if os.geteuid() != 0:
+        me = pwd.getpwuid(os.geteuid()).pw_name
         checks.append(
             Check(
                 "user",
                 "warn",
-                "not root: qemu:///session, user-mode networking only",
-                "run as root for qemu:///system",
+                f"not root ({me}): VMs run under qemu:///session as {me}; --net restricted, nat and none "
+                "work, --net default needs root (its nftables rule keeps guests off this host)",
+                "use --net restricted (no egress) or run as root for --net default",
             )
         )
+        if choice.accel == "kvm" and (kvm := kvm_device_access(user=me)) is not None and kvm.status != "ok":
+            kvm.fix = f"usermod -aG kvm {me} (then log in again), or guests run under TCG"
+            checks.append(kvm)
     return checks

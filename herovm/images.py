@@ -115,10 +115,17 @@ def image_id(recipe: dict) -> str:
 
 
 def find(recipe_name: str) -> Image | None:
-    """The cached image for the recipe as it is now, or None."""
+    """The cached image for the recipe as it is now, or None: this herovm's own cache first, then (for a
+    user who is not root) the system-wide one that root builds and every user reads."""
     recipe = load_recipe(recipe_name)
-    path = state.images_dir() / recipe_name / image_id(recipe)
-    return _load(recipe_name, path)
+    return _in_caches(recipe_name, image_id(recipe))
+
+
+def _in_caches(recipe_name: str, image_id_: str) -> Image | None:
+    for root in (state.images_dir(), state.shared_images_dir()):
+        if root is not None and (image := _load(recipe_name, root / recipe_name / image_id_)) is not None:
+            return image
+    return None
 
 
 def cached(recipe_name: str, image_id_: str) -> Image | None:
@@ -129,7 +136,7 @@ def cached(recipe_name: str, image_id_: str) -> Image | None:
         return None
     if not IMAGE_ID_RE.match(image_id_):
         return None
-    return _load(recipe_name, state.images_dir() / recipe_name / image_id_)
+    return _in_caches(recipe_name, image_id_)
 
 
 def _load(recipe_name: str, path: Path) -> Image | None:
@@ -144,12 +151,15 @@ def _load(recipe_name: str, path: Path) -> Image | None:
 
 
 def list_images() -> list[Image]:
+    """The cached images: this herovm's own, then those of the system-wide cache (see `find`)."""
     found = []
-    root = state.images_dir()
-    for recipe_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(recipe_dir.iterdir()):
-            if image := _load(recipe_dir.name, path):
-                found.append(image)
+    for root in (state.images_dir(), state.shared_images_dir()):
+        if root is None:
+            continue
+        for recipe_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for path in sorted(recipe_dir.iterdir()):
+                if image := _load(recipe_dir.name, path):
+                    found.append(image)
     return found
 
 
@@ -186,14 +196,21 @@ def images_in_use() -> set[tuple[str, str]]:
 
 
 def prune(recipe_name: str, keep: str) -> list[Path]:
-    """Remove older versions of a recipe's image that no VM uses; returns what was removed. Versions built
-    in the last hour stay too: another herovm process may be about to define a VM on one."""
+    """Remove older versions of a recipe's image that nothing lies on (no VM, template or fork layer);
+    returns what was removed. Versions built in the last hour stay too: another herovm process may be about
+    to define a VM on one. Root's system-wide cache keeps every version: other users' VMs, which root
+    cannot see, may lie on them (`herovm image rm` removes one)."""
+    from . import disks
+
     root = state.images_dir() / check_recipe_name(recipe_name)
+    shared = os.geteuid() == 0 and state.images_dir() == state.SYSTEM_HOME / "images"
     used = {iid for recipe, iid in images_in_use() if recipe == recipe_name} | {keep}
     recent = time.time() - 3600
     removed = []
-    for path in root.iterdir():
+    for path in root.iterdir() if not shared else ():
         if IMAGE_ID_RE.match(path.name) and path.name not in used and path.stat().st_mtime < recent:
+            if disks.users_of(path / "base.qcow2", state.home()):
+                continue
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     cache = state.images_dir() / ".rootfs"
@@ -240,10 +257,14 @@ def host_apt_mirror(suite: str) -> str:
 
 
 def _run(cmd: list[str], what: str, **kw: object) -> subprocess.CompletedProcess:
+    from .tools import which
+
+    cmd = [which(cmd[0]) or cmd[0], *cmd[1:]]
     try:
         return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
     except FileNotFoundError as e:
-        raise ImageError(f"{what}: {cmd[0]} is not installed", hint="run scripts/setup") from e
+        program = os.path.basename(cmd[0])
+        raise ImageError(f"{what}: {program} is not installed", hint="run scripts/setup") from e
     except subprocess.CalledProcessError as e:
         tail = (e.stderr or e.stdout or "").strip().splitlines()[-5:]
         raise ImageError(f"{what} failed: {' | '.join(tail)}") from e
@@ -305,6 +326,15 @@ def build(recipe_name: str = "default", progress: Reporter = silent, force: bool
     packages up, replacing the cached one; refused while a VM, template or fork layer lies on it (its disk
     would change under them)."""
     recipe = load_recipe(recipe_name)
+    if os.geteuid() != 0 and (force or find(recipe_name) is None):
+        # The root file system's files belong to root and system users: as another user they would be the
+        # user's in the image (tar cannot give them away), and mmdebstrap's unshare mode needs subordinate
+        # ids and newuidmap besides. Root builds once into the system-wide cache, which every user reads.
+        shared = state.SYSTEM_HOME / "images"
+        raise ImageError(
+            f"image {recipe_name}/{image_id(recipe)} is not cached, and only root can build images",
+            hint=f"run `sudo herovm image build {recipe_name}` once: every user reads root's cache, {shared}",
+        )
     image_root = state.ensure_dir(state.images_dir() / recipe_name, 0o755)
     with state.named_lock(f"image-{recipe_name}"):
         image = find(recipe_name)  # another process may have built it while we waited

@@ -57,12 +57,15 @@ def footprint(path: Path) -> int | None:
         return None
 
 
+SYSTEM_HOME = Path("/var/lib/herovm")  # root's: its image cache is the one every user reads
+
+
 def home() -> Path:
     """herovm's data directory: $HEROVM_HOME, else /var/lib/herovm for root, else ~/.local/share/herovm."""
     if env := os.environ.get("HEROVM_HOME"):
         return Path(env)
     if os.geteuid() == 0:
-        return Path("/var/lib/herovm")
+        return SYSTEM_HOME
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "herovm"
 
 
@@ -75,6 +78,15 @@ def ensure_dir(path: Path, mode: int) -> Path:
 def images_dir() -> Path:
     # QEMU (as libvirt-qemu under qemu:///system) must traverse to the image files, hence 0755.
     return ensure_dir(home() / "images", 0o755)
+
+
+def shared_images_dir() -> Path | None:
+    """The system-wide image cache (root's, /var/lib/herovm/images: 0755, files 0644), where a user who is
+    not root finds the images root built; None where it is this herovm's own cache, or there is none."""
+    shared = SYSTEM_HOME / "images"
+    if os.geteuid() == 0 or shared == images_dir() or not shared.is_dir():
+        return None
+    return shared
 
 
 def vms_dir() -> Path:

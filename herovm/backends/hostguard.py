@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import grp
 import ipaddress
-import shutil
 import subprocess
 from pathlib import Path
 
 from ..errors import BackendUnavailable
+from ..tools import which
 
 GROUP = "herovm-net"
 TABLE = "herovm"
@@ -32,7 +32,7 @@ def group_id() -> int:
         return grp.getgrnam(GROUP).gr_gid
     except KeyError:
         pass
-    groupadd = shutil.which("groupadd") or "/usr/sbin/groupadd"
+    groupadd = which("groupadd") or "groupadd"
     result = subprocess.run([groupadd, "--system", GROUP], capture_output=True, text=True)
     try:
         return grp.getgrnam(GROUP).gr_gid
@@ -84,14 +84,14 @@ def local_resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
 def _is_local(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if address.is_loopback:
         return True
-    ip = shutil.which("ip") or "/usr/sbin/ip"
+    ip = which("ip") or "ip"
     result = subprocess.run([ip, "route", "get", str(address)], capture_output=True, text=True, check=False)
     return result.stdout.startswith("local ")
 
 
 def install() -> int:
     """Make sure the rule is in place (after a reboot nothing is); returns passt's gid. ~10 ms."""
-    nft = shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if Path(p).exists()), None)
+    nft = which("nft")
     if nft is None:
         raise BackendUnavailable(
             "nftables is not installed: the default network mode needs it to keep guests off this "
