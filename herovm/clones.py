@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from .manager import Manager
 
 HANDOVER_TIMEOUT_S = 60.0  # a restored guest takes its identity in tenths of a second under TCG
+# In a clone's record: the nonce of the handover that makes it. While that is its last boot and nobody saw
+# the boot end, the clone is half made: `gc` removes it once no herovm holds it (herovm.leftovers).
+HANDOVER_MARK = "handover"
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ def _create(m: Manager, vmdir: state.VMDir, origin: Origin, image: Image) -> tup
         vmdir.write_meta({**record.to_json(), **origin.local})
         nonce = m.booter().write_drive(vmdir, record)
         # recorded before the guest runs, as for a boot: `status` tells this VM's events by it
-        record = record.booted(LastBoot(nonce=nonce, started=now()))
+        record = replace(record.booted(LastBoot(nonce=nonce, started=now())), extra={HANDOVER_MARK: nonce})
         m.progress(Progress("define", f"defining {name} (port {port})"))
     return record, nonce
 

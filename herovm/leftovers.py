@@ -22,10 +22,11 @@ def collect(m: Manager) -> list[str]:
     """Remove what crashed or killed herovm processes left behind: VM directories without a domain,
     domains defined but never started whose directory is gone, lock files of VMs that are gone, partial
     snapshots, disk overlays that neither a VM nor its snapshots need (a killed restore's), partial
-    templates and their builder VMs, and fork layers no VM lies on. Running and paused VMs are never
-    touched (but a killed `template create`'s own VM), nor anything a herovm process is working on (its VM,
-    template or the fork layers are locked)."""
+    templates and their builder VMs, clones that never took their identity, and fork layers no VM lies on.
+    Running and paused VMs are never touched (but a killed `template create`'s own VM and a killed clone),
+    nor anything a herovm process is working on (its VM, template or the fork layers are locked)."""
     removed = templates.leftovers(m)  # first: a killed `template create`'s VM runs, and is garbage
+    removed += half_made_clones(m)  # so is a clone whose `up --template` or `fork` was killed
     machines = m.own_machines()
     for name in state.list_vm_dirs():
         if name in machines:
@@ -79,3 +80,30 @@ def collect(m: Manager) -> list[str]:
         except Busy:
             continue  # an `up` of that name holds it
     return removed
+
+
+def half_made_clones(m: Manager) -> list[str]:
+    """Clones whose making was killed (`up --template`, `fork`): their handover is still their last boot and
+    nobody saw it end (no outcome, no duration; a handover that failed or timed out has one and is kept for
+    inspection). Such a machine may run, from its origin's memory but without an identity of its own."""
+    removed = []
+    for name, machine in m.own_machines().items():
+        if not _half_made(name, machine.metadata):
+            continue
+        try:
+            with state.VMDir(name).lock(wait=0):  # a clone being made is held by its maker
+                machine = m.backend.get(name)  # as it is now that nobody else can change it
+                if machine is None or not m.owns(machine) or not _half_made(name, machine.metadata):
+                    continue
+                m.remove_held(name)
+                removed.append(f"{name} (a clone whose making did not finish)")
+        except Busy:
+            continue
+    return removed
+
+
+def _half_made(name: str, metadata: dict) -> bool:
+    record = VMRecord.from_json(name, metadata)
+    boot = record.last_boot
+    mark = record.extra.get(clones.HANDOVER_MARK)
+    return mark is not None and mark == boot.nonce and boot.outcome is None and boot.seconds is None
