@@ -15,6 +15,7 @@ from .progress import Progress
 from .protocol import SSH_PORT
 
 if TYPE_CHECKING:
+    from .guest.ops import GuestOps
     from .guest.ssh import GuestConnection
     from .manager import Manager
     from .record import VMRecord
@@ -96,6 +97,19 @@ class VM:
                 on_unreachable=lambda: self.manager.require_running(self.name),
             )
         return self._agent
+
+    @property
+    def ops(self) -> GuestOps:
+        """Processes that outlive a connection, files as a guest user, directory watches: through the agent
+        (herovm/guest/ops.py), on the same connections as `exec`. Needs an image whose agent serves exec."""
+        agent = self._agent_exec()
+        if agent is None:
+            from .errors import GuestError
+
+            raise GuestError(f"{self.name}: its image's agent does not serve ops; recreate the VM")
+        from .guest.ops import GuestOps
+
+        return GuestOps(agent)
 
     def pause(self) -> None:
         """Freeze the VM (Manager.pause): no CPU used, everything kept until `resume`."""
