@@ -410,6 +410,7 @@ def ls_(json_out: JsonOpt = False) -> None:
     for r in rows:
         mem = f"{r['memory'] >> 20}M" if r["memory"] else "-"
         port = f"127.0.0.1:{r['ssh_port']}" if r["ssh_port"] else "-"
+        port += "".join(f" {p['guest_port']}->{p['address']}" for p in r.get("ports") or [])
         typer.echo(
             f"{r['name']:<20} {r['state']:<10} {'yes' if r['ready'] else 'no':<6} {r['image'] or '-':<10} "
             f"{r['accel'] or '-':<6} {r['cpus'] or '-':>4} {mem:>8} {port}"
@@ -447,6 +448,8 @@ def _print_status(st: dict) -> None:
     )
     if st["ssh_port"]:
         typer.echo(f"  ssh 127.0.0.1:{st['ssh_port']}")
+    for p in st.get("ports") or []:
+        typer.echo(f"  port {p['guest_port']} published on {p['address']}")
     if o := st.get("origin"):
         typer.echo(
             f"  restored from template {o['template']}"
@@ -635,6 +638,7 @@ template_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(template_app, name="template")
+from . import cli_port  # noqa: E402, F401  (registers `herovm port`, which uses the helpers above)
 
 
 def _template_create_command() -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import disks, state
+from . import disks, ports, state
 from .backends import require
 from .backends.base import Clones, Snapshots
 from .errors import AlreadyExists, Busy, GuestError, HeroVMError, InvalidInput, NotFound
@@ -72,9 +72,12 @@ def image_of(record: VMRecord, what: str, hint: str) -> Image:
     return found
 
 
-def make(m: Manager, name: str, origin: Origin, image: Image, keep_failed: bool = False) -> VM:
+def make(
+    m: Manager, name: str, origin: Origin, image: Image, keep_failed: bool = False, publish: tuple = ()
+) -> VM:
     """Make VM `name` from `origin`, ready once its agent has taken its own identity. Nothing of it is left
-    if that fails (unless `keep_failed`)."""
+    if that fails (unless `keep_failed`). It publishes each guest port its origin did, on its own host port,
+    and `publish` (herovm.ports.for_clone)."""
     cloner = require(m.backend, Clones)
     state.validate_name(name)
     vmdir = state.VMDir(name)
@@ -86,7 +89,7 @@ def make(m: Manager, name: str, origin: Origin, image: Image, keep_failed: bool 
         if vmdir.exists():  # left by a crashed herovm: there is no such VM
             vmdir.remove()
         try:
-            record, nonce = _create(m, vmdir, origin, image)
+            record, nonce = _create(m, vmdir, origin, image, publish)
             m.progress(Progress("clone", f"restoring {name} from {origin.describe()}"))
             cloner.clone(m.machine_spec(vmdir, image, record), origin.memory)
             record = m.booter().handover(vmdir, record, nonce, HANDOVER_TIMEOUT_S)
@@ -97,7 +100,9 @@ def make(m: Manager, name: str, origin: Origin, image: Image, keep_failed: bool 
     return VM(m, record)
 
 
-def _create(m: Manager, vmdir: state.VMDir, origin: Origin, image: Image) -> tuple[VMRecord, str]:
+def _create(
+    m: Manager, vmdir: state.VMDir, origin: Origin, image: Image, publish: tuple = ()
+) -> tuple[VMRecord, str]:
     """The clone's directory: its own keys, exec token, overlay, port, record and config drive (what its
     later boots read). Returns the record, with the nonce of its handover as its last boot's."""
     from .guest import keys
@@ -112,14 +117,16 @@ def _create(m: Manager, vmdir: state.VMDir, origin: Origin, image: Image) -> tup
     disks.create_overlay(origin.disk, vmdir.disk, what=name)
     settings = origin.record.settings
     with state.named_lock("ports"):
-        port = None
-        if settings is None or settings.net != "none":
-            taken = {VMRecord.from_json(m.name, m.metadata).ssh_port for m in m.backend.list()}
-            port = state.allocate_port(taken - {None})
+        wanted = ports.for_clone(origin.record.ports, ports.parse_publish(publish))
+        port, published = ports.allocate(m.backend, settings.net if settings else "nat", wanted)
+        if settings is not None:
+            settings = replace(settings, publish=tuple(p.text() for p in wanted))
         record = replace(
             origin.record,
             name=name,
+            settings=settings,
             ssh_port=port,
+            ports=published,
             host_key=host_pub,
             client_key=client_pub,
             created=now(),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import accel as accel_mod
-from . import disks, leftovers, snapshots, state
+from . import disks, leftovers, ports, snapshots, state
 from .backends import Backend, Machine, MachineSpec, get_backend, require
 from .backends.base import Pausable
 from .errors import AlreadyExists, BootFailed, GuestError, HeroVMError, NotFound
@@ -126,7 +126,7 @@ class Manager:
                 f"VM {name} already exists ({existing.state})",
                 hint=f"pick another name or remove it with `herovm down {name}`",
             )
-        return templates.up(self, name, s.template, keep_failed=s.keep_failed)  # type: ignore[arg-type]
+        return templates.up(self, name, s.template, s.keep_failed, s.publish)  # type: ignore[arg-type]
 
     def _up(self, name: str, s: VMSettings, marks: dict[str, Any] | None = None) -> VM:
         from .bootstrap import bootstrap_of, fetch_on_host
@@ -153,6 +153,7 @@ class Manager:
             vars=dict(s.variables),
             kernel_args=s.kernel_args,
             secrets=tuple(sorted(s.secrets)),  # their names: the values stay in the VM's secrets/ directory
+            publish=tuple(p.text() for p in s.publish),
         )
         vmdir = state.VMDir(name)
         with vmdir.lock(wait=0):  # a second `up` of the same name fails at once instead of queueing
@@ -221,16 +222,14 @@ class Manager:
                 img.disk, vmdir.disk, max(settings.disk, img.manifest.get("root_size", 0)), what=name
             )
             with state.named_lock("ports"):
-                port = None
-                if settings.net != "none":
-                    taken = {VMRecord.from_json(m.name, m.metadata).ssh_port for m in self.backend.list()}
-                    port = state.allocate_port(taken - {None})
+                port, published = ports.allocate(self.backend, settings.net, settings.publish)
                 record = VMRecord(
                     name=name,
                     settings=settings,
                     image=img.recipe,
                     image_id=img.id,
                     ssh_port=port,
+                    ports=published,
                     host_key=host_pub,
                     client_key=client_pub,
                     agent_exec=int(img.manifest.get("agent_version", "1")) >= 2,
@@ -284,6 +283,7 @@ class Manager:
             metadata=record.to_json(),
             net=s.net,
             net_dir=vmdir.net_dir,
+            ports=record.ports,
         )
 
     def booter(self) -> Boot:
@@ -446,6 +446,16 @@ class Manager:
         another snapshot's still lies on it."""
         snapshots.remove(self, name, snap)
 
+    # ------------------------------------------------------------------------------------ guest ports
+
+    def port(self, name: str, guest_port: int) -> tuple[str, int]:
+        """(host, port) on this host where the VM's `guest_port` is published; NotFound if it is not."""
+        return ports.port(self, name, guest_port)
+
+    def publish(self, name: str, guest_port: int, host_port: int | None = None) -> tuple[str, int]:
+        """Publish the VM's `guest_port` on 127.0.0.1:`host_port` (a free one if None); see herovm.ports."""
+        return ports.publish(self, name, guest_port, host_port)
+
     # ------------------------------------------------------------------------------ templates, fork
 
     def create_template(self, name: str, settings: VMSettings | None = None, **options: Any) -> dict:
@@ -538,6 +548,7 @@ class Manager:
                     "accel": s.accel,
                     "cpus": s.cpus,
                     "memory": s.memory,
+                    "ports": ports.rows(record.ports),
                     "ssh_port": record.ssh_port,
                     "ready": record.last_boot.ready and m.state == "running",  # answers exec now
                 }
@@ -553,6 +564,7 @@ class Manager:
                         "accel": None,
                         "cpus": None,
                         "memory": None,
+                        "ports": [],
                         "ssh_port": None,
                         "ready": False,
                     }
@@ -584,6 +596,7 @@ class Manager:
             "image_id": record.image_id,
             "settings": record.settings.to_json() if record.settings else None,
             "ssh_port": record.ssh_port,
+            "ports": ports.rows(record.ports),
             "bootstrap": record.bootstrap,
             "created": record.created,
             "last_boot": last.to_json(),

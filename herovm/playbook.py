@@ -327,7 +327,7 @@ def _setting_params() -> list[Param]:
         Param(
             s.param or field,
             "list" if s.kind == "pairs" else s.kind,
-            default=[] if s.kind == "pairs" else "" if s.given is None else s.given,
+            default=[] if s.kind in ("pairs", "list") else "" if s.given is None else s.given,
             help=s.help,
         )
         for field, s in declared()

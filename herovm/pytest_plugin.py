@@ -10,6 +10,10 @@ point `pytest11`); nothing happens, and libvirt is not touched, unless a test as
     @pytest.mark.herovm(template="py311")  # restored from a template instead of booted
     def test_fast(herovm_vm): ...
 
+    @pytest.mark.herovm(bootstrap="web.hero", publish=[8080])  # the guest's 8080 on a free host port
+    def test_web(herovm_vm):
+        host, port = herovm_vm.port(8080)  # ("127.0.0.1", 40123)
+
 Fixtures: `herovm_vm` (function scope: a VM with a unique name, removed after the test whatever happened),
 `herovm_manager` (session scope: the herovm.Manager the VMs come from).
 Options: --herovm-backend NAME (libvirt or cloud-hypervisor; default: $HEROVM_BACKEND, else libvirt, as for
@@ -114,7 +118,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "herovm(**settings): settings of the herovm_vm VM for this test, as Manager.up takes them "
-        "(bootstrap=, memory=, cpus=, disk=, image=, variables=, timeout=, accel=, template=)",
+        "(bootstrap=, memory=, cpus=, disk=, image=, variables=, timeout=, accel=, template=, publish=)",
     )
     config.stash[_SESSION] = _Session(backend=config.getoption("herovm_backend", None))
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from .ports import parse_forwards
 from .protocol import TERMINAL
 
 
@@ -37,6 +38,7 @@ class RecordedSettings:
     vars: dict[str, str] = field(default_factory=dict)
     kernel_args: str = ""
     secrets: tuple[str, ...] = ()
+    publish: tuple[str, ...] = ()  # the ports asked for ("8080", "9000:8080"); the forwards: VMRecord.ports
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -55,6 +57,7 @@ class RecordedSettings:
             vars=dict(_of(data.get("vars"), Mapping, {})),
             kernel_args=_of(data.get("kernel_args"), str, ""),
             secrets=tuple(_of(data.get("secrets"), list, [])),
+            publish=tuple(p for p in _of(data.get("publish"), list, []) if isinstance(p, str)),
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -64,6 +67,10 @@ class RecordedSettings:
         secrets = data.pop("secrets")
         if secrets:  # their names only; absent when there are none, as it always was
             data["secrets"] = sorted(secrets)
+        if not data["publish"]:  # absent when there are none, as before ports could be published
+            data.pop("publish")
+        else:
+            data["publish"] = list(data["publish"])
         return {**self.extra, **data}
 
 
@@ -119,6 +126,9 @@ class VMRecord:
     restored: dict[str, Any] | None = None
     # What a clone began as: {"template": NAME} (`up --template`), {"fork": SOURCE, "at": TIME}; None: booted
     origin: dict[str, Any] | None = None
+    # Published guest ports: (host port on 127.0.0.1, guest port) pairs (herovm.ports); stored as
+    # [{"host", "guest"}], absent when there are none
+    ports: tuple[tuple[int, int], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -141,6 +151,7 @@ class VMRecord:
             last_boot=LastBoot.from_json(data.get("last_boot")),
             restored=dict(r) if isinstance(r := data.get("restored"), Mapping) else None,
             origin=dict(o) if isinstance(o := data.get("origin"), Mapping) else None,
+            ports=parse_forwards(data.get("ports")),
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -155,6 +166,9 @@ class VMRecord:
         for key in ("restored", "origin"):  # absent when unset, as before they existed
             if data[key] is None:
                 data.pop(key)
+        data["ports"] = [{"host": h, "guest": g} for h, g in self.ports]
+        if not self.ports:
+            data.pop("ports")
         return {**self.extra, **data}
 
     def booted(self, last_boot: LastBoot) -> VMRecord:

@@ -3,7 +3,7 @@ help and check. `herovm up`'s options (cli.py), `!!vm.create`'s parameters (play
 keyword arguments are all made from it, so a setting is written, explained and checked in one place, with
 one message for one mistake.
 
-Each field's `Setting` says how the setting is written (`kind`: str, int, bool, size, duration, or pairs:
+Each field's `Setting` says how the setting is written (`kind`: str, int, bool, size, duration, list, pairs:
 NAME=VALUE items), what its default looks like to a person (`given`: "1GB"), and the check that turns what
 was given into the field's value (`1 << 30`) or raises InvalidInput; `option` and `param` are its names on
 the command line and in a playbook where they differ from the field's. A VMSettings is checked whole when it
@@ -19,6 +19,7 @@ from typing import Any
 
 from .backends.base import NET_MODES
 from .errors import InvalidInput
+from .ports import PortSpec, parse_publish
 
 MIN_MEMORY, MAX_MEMORY = 128 << 20, 1 << 40
 MIN_DISK, MAX_DISK = 1 << 30, 64 << 40
@@ -236,6 +237,13 @@ class VMSettings:
     accel: str = _setting("auto", "kvm, tcg or auto", _accel)
     net: str = _setting("default", "network: default (no host access), restricted, none or nat", _net)
     kernel_args: str = _setting("", "extra kernel command line arguments", _kernel_args)
+    publish: tuple[PortSpec, ...] = _setting(
+        (),
+        "[HOST_PORT:]GUEST_PORT: forward 127.0.0.1:HOST_PORT (a free port if not given) to the guest's port, "
+        "in every --net mode but none; repeatable (docs/ports.md)",
+        parse_publish,
+        kind="list",
+    )
     template: str | None = _setting(
         None,
         "restore the VM from this template (herovm template create) instead of booting it; the image, "
@@ -264,6 +272,12 @@ class VMSettings:
                 raise InvalidInput(
                     f"{fixed[0]} is the template's: it cannot be given with a template", setting=fixed[0]
                 )
+        if self.publish and self.net == "none":
+            raise InvalidInput(
+                "publish: --net none has no network to forward to",
+                hint="--net restricted forwards ports and gives no egress",
+                setting="publish",
+            )
         if self.bootstrap_sha256 and self.bootstrap is None:
             raise InvalidInput("bootstrap_sha256 without a bootstrap", setting="bootstrap_sha256")
 

@@ -295,11 +295,12 @@ def remove(m: Manager, name: str) -> None:
         shutil.rmtree(t.path)
 
 
-def up(m: Manager, name: str, template: str, keep_failed: bool = False) -> VM:
-    """VM `name`, restored from `template` (herovm.clones.make)."""
+def up(m: Manager, name: str, template: str, keep_failed: bool = False, publish: tuple = ()) -> VM:
+    """VM `name`, restored from `template` (herovm.clones.make), publishing the template's guest ports and
+    `publish` (herovm.ports.for_clone)."""
     t = load(template)
     t.check_files()
-    return clones.make(m, name, t.origin(), t.image(), keep_failed=keep_failed)
+    return clones.make(m, name, t.origin(), t.image(), keep_failed=keep_failed, publish=publish)
 
 
 def leftovers(m: Manager) -> list[str]:

@@ -111,6 +111,11 @@ class VM:
 
         return GuestOps(agent)
 
+    def port(self, guest_port: int) -> tuple[str, int]:
+        """(host, port) on this host that reaches the guest's published `guest_port` (E2B's get_host,
+        testcontainers' get_exposed_port); NotFound if it is not published (Manager.publish adds it)."""
+        return self.manager.port(self.name, guest_port)
+
     def pause(self) -> None:
         """Freeze the VM (Manager.pause): no CPU used, everything kept until `resume`."""
         self.manager.pause(self.name)

@@ -40,6 +40,8 @@ class MachineSpec:
     # Network mode (see NET_MODES); net_dir holds what a mode needs on the host (e.g. passt's socket).
     net: str = "nat"
     net_dir: Path | None = None
+    # Published guest ports: 127.0.0.1:host -> the guest's port, as (host, guest) pairs (herovm.ports)
+    ports: tuple[tuple[int, int], ...] = ()
 
 
 # The guest's network settings, static (no DHCP on the boot path): QEMU user networking's built-in addresses,

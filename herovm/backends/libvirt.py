@@ -19,7 +19,15 @@ from xml.etree import ElementTree
 import libvirt
 
 from .. import disks, resources, state
-from ..errors import AlreadyExists, BackendUnavailable, GuestError, HeroVMError, InvalidInput, NotFound
+from ..errors import (
+    AlreadyExists,
+    BackendUnavailable,
+    GuestError,
+    HeroVMError,
+    InvalidInput,
+    NotFound,
+    Unsupported,
+)
 from ..guest.events import connect_unix
 from ..guest.execution import open_tcp
 from ..protocol import AGENT_PORT_NAME, AGENT_VSOCK_PORT, SSH_PORT
@@ -28,6 +36,7 @@ from .base import GuestConnector, Machine, MachineSpec, SavedState
 from .save_image import SaveImage
 
 PREFIX = "herovm-"
+_QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 NAMESPACE = "urn:herovm:vm:1"
 NET_NAMESPACE = "urn:herovm:net:1"  # the backend's own facts about the NIC, apart from the Manager's metadata
 _STATES = {
@@ -79,6 +88,7 @@ def render_domain_xml(spec: MachineSpec) -> str:
                 "net": spec.net,
                 "ssh_port": spec.ssh_port,
                 "net_dir": str(spec.net_dir) if spec.net_dir else None,
+                "ports": [list(p) for p in spec.ports],
             }
         ),
         # A raw QEMU option value: a comma would end it (a HEROVM_HOME with a comma added options); QEMU
@@ -174,7 +184,7 @@ class LibvirtBackend:
                     f"the default network mode runs passt on this machine, but {self.uri} is remote",
                     hint="use --net nat or --net restricted with a remote libvirt",
                 )
-            passt.start(net_dir, net["ssh_port"], self._qemu_user())
+            passt.start(net_dir, net["ssh_port"], self._qemu_user(), _ports(net))
         return net_dir
 
     def _qemu_user(self) -> str | None:
@@ -213,6 +223,54 @@ class LibvirtBackend:
             self._require(name).resume()
         except libvirt.libvirtError as e:
             raise _wrap(e, f"resuming {name}") from e
+
+    def publish(self, name: str, forward: tuple[int, int]) -> None:
+        """herovm.ports.Forwards: forward 127.0.0.1:host to the guest's port. The definition gets it (the
+        NIC's QEMU arguments, and the NIC's metadata, which passt is started from); a running QEMU user
+        network gets it at once through the monitor (HMP hostfwd_add). passt cannot add a forward while it
+        runs: a running domain in the default mode is refused (Unsupported)."""
+        import libvirt_qemu
+
+        host, guest = forward
+        dom = self._require(name)
+        net = self._metadata(dom, NET_NAMESPACE)
+        live = dom.isActive()
+        if live and net.get("net") == "default":
+            raise Unsupported(f"passt cannot add a forward to {name} while it runs")
+        net["ports"] = [*_ports(net), [host, guest]]
+        try:
+            config = ElementTree.fromstring(
+                dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+            )
+            for arg in config.iter(f"{{{_QEMU_NS}}}arg"):
+                if arg.get("value", "").startswith("user,id=hostnet0,"):
+                    arg.set("value", f"{arg.get('value')},hostfwd=tcp:127.0.0.1:{host}-:{guest}")
+            element = config.find(f"./metadata/{{{NET_NAMESPACE}}}net")
+            if element is not None:
+                element.text = json.dumps(net)
+            if live:
+                done = libvirt_qemu.qemuMonitorCommand(
+                    dom,
+                    f"hostfwd_add hostnet0 tcp:127.0.0.1:{host}-:{guest}",
+                    libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
+                )
+                if done.strip():  # HMP says nothing when it worked
+                    raise HeroVMError(f"QEMU did not add the forward to {name}: {done.strip()}")
+                self._set_net_metadata(dom, net, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            self.conn.defineXML(ElementTree.tostring(config, "unicode"))
+        except libvirt.libvirtError as e:
+            raise _wrap(e, f"forwarding a port to {name}") from e
+
+    def _set_net_metadata(self, dom: libvirt.virDomain, net: dict, flags: int) -> None:
+        element = ElementTree.Element("net")
+        element.text = json.dumps(net)
+        dom.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            ElementTree.tostring(element, "unicode"),
+            "herovmnet",
+            NET_NAMESPACE,
+            flags,
+        )
 
     # ---------------------------------------------------------------------------------- snapshots
 
@@ -289,6 +347,9 @@ class LibvirtBackend:
             image.remove(old)
         for metadata in config.findall("metadata"):  # herovm's record as it is now, not as it was then
             image.insert(0, metadata)
+        for old in image.findall(f"{{{_QEMU_NS}}}commandline"):  # the NIC's forwards as they are now, too
+            image.remove(old)
+        image.extend(config.findall(f"{{{_QEMU_NS}}}commandline"))
         net_dir = self._start_passt(dom)
         try:
             self.conn.restoreFlags(
@@ -469,6 +530,12 @@ def _set_source(disk: ElementTree.Element, path: Path) -> None:
     disk.find("source").set("file", str(path))  # type: ignore[union-attr]
     for below in disk.findall("backingStore"):
         disk.remove(below)
+
+
+def _ports(net: dict) -> list[list[int]]:
+    """The published ports of a domain's NIC metadata: (host, guest) pairs."""
+    found = net.get("ports")
+    return [list(p) for p in found if isinstance(p, list) and len(p) == 2] if isinstance(found, list) else []
 
 
 def _passt_dir(net: dict) -> Path | None:

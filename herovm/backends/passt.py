@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import BackendUnavailable, HeroVMError
@@ -31,8 +32,9 @@ def _pid_path(net_dir: Path) -> Path:
     return net_dir / "passt.pid"
 
 
-def start(net_dir: Path, ssh_port: int, runas: str | None) -> None:
-    """Start passt for one VM; returns once its socket accepts QEMU."""
+def start(net_dir: Path, ssh_port: int, runas: str | None, ports: Iterable[tuple[int, int]] = ()) -> None:
+    """Start passt for one VM, forwarding 127.0.0.1:ssh_port to the guest's SSH and each (host, guest) of
+    `ports` (published guest ports) likewise; returns once its socket accepts QEMU."""
     binary = shutil.which("passt")
     if binary is None:
         raise BackendUnavailable(
@@ -70,6 +72,7 @@ def start(net_dir: Path, ssh_port: int, runas: str | None) -> None:
         "--no-dhcpv6",
         "--tcp-ports",
         f"127.0.0.1/{ssh_port}:22",
+        *(arg for host, guest in ports for arg in ("--tcp-ports", f"127.0.0.1/{host}:{guest}")),
         "--udp-ports",
         "none",
     ]

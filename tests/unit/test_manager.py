@@ -688,6 +688,7 @@ def test_up_with_a_fake_agent(manager: Manager, backend, fake_image, progress, h
         "accel": "tcg",
         "cpus": 2,
         "memory": 256 << 20,
+        "ports": [],
         "ssh_port": vm.ssh_port,
         "ready": True,
     }
@@ -901,6 +902,7 @@ def test_orphaned_vm_dir_is_listed_and_removable(manager: Manager, backend) -> N
             "accel": None,
             "cpus": None,
             "memory": None,
+            "ports": [],
             "ssh_port": None,
             "ready": False,
         }

@@ -40,6 +40,7 @@ ACTIONS = {
         "accel",
         "net",
         "kernel_args",
+        "publish",
         "template",
         "keep_failed",
         "replace",
