@@ -602,7 +602,7 @@ class Manager:
             "last_boot": last.to_json(),
             "restored": record.restored,  # the snapshot it was rolled back to since its last boot, if any
             "origin": record.origin,  # a clone's: {"template": T} or {"fork": SOURCE, "at": TIME}
-            "agent": agent,  # what its last boot came to (ready, failed, booting, unknown): see `state` for now
+            "agent": agent,  # what its last boot came to (ready, failed, booting, unknown); `state`: now
             # whole: the boot's events from its start; cut: its start is no longer in the console (a guest
             # that writes a lot: virtlogd rotates the log); none: the console holds nothing of this boot.
             "events": "whole" if story.begun else ("none" if whole else "cut"),
