@@ -16,7 +16,7 @@ from .guest.events import AgentChannel, console_events, console_tail
 from .progress import Progress, Reporter, still_waiting
 from .protocol import AGENT_VSOCK_PORT, BOOTSTRAP_LIMIT, SSH_PORT, TERMINAL, Command, Kind, Stage
 from .protocol_host import Story, describe_event, printable
-from .record import LastBoot, VMRecord, now
+from .record import LastBoot, VMRecord, epoch, now
 
 
 @dataclass
@@ -65,6 +65,7 @@ class Boot:
                 "vars": local.get("vars") or {},
                 "secrets": vmdir.read_secrets(),
                 "limits": {"bootstrap_bytes": BOOTSTRAP_LIMIT, "fetch_timeout": self.fetch_timeout},
+                "deadline": epoch(record.expires),
             },
         )
         return nonce
@@ -119,6 +120,7 @@ class Boot:
             "ssh": self._ssh_config(vmdir, record),
             "seed": secrets.token_hex(64),
             "time": time.time(),
+            "deadline": epoch(record.expires),
         }
         report = self._follow(vmdir, record, nonce, (t0, t0 + timeout_s), 0, first=identity)
         return self._conclude(vmdir, record, begun, report, t0)

@@ -458,6 +458,8 @@ def _print_status(st: dict) -> None:
         )
     if st["bootstrap"]:
         typer.echo(f"  bootstrap {st['bootstrap']}")
+    if st.get("expires"):
+        typer.echo(f"  its time is up at {st['expires']} (--ttl): it powers off, and `herovm gc` removes it")
     if st.get("paused_since"):
         typer.echo(f"  paused since {st['paused_since']}")
     if r := st.get("restored"):
@@ -661,7 +663,7 @@ def _template_create_command() -> None:
                 f"herovm up NAME --template {name}"
             )
 
-    create, values = _settings_command(create, exclude=("template", "keep_failed"))
+    create, values = _settings_command(create, exclude=("template", "keep_failed", "ttl"))
     template_app.command("create")(create)
 
 

@@ -29,7 +29,7 @@ from .backends import require
 from .backends.base import Clones, Snapshots
 from .errors import AlreadyExists, Busy, GuestError, HeroVMError, InvalidInput, NotFound
 from .progress import Progress
-from .record import LastBoot, VMRecord, now
+from .record import LastBoot, VMRecord, after, now
 from .vm import VM
 
 if TYPE_CHECKING:
@@ -73,11 +73,18 @@ def image_of(record: VMRecord, what: str, hint: str) -> Image:
 
 
 def make(
-    m: Manager, name: str, origin: Origin, image: Image, keep_failed: bool = False, publish: tuple = ()
+    m: Manager,
+    name: str,
+    origin: Origin,
+    image: Image,
+    *,
+    keep_failed: bool = False,
+    publish: tuple = (),
+    ttl: float | None = None,
 ) -> VM:
     """Make VM `name` from `origin`, ready once its agent has taken its own identity. Nothing of it is left
     if that fails (unless `keep_failed`). It publishes each guest port its origin did, on its own host port,
-    and `publish` (herovm.ports.for_clone)."""
+    and `publish` (herovm.ports.for_clone); `ttl`: seconds until its time is up (as `up --ttl`)."""
     cloner = require(m.backend, Clones)
     state.validate_name(name)
     vmdir = state.VMDir(name)
@@ -89,7 +96,7 @@ def make(
         if vmdir.exists():  # left by a crashed herovm: there is no such VM
             vmdir.remove()
         try:
-            record, nonce = _create(m, vmdir, origin, image, publish)
+            record, nonce = _create(m, vmdir, origin, image, publish, ttl)
             m.progress(Progress("clone", f"restoring {name} from {origin.describe()}"))
             cloner.clone(m.machine_spec(vmdir, image, record), origin.memory)
             record = m.booter().handover(vmdir, record, nonce, HANDOVER_TIMEOUT_S)
@@ -101,7 +108,7 @@ def make(
 
 
 def _create(
-    m: Manager, vmdir: state.VMDir, origin: Origin, image: Image, publish: tuple = ()
+    m: Manager, vmdir: state.VMDir, origin: Origin, image: Image, publish: tuple, ttl: float | None
 ) -> tuple[VMRecord, str]:
     """The clone's directory: its own keys, exec token, overlay, port, record and config drive (what its
     later boots read). Returns the record, with the nonce of its handover as its last boot's."""
@@ -135,6 +142,7 @@ def _create(
             last_boot=LastBoot(),
             restored=None,
             origin=origin.origin,
+            expires=after(ttl) if ttl else None,  # never the snapshotted VM's
             extra={},
         )
         vmdir.write_meta({**record.to_json(), **origin.local})

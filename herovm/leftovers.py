@@ -7,12 +7,13 @@ working on: each removal happens under the VM's lock, taken without waiting (doc
 from __future__ import annotations
 
 import shutil
+import time
 from typing import TYPE_CHECKING
 
 from . import clones, snapshots, state, templates
 from .backends.base import Snapshots
 from .errors import Busy
-from .record import VMRecord
+from .record import VMRecord, epoch
 
 if TYPE_CHECKING:
     from .manager import Manager
@@ -23,10 +24,12 @@ def collect(m: Manager) -> list[str]:
     domains defined but never started whose directory is gone, lock files of VMs that are gone, partial
     snapshots, disk overlays that neither a VM nor its snapshots need (a killed restore's), partial
     templates and their builder VMs, clones that never took their identity, and fork layers no VM lies on.
-    Running and paused VMs are never touched (but a killed `template create`'s own VM and a killed clone),
+    VMs whose time is up (`up --ttl`) are removed whatever their state. Other running and paused VMs are
+    never touched (but a killed `template create`'s own VM and a killed clone),
     nor anything a herovm process is working on (its VM, template or the fork layers are locked)."""
     removed = templates.leftovers(m)  # first: a killed `template create`'s VM runs, and is garbage
     removed += half_made_clones(m)  # so is a clone whose `up --template` or `fork` was killed
+    removed += expired(m)
     machines = m.own_machines()
     for name in state.list_vm_dirs():
         if name in machines:
@@ -107,3 +110,22 @@ def _half_made(name: str, metadata: dict) -> bool:
     boot = record.last_boot
     mark = record.extra.get(clones.HANDOVER_MARK)
     return mark is not None and mark == boot.nonce and boot.outcome is None and boot.seconds is None
+
+
+def expired(m: Manager) -> list[str]:
+    """Remove the VMs whose time is up (`up --ttl`), whatever their state: their guests powered themselves
+    off at the deadline (a guest that could not is stopped here). One a herovm process holds is left."""
+    removed = []
+    for name, machine in m.own_machines().items():
+        expires = VMRecord.from_json(name, machine.metadata).expires
+        deadline = epoch(expires)
+        if deadline is None or deadline > time.time():
+            continue
+        try:
+            with state.VMDir(name).lock(wait=0):
+                m.backend.destroy(name)
+                m.remove_held(name)
+            removed.append(f"{name} (its time was up at {expires})")
+        except Busy:
+            continue
+    return removed

@@ -23,7 +23,7 @@ from .backends.base import Pausable
 from .errors import AlreadyExists, BootFailed, GuestError, HeroVMError, NotFound
 from .progress import Progress, Reporter, silent, still_waiting
 from .protocol import AGENT_VSOCK_PORT, FETCH_TIMEOUT_S, Command, Stage
-from .record import RecordedSettings, VMRecord, now
+from .record import RecordedSettings, VMRecord, after, now
 from .settings import VMSettings, seconds
 from .vm import VM
 
@@ -126,7 +126,7 @@ class Manager:
                 f"VM {name} already exists ({existing.state})",
                 hint=f"pick another name or remove it with `herovm down {name}`",
             )
-        return templates.up(self, name, s.template, s.keep_failed, s.publish)  # type: ignore[arg-type]
+        return templates.up(self, name, s.template, s.keep_failed, s.publish, s.ttl)  # type: ignore[arg-type]
 
     def _up(self, name: str, s: VMSettings, marks: dict[str, Any] | None = None) -> VM:
         from .bootstrap import bootstrap_of, fetch_on_host
@@ -180,7 +180,7 @@ class Manager:
             from . import images
 
             img = images.ensure(s.image, self.progress)
-            self._create(vmdir, img, wanted, boot, dict(s.secrets), marks or {})
+            self._create(vmdir, img, wanted, boot, dict(s.secrets), marks or {}, s.ttl)
             try:
                 record = self.booter().run(vmdir, timeout_s)
             except KeyboardInterrupt:
@@ -203,6 +203,7 @@ class Manager:
         boot: Bootstrap,
         secret_vars: dict,
         marks: dict[str, Any],
+        ttl: float | None = None,
     ) -> None:
         """Make the VM's directory (keys, disk, vm.json) and define its machine; on any failure, undo both."""
         name = vmdir.name
@@ -237,6 +238,7 @@ class Manager:
                     created=now(),
                     backend=self.backend.name,
                     home=str(state.home()),  # every HEROVM_HOME shares libvirt: gc, ls keep to theirs
+                    expires=after(ttl) if ttl else None,
                     extra=marks,
                 )
                 local = {"bootstrap_entry": boot.drive_entry(), "vars": settings.vars}
@@ -602,6 +604,7 @@ class Manager:
             "last_boot": last.to_json(),
             "restored": record.restored,  # the snapshot it was rolled back to since its last boot, if any
             "origin": record.origin,  # a clone's: {"template": T} or {"fork": SOURCE, "at": TIME}
+            "expires": record.expires,  # when its time is up (`--ttl`): it powers off, and `gc` removes it
             "agent": agent,  # what its last boot came to (ready, failed, booting, unknown); `state`: now
             # whole: the boot's events from its start; cut: its start is no longer in the console (a guest
             # that writes a lot: virtlogd rotates the log); none: the console holds nothing of this boot.

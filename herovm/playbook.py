@@ -41,7 +41,7 @@ from .heroscript import (
 )
 from .heroscript import run as run_actions
 from .progress import Progress, Reporter, silent
-from .settings import VMSettings, declared, size_text
+from .settings import Setting, VMSettings, declared, size_text
 
 OUTPUT_TAIL = 2000
 _registry = Registry()
@@ -320,6 +320,11 @@ def _check_inline(
         raise HeroScriptError.from_problems(errors)
 
 
+def _no_value(s: Setting) -> Any:
+    """A setting's value when none is given: "" for text (as the CLI's), None for what has no empty form."""
+    return "" if s.kind == "str" else None
+
+
 def _setting_params() -> list[Param]:
     """vm.create's parameters for the VM's settings, from their declaration (herovm.settings): NAME=VALUE
     pairs are a list, and no value is an empty one."""
@@ -327,7 +332,7 @@ def _setting_params() -> list[Param]:
         Param(
             s.param or field,
             "list" if s.kind == "pairs" else s.kind,
-            default=[] if s.kind in ("pairs", "list") else "" if s.given is None else s.given,
+            default=[] if s.kind in ("pairs", "list") else _no_value(s) if s.given is None else s.given,
             help=s.help,
         )
         for field, s in declared()

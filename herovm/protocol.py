@@ -381,6 +381,7 @@ class DriveConfig(Record):
     vars: dict[str, str]  # substituted into the bootstrap's parsed values, never into its text
     secrets: dict[str, str]  # like vars, and redacted from every event
     limits: Limits
+    deadline: float | None  # when the VM's time is up (`--ttl`): the agent powers the guest off then
     KEYS = (
         Key("name", str, required=True),
         Key("hostname", str),
@@ -391,6 +392,7 @@ class DriveConfig(Record):
         Key("vars", dict, default={}),
         Key("secrets", dict, default={}),
         Key("limits", Limits, default=Limits),
+        Key("deadline", float, check=((lambda v: v > 0), "a time since 1970")),
     )
 
     @classmethod
@@ -415,6 +417,7 @@ class Identity(Record):
     ssh: SSH  # its own host key, authorized key and exec token
     seed: str  # >= 64 hex characters from the host's CSPRNG, mixed into the guest's, which is then reseeded
     time: float  # the host's clock (seconds since 1970)
+    deadline: float | None  # the clone's own (`--ttl`), replacing the snapshotted VM's; None: none
     KEYS = (
         Key("name", str, required=True),
         Key("hostname", str),
@@ -422,6 +425,7 @@ class Identity(Record):
         Key("ssh", SSH, required=True),
         Key("seed", str, required=True, check=(_is_seed, "64 or more lowercase hex digits")),
         Key("time", float, required=True, check=((lambda v: 1e9 < v < 1e11), "a time since 1970")),
+        Key("deadline", float, check=((lambda v: v > 0), "a time since 1970")),
     )
 
 

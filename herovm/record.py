@@ -19,6 +19,20 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
+def after(seconds: float) -> str:
+    """The time `seconds` from now, as a record holds it."""
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+    return later.isoformat(timespec="seconds")
+
+
+def epoch(stamp: str | None) -> float | None:
+    """A record's time as seconds since 1970 (None: none, or not a time)."""
+    try:
+        return datetime.datetime.fromisoformat(stamp).timestamp() if stamp else None
+    except ValueError:
+        return None
+
+
 def _of(value: Any, kind: type | tuple[type, ...], default: Any = None) -> Any:
     return value if isinstance(value, kind) and not (kind is int and isinstance(value, bool)) else default
 
@@ -129,6 +143,8 @@ class VMRecord:
     # Published guest ports: (host port on 127.0.0.1, guest port) pairs (herovm.ports); stored as
     # [{"host", "guest"}], absent when there are none
     ports: tuple[tuple[int, int], ...] = ()
+    # When its time is up (`--ttl`): its guest powers itself off then, and `gc` removes it. None: never.
+    expires: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -152,6 +168,7 @@ class VMRecord:
             restored=dict(r) if isinstance(r := data.get("restored"), Mapping) else None,
             origin=dict(o) if isinstance(o := data.get("origin"), Mapping) else None,
             ports=parse_forwards(data.get("ports")),
+            expires=_of(data.get("expires"), str),
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -163,7 +180,7 @@ class VMRecord:
         data.pop("last_boot")
         if last:
             data["last_boot"] = last
-        for key in ("restored", "origin"):  # absent when unset, as before they existed
+        for key in ("restored", "origin", "expires"):  # absent when unset, as before they existed
             if data[key] is None:
                 data.pop(key)
         data["ports"] = [{"host": h, "guest": g} for h, g in self.ports]

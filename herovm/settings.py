@@ -250,6 +250,13 @@ class VMSettings:
         "sizes, network and bootstrap are the template's",
         lambda v, what: None if v is None or v == "" else _template(v),
     )
+    ttl: float | None = _setting(
+        None,
+        "remove the VM this long after it is made, e.g. 30m: its guest powers itself off then, and "
+        "`herovm gc` removes it",
+        lambda v, what: None if v is None or v == "" else seconds(v, what),
+        kind="duration",
+    )
     keep_failed: bool = _setting(
         False, "keep the VM even when it never got to run the bootstrap", _flag, kind="bool"
     )

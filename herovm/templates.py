@@ -152,6 +152,7 @@ def _read_secrets(path: Path) -> dict[str, str]:
 def create(m: Manager, name: str, settings: VMSettings) -> dict:
     """Boot a VM with `settings`, wait for its bootstrap to finish, seal it (docs/protocol.md), snapshot its
     memory and disk as template `name`, and remove the VM. Returns the template's row (see `listing`)."""
+    settings = replace(settings, ttl=None)  # the template's VM lives only as long as making it takes
     require(m.backend, Snapshots)
     require(m.backend, Clones)
     validate_template_name(name)
@@ -295,12 +296,19 @@ def remove(m: Manager, name: str) -> None:
         shutil.rmtree(t.path)
 
 
-def up(m: Manager, name: str, template: str, keep_failed: bool = False, publish: tuple = ()) -> VM:
+def up(
+    m: Manager,
+    name: str,
+    template: str,
+    keep_failed: bool = False,
+    publish: tuple = (),
+    ttl: float | None = None,
+) -> VM:
     """VM `name`, restored from `template` (herovm.clones.make), publishing the template's guest ports and
     `publish` (herovm.ports.for_clone)."""
     t = load(template)
     t.check_files()
-    return clones.make(m, name, t.origin(), t.image(), keep_failed=keep_failed, publish=publish)
+    return clones.make(m, name, t.origin(), t.image(), keep_failed=keep_failed, publish=publish, ttl=ttl)
 
 
 def leftovers(m: Manager) -> list[str]:

@@ -42,6 +42,7 @@ ACTIONS = {
         "kernel_args",
         "publish",
         "template",
+        "ttl",
         "keep_failed",
         "replace",
     ],

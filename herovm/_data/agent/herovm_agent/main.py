@@ -46,6 +46,8 @@ class Agent:
         self.processes = Processes()
         self.services = Services(self.processes, self.notify)
         self.status: dict = {"state": "booting", "actions": [], "agent": VERSION}
+        self.deadline: float | None = None  # when the VM's time is up (`--ttl`), on the guest's clock
+        self._watching = False
         self._status_lock = _thread.allocate_lock()
 
     def notify(self, event: str, **fields: object) -> None:
@@ -86,6 +88,7 @@ class Agent:
             self.fail(Stage.DRIVE, str(e))
             return
         self.events.keep_secret(config.secrets)
+        self.arm_deadline(config.deadline)
         self.events.emit(
             Kind.BOOT, nonce=config.nonce, agent=VERSION, kernel=os.uname().release, pid=os.getpid()
         )
@@ -237,6 +240,7 @@ class Agent:
         started = time.monotonic()
         system.reseed(bytes.fromhex(identity.seed))
         set_clock(identity.time)
+        self.arm_deadline(identity.deadline)  # the clone's own, or none: never the snapshotted VM's
         self.events.emit(
             Kind.BOOT,
             nonce=identity.nonce,
@@ -263,6 +267,24 @@ class Agent:
             return
         system.install_ssh_keys(ssh)
         listener.unseal((ssh.exec_token or "").encode() or None)
+
+    def arm_deadline(self, deadline: float | None) -> None:
+        """Power the guest off at `deadline` (seconds since 1970, the host's clock: the host sets the guest's
+        after a pause or a restore), so a VM whose time is up stops without a daemon on the host; `gc`
+        removes it. A later call replaces the deadline; None removes it."""
+        self.deadline = deadline
+        if deadline is not None and not self._watching:
+            self._watching = True  # one watcher for good: it reads self.deadline each time it wakes
+            _thread.start_new_thread(self._watch_deadline, ())
+
+    def _watch_deadline(self) -> None:
+        while True:
+            deadline = self.deadline
+            left = 5.0 if deadline is None else deadline - time.time()
+            if left <= 0:
+                self.poweroff("its time is up (ttl)")
+                return
+            time.sleep(min(left, 5.0))  # wakes to see a clock set after a pause, or a new deadline
 
     def poweroff(self, reason: str) -> None:
         import contextlib
