@@ -82,9 +82,11 @@ def _global(
 
 
 def _manager(json_out: bool = False):
+    from .config import configured_backend
     from .manager import Manager
 
-    return Manager(_options.get("backend"), uri=_options.get("uri"), progress=_reporter(json_out))  # type: ignore[arg-type]
+    backend = _options.get("backend") or configured_backend()
+    return Manager(backend, uri=_options.get("uri"), progress=_reporter(json_out))  # type: ignore[arg-type]
 
 
 def _reporter(json_out: bool):
@@ -200,9 +202,23 @@ def _settings_command(
     )
 
     def values(given: dict[str, Any]) -> dict[str, Any]:
+        """What was given, as VMSettings's keyword arguments; an option left at its default takes the
+        config file's or the environment's value where there is one (herovm.config)."""
+        import click
+        from click.core import ParameterSource
+
+        from .config import setting_defaults
+        from .settings import FROM_TEMPLATE
+
+        ctx = click.get_current_context()
+        configured = setting_defaults()
+        if given.get("template"):  # a template's VM takes its image and sizes from the template
+            configured = {k: v for k, v in configured.items() if k not in FROM_TEMPLATE}
         out = {}
         for option, value in given.items():
             field, setting = options[option]
+            if field in configured and ctx.get_parameter_source(option) == ParameterSource.DEFAULT:
+                value = configured[field].value
             if setting.kind == "pairs":
                 value = _secrets(value) if setting.secret else _kv(value, f"--{option}")
             out[field] = value
@@ -791,6 +807,30 @@ def run_(
             uri=_options.get("uri"),  # type: ignore[arg-type]
         )
     )
+
+
+@app.command()
+def config(json_out: JsonOpt = False) -> None:
+    """The defaults `up` takes without flags (image, cpus, memory, disk, net, backend), and where each came
+    from: the environment (HEROVM_MEMORY, ...), the config file, or herovm's own (docs/config.md)."""
+    from . import config as config_mod
+
+    try:
+        found = config_mod.values()
+        config_mod.setting_defaults()  # a bad value is an error here too, naming where it came from
+    except HeroVMError as e:
+        _fail(e, json_out)
+    if json_out:
+        _print_json(
+            {
+                "file": str(config_mod.path()),
+                "values": {k: {"value": v.value, "source": v.source} for k, v in found.items()},
+            }
+        )
+        return
+    typer.echo(f"config file: {config_mod.path()}")
+    for v in found.values():
+        typer.echo(f"  {v.key:<8} {v.value!s:<12} {v.source}")
 
 
 @app.command()
