@@ -169,7 +169,8 @@ def ensure(recipe_name: str = "default", progress: Reporter = silent) -> Image:
 
 
 def remove(recipe_name: str, image_id_: str | None = None) -> list[Path]:
-    """Remove cached images of a recipe (all versions, or one); returns what was removed."""
+    """Remove cached images of a recipe (all versions, or one); returns what was removed. Refused (Busy)
+    while a VM, template or fork layer lies on one."""
     root = state.images_dir() / check_recipe_name(recipe_name)
     if image_id_ is not None and not IMAGE_ID_RE.match(image_id_):
         raise InvalidInput(f"invalid image id {image_id_!r}", hint="see `herovm image ls`")
@@ -180,6 +181,16 @@ def remove(recipe_name: str, image_id_: str | None = None) -> list[Path]:
             f"no cached image {recipe_name}{'/' + image_id_ if image_id_ else ''}",
             hint="see `herovm image ls`",
         )
+    from . import disks
+
+    for t in targets:
+        for base in sorted(t.rglob("base.qcow2")):
+            users = disks.users_of(base, state.home())
+            if users:
+                raise Busy(
+                    f"image {recipe_name}/{base.parent.name} is in use: {', '.join(users)} lie on it",
+                    hint="remove them first (`herovm down`, `herovm template rm`)",
+                )
     for t in targets:
         shutil.rmtree(t)
     return targets

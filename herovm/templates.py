@@ -237,8 +237,7 @@ def _seal(m: Manager, record: VMRecord) -> None:
 def _remove_builder(m: Manager, builder: str) -> None:
     vmdir = state.VMDir(builder)
     if m.backend.get(builder) is not None or vmdir.exists():
-        m.progress(Progress("template", f"removing {builder}"))
-        with vmdir.lock():
+        with vmdir.lock():  # remove_held says "removing"
             m.remove_held(builder)
 
 
