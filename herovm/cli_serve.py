@@ -40,6 +40,22 @@ def serve(
     max_sandboxes: Annotated[
         int | None, typer.Option("--max-sandboxes", min=1, help="refuse creates past this many (429)")
     ] = None,
+    pool: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pool",
+            metavar="TEMPLATE=N",
+            help="keep N VMs of herovm template TEMPLATE restored and paused for creates (repeatable)",
+        ),
+    ] = None,
+    create_wait: Annotated[
+        float,
+        typer.Option(
+            "--create-wait",
+            min=0,
+            help="seconds a create past --max-sandboxes waits for a slot before its 429 (default: none)",
+        ),
+    ] = 0.0,
 ) -> None:
     """Serve E2B's sandbox API: E2B's SDKs and agents use herovm with E2B_API_URL and E2B_SANDBOX_URL
     set to this server's URL (docs/serve.md)."""
@@ -55,13 +71,18 @@ def serve(
                 hint="give --tls-cert and --tls-key, or --insecure-listen if something else encrypts it",
             )
         try:
-            from . import serve as server
+            from .serve.app import run as run_server
             from .serve.auth import key_file, load_keys
+            from .serve.pool import parse_pools
         except ImportError as e:
             raise InvalidInput(
                 f"herovm serve needs its extra packages ({e.name} is missing)",
                 hint="pip install 'herovm[serve]'",
             ) from None
+        try:
+            pools = parse_pools(pool or [])
+        except ValueError as e:
+            raise InvalidInput(str(e), hint="e.g. --pool base=2 (a herovm template and how many)") from None
         keys, made = load_keys()
     except HeroVMError as e:
         _fail(e)
@@ -75,12 +96,14 @@ def serve(
         typer.echo(f"  export E2B_API_URL={url} E2B_SANDBOX_URL={url}", err=True)
 
     try:
-        server.run(
+        run_server(
             f"{'[' + host + ']' if ':' in host else host}:{port}",
             keys,
             certfile=tls_cert,
             keyfile=tls_key,
             max_sandboxes=max_sandboxes,
+            pools=pools,
+            create_wait_s=create_wait,
             on_ready=ready,
         )
     except HeroVMError as e:

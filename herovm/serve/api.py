@@ -1,12 +1,14 @@
 """The REST sandbox API E2B's SDKs call (`E2B_API_URL`): create, list, get, kill, timeout, pause,
-resume/connect, metrics. Written from E2B's published OpenAPI document: paths, field names, status codes,
-and the error shape {"code": status, "message": ...}.
+resume/connect, metrics; and the server's own Prometheus metrics (`GET /metrics`). Written from E2B's
+published OpenAPI document: paths, field names, status codes, and the error shape
+{"code": status, "message": ...}.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +20,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import AlreadyExists, Busy, HeroVMError, InvalidInput, NotFound
+from .metrics import CONTENT_TYPE
+from .pool import Pool
 from .sandboxes import DEFAULT_TIMEOUT_S, ENVD_VERSION, MAX_TIMEOUT_S, ApiError, Sandbox, Sandboxes
 
 CLIENT_ID = "herovm"
@@ -150,11 +154,16 @@ def parse_metadata_query(raw: str | None) -> dict[str, str]:
 
 class Api:
     def __init__(
-        self, sandboxes: Sandboxes, executor: ThreadPoolExecutor, log: Callable[[str], None]
+        self,
+        sandboxes: Sandboxes,
+        executor: ThreadPoolExecutor,
+        log: Callable[[str], None],
+        pool: Pool | None = None,
     ) -> None:
         self.sandboxes = sandboxes
         self.executor = executor
         self.log = log
+        self.pool = pool
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -195,12 +204,18 @@ class Api:
             Route("/sandboxes/{id}/connect", handler(self.connect), methods=["POST"]),
             Route("/v2/sandboxes/{id}/connect", handler(self.connect), methods=["POST"]),
             Route("/sandboxes/{id}/metrics", handler(self.metrics), methods=["GET"]),
+            Route("/metrics", handler(self.server_metrics), methods=["GET"]),
         ]
 
     async def create(self, request: Request) -> Response:
         args = parse_create(await _body(request))
+        started = time.monotonic()
         sb = await self._run(lambda: self.sandboxes.create(**args))
-        self.log(f"created {sb.id} ({sb.vm}) from {sb.template}, timeout {args['timeout']}s")
+        took = time.monotonic() - started
+        self.log(
+            f"created {sb.id} ({sb.vm}) from {sb.template} ({sb.source}) in {took:.2f}s, "
+            f"timeout {args['timeout']}s"
+        )
         return JSONResponse(created_json(sb), status_code=201)
 
     async def list(self, request: Request) -> Response:
@@ -270,3 +285,8 @@ class Api:
     async def metrics(self, request: Request) -> Response:
         self.sandboxes.get(request.path_params["id"])
         return JSONResponse([])  # not collected yet: an empty series is a valid answer
+
+    async def server_metrics(self, request: Request) -> Response:
+        """The server's metrics in Prometheus's text format: sandboxes, creates and their latency, pools."""
+        gauges = self.sandboxes.gauges() + (self.pool.gauges() if self.pool is not None else [])
+        return Response(self.sandboxes.metrics.render(gauges), media_type=CONTENT_TYPE)

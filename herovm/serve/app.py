@@ -23,6 +23,8 @@ from starlette.routing import Route
 from .api import Api, error
 from .auth import basic_user, matches
 from .envd import Envd, FsError, check_user, ops_for, resolve_path
+from .metrics import Metrics
+from .pool import Pool
 from .sandboxes import DEFAULT_USER, Sandboxes
 
 ENVD_PORT = 49983
@@ -46,12 +48,15 @@ class ServeApp:
         *,
         log: Callable[[str], None] = _log_stderr,
         workers: int = 64,
+        pool: Pool | None = None,
     ) -> None:
+        """`pool`: the warm pools, started and stopped (their waiting VMs removed) with the server."""
         self.sandboxes = sandboxes
         self.api_keys = api_keys
         self.log = log
+        self.pool = pool
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="herovm-serve")
-        self.api = Api(sandboxes, self.executor, log)
+        self.api = Api(sandboxes, self.executor, log, pool=pool)
         self.rest = Starlette(routes=self.api.routes())
         self.envd = Envd(sandboxes, self.executor)
         self.files = Starlette(
@@ -72,7 +77,11 @@ class ServeApp:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         sandbox_id = headers.get("e2b-sandbox-id")
         if sandbox_id is None:
-            if not matches(headers.get("x-api-key"), self.api_keys):
+            key = headers.get("x-api-key")
+            if key is None and scope.get("path") == "/metrics":  # what Prometheus sends: a bearer token
+                auth = headers.get("authorization", "")
+                key = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+            if not matches(key, self.api_keys):
                 await error(401, "invalid API key")(scope, receive, send)
                 return
             await self.rest(scope, receive, send)
@@ -101,12 +110,16 @@ class ServeApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._reaper = asyncio.create_task(self._reap())
+                if self.pool is not None:
+                    self.pool.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self._reaper is not None:
                     self._reaper.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await self._reaper
+                if self.pool is not None:
+                    await asyncio.to_thread(self.pool.stop)
                 self.executor.shutdown(wait=False, cancel_futures=True)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -175,3 +188,73 @@ class ServeApp:
         except FsError as e:
             return error(_FS_STATUS[e.kind], e.message)
         return JSONResponse(written)
+
+
+def run(
+    listen: str,
+    api_keys: list[str],
+    *,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    max_sandboxes: int | None = None,
+    pools: dict[str, int] | None = None,
+    create_wait_s: float = 0.0,
+    log: Callable[[str], None] | None = None,
+    on_ready: Callable[[list[str]], None] | None = None,
+) -> None:
+    """Serve until SIGINT or SIGTERM (blocking): herovm.serve.run with warm pools (`pools`: template ->
+    N; each template must exist) and creates that wait for a slot. `on_ready` gets the sandboxes kept."""
+    import signal
+
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    from ..errors import NotFound
+    from ..manager import Manager
+
+    log = log or _log_stderr
+    manager = Manager()
+    try:
+        metrics = Metrics()
+        pool = None
+        if pools:
+            have = {t["name"] for t in manager.templates()}
+            for template in pools:
+                if template not in have:
+                    raise NotFound(
+                        f"--pool {template}: no herovm template of that name",
+                        hint=f"make it with `herovm template create {template} ...`",
+                    )
+        sandboxes = Sandboxes(manager, max_sandboxes, metrics=metrics, create_wait_s=create_wait_s)
+        kept = sandboxes.rebuild()
+        if pools:
+            pool = Pool(manager, pools, metrics, log, ready_vm=sandboxes.ready_pool_vm)
+            sandboxes.pool = pool
+        # pool VMs a killed server left: adopted (paused, of a pooled template) or removed
+        leftover = Pool(manager, pools or {}, metrics, log) if pool is None else pool
+        leftover.adopt({sb.vm for sb in sandboxes.all()})
+        app = ServeApp(sandboxes, api_keys, log=log, pool=pool)
+        config = Config()
+        config.bind = [listen]
+        config.certfile, config.keyfile = certfile, keyfile
+        config.accesslog = None
+        config.errorlog = "-"
+        config.h2_max_concurrent_streams = 200
+        config.keep_alive_timeout = 75  # the SDK keeps connections in its pool for minutes
+        config.graceful_timeout = 2
+        config.shutdown_timeout = 180  # removing the waiting pool VMs, after a refill under way ends
+        if on_ready is not None:
+            on_ready(kept)
+        if pool is not None and pools:
+            log("pools: " + ", ".join(f"{t}={n}" for t, n in pools.items()) + " (filling in the background)")
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+        asyncio.run(main())
+    finally:
+        manager.close()

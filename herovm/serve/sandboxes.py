@@ -1,8 +1,9 @@
 """E2B sandboxes as herovm VMs.
 
 A sandbox is an ordinary herovm VM named `e2b-<sandbox id>` (`herovm ls` shows it, `herovm down` removes
-it). What E2B says about it and herovm does not keep (its template name, metadata, environment variables,
-end time, access token) is in `$HEROVM_HOME/serve/sandboxes/<id>.json` (0600, in a 0700 directory). A
+it), or `e2b-pool-<sandbox id>` when it was claimed from a warm pool (herovm/serve/pool.py). What E2B says
+about it and herovm does not keep (its template name, metadata, environment variables, end time, access
+token, its VM's name) is in `$HEROVM_HOME/serve/sandboxes/<id>.json` (0600, in a 0700 directory). A
 restarted server reads those files and keeps the ones whose VM libvirt still has, so running and paused
 sandboxes outlive the server; a file whose VM is gone is removed.
 
@@ -23,6 +24,8 @@ from .. import state
 from ..errors import HeroVMError, NotFound
 from ..manager import Manager
 from ..settings import VMSettings
+from .metrics import Metrics
+from .pool import Pool
 
 PREFIX = "e2b-"
 DEFAULT_TIMEOUT_S = 300
@@ -72,10 +75,12 @@ class Sandbox:
     disk_mb: int = 0
     on_timeout: str = "kill"  # or "pause" (autoPause)
     state: str = "running"  # running | paused
+    vm_name: str = ""  # the VM, where not e2b-<id>: a pool VM keeps its name (e2b-pool-<id>)
+    source: str = "cold"  # how it was made: pool (claimed), template (restored), cold (booted)
 
     @property
     def vm(self) -> str:
-        return PREFIX + self.id
+        return self.vm_name or PREFIX + self.id
 
     def save(self) -> None:
         state.write_private(serve_dir() / f"{self.id}.json", json.dumps(asdict(self), indent=1))
@@ -94,10 +99,22 @@ class Sandbox:
 class Sandboxes:
     """The server's sandboxes: made, found, timed out and removed through one herovm Manager."""
 
-    def __init__(self, manager: Manager, max_sandboxes: int | None = None) -> None:
+    def __init__(
+        self,
+        manager: Manager,
+        max_sandboxes: int | None = None,
+        *,
+        pool: Pool | None = None,
+        metrics: Metrics | None = None,
+        create_wait_s: float = 0.0,
+    ) -> None:
+        """`create_wait_s`: how long a create past `max_sandboxes` waits for a slot before its 429."""
         self.manager = manager
         self.max_sandboxes = max_sandboxes
-        self._lock = threading.Lock()
+        self.pool = pool
+        self.metrics = metrics or Metrics()
+        self.create_wait_s = create_wait_s
+        self._lock = threading.Condition()
         self._by_id: dict[str, Sandbox] = {}
         self._creating = 0
 
@@ -142,6 +159,32 @@ class Sandboxes:
 
     # ---------------------------------------------------------------------------------- verbs
 
+    def gauges(self) -> list[tuple[str, str, list[tuple[tuple[tuple[str, str], ...], float]]]]:
+        """What /metrics shows of the sandboxes now."""
+        with self._lock:
+            rows = list(self._by_id.values())
+            creating = self._creating
+        by_state = [
+            ((("state", st),), float(sum(sb.state == st for sb in rows))) for st in ("running", "paused")
+        ]
+        limit = [((), float(self.max_sandboxes))] if self.max_sandboxes is not None else []
+        return [
+            ("herovm_serve_sandboxes", "sandboxes the server holds, by state", by_state),
+            ("herovm_serve_creating", "creates under way", [((), float(creating))]),
+            ("herovm_serve_max_sandboxes", "the --max-sandboxes limit", limit),
+        ]
+
+    def _admit(self) -> None:
+        """Take a slot for a create: at the limit, wait up to create_wait_s for one, then 429."""
+        deadline = time.monotonic() + self.create_wait_s
+        with self._lock:
+            while self.max_sandboxes is not None and len(self._by_id) + self._creating >= self.max_sandboxes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ApiError(429, f"the limit of {self.max_sandboxes} sandboxes is reached")
+                self._lock.wait(left)
+            self._creating += 1
+
     def create(
         self,
         template: str,
@@ -150,68 +193,142 @@ class Sandboxes:
         envs: dict[str, str],
         on_timeout: str = "kill",
     ) -> Sandbox:
-        """A new running sandbox: a VM restored from herovm template `template`, or for `base` (without
-        such a template) a cold VM of the default image."""
-        templates = {t["name"]: t for t in self.manager.templates()}
-        if template != "base" and template not in templates:
+        """A new running sandbox: a member of the template's warm pool (resumed), else a VM restored from
+        herovm template `template`, or for `base` (without such a template) a cold VM of the default image."""
+        pooled = self.pool is not None and self.pool.serves(template)
+        templates = {} if pooled else {t["name"]: t for t in self.manager.templates()}
+        if not pooled and template != "base" and template not in templates:
             raise ApiError(404, f"template '{template}' not found (see `herovm template ls`)")
-        with self._lock:
-            if self.max_sandboxes is not None and len(self._by_id) + self._creating >= self.max_sandboxes:
-                raise ApiError(429, f"the limit of {self.max_sandboxes} sandboxes is reached")
-            self._creating += 1
+        self._admit()
+        started = time.monotonic()
+        source = "pool"
         try:
-            sb_id = new_id()
-            if template in templates:
-                vm = self.manager.up(PREFIX + sb_id, template=template)
-                row = templates[template]
-                cpus, memory = row.get("cpus") or 1, row.get("memory") or (1 << 30)
-            else:
-                settings = VMSettings.of({})
-                vm = self.manager.up(PREFIX + sb_id, settings)
-                cpus, memory = settings.cpus, settings.memory
-            try:
-                result = vm.exec(["sh", "-c", ENSURE_USER], timeout=30)
-                if result.exit_code != 0:
-                    raise ApiError(
-                        500, f"could not make the user 'user' in the sandbox: {result.stderr[-200:]!r}"
-                    )
+            member = self.pool.claim(template) if pooled and self.pool is not None else None
+            if member is not None:
                 now = time.time()
                 sb = Sandbox(
-                    id=sb_id,
+                    id=member.id,
                     template=template,
                     token=secrets.token_urlsafe(32),
                     started_at=now,
                     end_at=now + timeout,
                     metadata=dict(metadata),
                     envs=dict(envs),
-                    cpus=int(cpus),
-                    memory_mb=int(memory) >> 20,
+                    cpus=member.cpus,
+                    memory_mb=member.memory_mb,
                     on_timeout=on_timeout,
+                    vm_name=member.vm,
+                    source="pool",
                 )
-                sb.save()
-            except BaseException:
-                with contextlib.suppress(HeroVMError):
-                    self.manager.down(PREFIX + sb_id)
-                raise
-            finally:
-                vm.close()
-            with self._lock:
-                self._by_id[sb.id] = sb
+                try:
+                    sb.save()
+                except BaseException:
+                    with contextlib.suppress(HeroVMError):
+                        self.manager.down(member.vm)
+                    raise
+                with self._lock:
+                    self._by_id[sb.id] = sb
+                self._count(template, source, started)
+                return sb
+            if pooled:
+                templates = {t["name"]: t for t in self.manager.templates()}
+                if template not in templates:
+                    raise ApiError(404, f"template '{template}' not found (see `herovm template ls`)")
+            source = "template" if template in templates else "cold"
+            sb = self._create_vm(template, templates, timeout, metadata, envs, on_timeout)
+            sb.source = source
+            self._count(template, source, started)
             return sb
+        except BaseException:
+            self.metrics.inc("herovm_serve_creates_total", template=template, source=source, outcome="error")
+            raise
         finally:
             with self._lock:
                 self._creating -= 1
+                self._lock.notify_all()
+
+    def _count(self, template: str, source: str, started: float) -> None:
+        self.metrics.inc("herovm_serve_creates_total", template=template, source=source, outcome="ok")
+        self.metrics.observe(
+            "herovm_serve_create_seconds", time.monotonic() - started, template=template, source=source
+        )
+
+    def ready_pool_vm(self, vm_name: str) -> None:
+        """What a pool VM gets before it is paused: E2B's user `user`, and one command and one file lookup
+        as that user through the agent's ops, as a sandbox's first command will do (a restored guest reads
+        its memory in from the template as it touches it: the first command pays for it, ~0.2 s under TCG,
+        so the claim's first command does not)."""
+        vm = self.manager.get(vm_name)
+        try:
+            result = vm.exec(["sh", "-c", ENSURE_USER], timeout=30)
+            if result.exit_code != 0:
+                raise ApiError(500, f"could not make the user 'user' in the VM: {result.stderr[-200:]!r}")
+            with contextlib.suppress(Exception):  # best effort: an older image's agent has no ops
+                ops = vm.ops
+                ops.start_process("true", user=DEFAULT_USER, cwd=f"/home/{DEFAULT_USER}").wait()
+                ops.stat(f"/home/{DEFAULT_USER}", user=DEFAULT_USER)
+        finally:
+            vm.close()
+
+    def _create_vm(
+        self,
+        template: str,
+        templates: dict[str, dict],
+        timeout: int,
+        metadata: dict[str, str],
+        envs: dict[str, str],
+        on_timeout: str,
+    ) -> Sandbox:
+        sb_id = new_id()
+        if template in templates:
+            vm = self.manager.up(PREFIX + sb_id, template=template)
+            row = templates[template]
+            cpus, memory = row.get("cpus") or 1, row.get("memory") or (1 << 30)
+        else:
+            settings = VMSettings.of({})
+            vm = self.manager.up(PREFIX + sb_id, settings)
+            cpus, memory = settings.cpus, settings.memory
+        try:
+            result = vm.exec(["sh", "-c", ENSURE_USER], timeout=30)
+            if result.exit_code != 0:
+                raise ApiError(
+                    500, f"could not make the user 'user' in the sandbox: {result.stderr[-200:]!r}"
+                )
+            now = time.time()
+            sb = Sandbox(
+                id=sb_id,
+                template=template,
+                token=secrets.token_urlsafe(32),
+                started_at=now,
+                end_at=now + timeout,
+                metadata=dict(metadata),
+                envs=dict(envs),
+                cpus=int(cpus),
+                memory_mb=int(memory) >> 20,
+                on_timeout=on_timeout,
+            )
+            sb.save()
+        except BaseException:
+            with contextlib.suppress(HeroVMError):
+                self.manager.down(PREFIX + sb_id)
+            raise
+        finally:
+            vm.close()
+        with self._lock:
+            self._by_id[sb.id] = sb
+        return sb
 
     def kill(self, sandbox_id: str) -> None:
         sb = self.get(sandbox_id)
-        with self._lock:
-            self._by_id.pop(sb.id, None)
         try:
             self.manager.down(sb.vm)
         except NotFound:
             pass
         finally:
             sb.forget()
+            with self._lock:  # its slot is free once its VM is gone
+                self._by_id.pop(sb.id, None)
+                self._lock.notify_all()  # a create waiting for a slot
 
     def set_timeout(self, sandbox_id: str, timeout: int, only_extend: bool = False) -> Sandbox:
         sb = self.get(sandbox_id)
