@@ -780,21 +780,47 @@ def start(name: str, timeout: Annotated[str, typer.Option()] = "5m", json_out: J
 
 @app.command(name="run")
 def run_(
-    playbook: Annotated[str, typer.Argument(help="a HeroScript playbook of !!vm.* actions; - for stdin")],
+    playbook: Annotated[
+        str | None, typer.Argument(help="a HeroScript playbook of !!vm.* actions; - for stdin")
+    ] = None,
     var: Annotated[list[str] | None, typer.Option(help="K=V substituted into the playbook")] = None,
     plan: Annotated[bool, typer.Option("--plan", help="say what would happen; do nothing")] = False,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="run on after a failed action")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="show every boot step")] = False,
+    interactive: Annotated[
+        bool,
+        typer.Option(
+            "-i",
+            "--interactive",
+            help="a session: run each action from stdin as it completes, one JSON line each",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Run a playbook: check it whole, then run its actions in file order (exit 1 at the first failure,
-    2 if the playbook is invalid: then nothing was done)."""
+    2 if the playbook is invalid: then nothing was done). With -i, a session for agents: each action read
+    from stdin runs when it is complete (a blank line or the next action ends it) and is answered with one
+    JSON line; a failure does not end the session (exit 1 at its end if one failed)."""
     from .playbook import cli_run
 
     try:
         variables = _kv(var, "--var")
+        if interactive == (playbook is not None):
+            raise InvalidInput("give a playbook, or -i for a session on stdin", hint="herovm run play.hero")
     except HeroVMError as e:
         _fail(e, json_out)
+    if interactive:
+        from .session import serve
+
+        raise typer.Exit(
+            serve(
+                sys.stdin,
+                sys.stdout,
+                variables,
+                backend=_options.get("backend"),  # type: ignore[arg-type]
+                uri=_options.get("uri"),  # type: ignore[arg-type]
+            )
+        )
     raise typer.Exit(
         cli_run(
             playbook,
