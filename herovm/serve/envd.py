@@ -59,6 +59,7 @@ KEEPALIVE_S = (
     30.0  # between keepalive events of a quiet stream, unless the client asks (Keepalive-Ping-Interval)
 )
 MAX_UPLOAD = 1 << 30  # bytes of one uploaded file, after decompression
+CHUNK = 64 << 10  # bytes of one chunk of a file on its way
 PIPE_CHUNKS = 16  # chunks or events buffered between a guest thread and a stream: 1 MiB of file data
 WATCH_EVENTS_KEPT = 4096  # events a polled watcher keeps between two GetWatcherEvents
 WATCHER_IDLE_S = 600.0  # a polled watcher nobody asked for this long is removed
@@ -125,14 +126,19 @@ class SandboxOps:
     """What the envd services need of one sandbox's guest, blocking (called from worker threads): the
     agent's ops with E2B's errors. `read_file`/`write_file` keep the signatures app.py's handlers use."""
 
-    def __init__(self, manager: Manager, vm_name: str) -> None:
+    def __init__(self, ops: Any, vm: Any = None, manager: Manager | None = None) -> None:
+        self.ops = ops  # a herovm.guest.ops.GuestOps (or a stand-in with its API)
+        self.vm = vm
         self.manager = manager
-        self.vm_name = vm_name
-        self.vm = manager.attach(vm_name)
-        self.ops = self.vm.ops
+
+    @classmethod
+    def of(cls, manager: Manager, vm_name: str) -> SandboxOps:
+        vm = manager.attach(vm_name)
+        return cls(vm.ops, vm, manager)
 
     def close(self) -> None:
-        self.vm.close()
+        if self.vm is not None:
+            self.vm.close()
 
     # ----------------------------------------------------------------------------------- processes
 
@@ -236,7 +242,7 @@ def ops_for(manager: Manager, sb: Sandbox) -> SandboxOps:
             return ops
         for name in [n for n in _HANDLES if n != sb.vm and not state.VMDir(n).exists()]:
             _HANDLES.pop(name).close()
-        ops = _HANDLES[sb.vm] = SandboxOps(manager, sb.vm)
+        ops = _HANDLES[sb.vm] = SandboxOps.of(manager, sb.vm)
         return ops
 
 
@@ -1060,7 +1066,10 @@ class _Writer:
         self.size += len(chunk)
         if self.size > self.limit:
             raise _TooLarge()
-        return await self._put(chunk)
+        for start in range(0, len(chunk), CHUNK):
+            if not await self._put(chunk[start : start + CHUNK]):
+                return False
+        return True
 
     async def finish(self) -> EntryInfo:
         await self._put(None)

@@ -7,7 +7,10 @@ runs as a subprocess, so a test can restart it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
+import io
 import os
 import secrets
 import socket
@@ -22,7 +25,11 @@ import pytest
 e2b = pytest.importorskip("e2b", reason="the e2b SDK (dev extra) is not installed")
 httpx = pytest.importorskip("httpx")
 from e2b import Sandbox  # noqa: E402
+from e2b.envd.process import process_pb  # noqa: E402
 from e2b.sandbox.sandbox_api import SandboxQuery  # noqa: E402
+from protobuf import Oneof  # noqa: E402
+
+from herovm.serve.app import ServeApp  # noqa: E402
 
 HEROVM = str(Path(sys.executable).with_name("herovm"))
 
@@ -259,11 +266,206 @@ def test_restarted_server_keeps_a_running_sandbox_usable(server: Server, sandbox
     assert sandbox.sandbox_id in {s.sandbox_id for s in Sandbox.list().next_items()}
 
 
-@pytest.mark.skip(reason="background commands, stdin, signals and reconnect wait for the agent's process ops")
-def test_background_command_stdin_list_kill() -> None:
-    """Planned: commands.run(background=True), send_stdin, commands.list, commands.kill."""
+def _first_output(handle: object, deadline_s: float = 30) -> tuple[str | None, str | None]:
+    """The next stdout or stderr chunk a background command's handle gets."""
+    for stdout, stderr, _pty in handle:  # type: ignore[attr-defined]
+        if stdout or stderr:
+            return stdout, stderr
+    raise AssertionError("the command ended without output")
 
 
-@pytest.mark.skip(reason="watch_dir waits for the agent's inotify watches")
-def test_watch_dir_event() -> None:
-    """Planned: files.watch_dir sees a write."""
+def test_background_command_stdin_list_kill(sandbox: Sandbox) -> None:
+    started = time.monotonic()
+    h = sandbox.commands.run("echo started; exec cat", background=True, stdin=True, timeout=0)
+    assert _first_output(h) == ("started\n", None)
+    print(f"background start to first output: {time.monotonic() - started:.2f}s")  # noqa: T201
+    assert h.pid in {p.pid for p in sandbox.commands.list()}
+    listed = next(p for p in sandbox.commands.list() if p.pid == h.pid)
+    assert (listed.cmd, listed.args[-1]) == ("/bin/bash", "echo started; exec cat")
+
+    h.send_stdin("hello\n")
+    assert _first_output(h) == ("hello\n", None)
+    sandbox.commands.send_stdin(h.pid, b"bytes too\n")
+    assert _first_output(h) == ("bytes too\n", None)
+
+    assert h.kill() is True  # SIGKILL, as E2B's kill
+    with pytest.raises(e2b.CommandExitException) as exc:
+        h.wait()
+    assert exc.value.exit_code == -1 and exc.value.error == "signal: killed"
+    assert h.pid not in {p.pid for p in sandbox.commands.list()}
+
+    # stdin closed: the command sees its end
+    h = sandbox.commands.run("cat; echo done", background=True, stdin=True)
+    h.send_stdin("x")
+    h.close_stdin()
+    assert h.wait().stdout == "xdone\n"
+
+    # without stdin=True a reader gets EOF at once; SIGTERM through the Connect API ends a command too
+    assert sandbox.commands.run("cat; echo eof").stdout == "eof\n"
+    h = sandbox.commands.run("sleep 60", background=True)
+    assert sandbox.commands.kill(12345678) is False  # no such process
+    # the SDK kills with SIGKILL only; envd takes SIGTERM too (its own Connect client sends it here)
+    sandbox.commands._rpc.send_signal(
+        process_pb.SendSignalRequest(
+            process=process_pb.ProcessSelector(selector=Oneof("pid", h.pid)),
+            signal=process_pb.Signal.SIGTERM,
+        )
+    )
+    with pytest.raises(e2b.CommandExitException) as exc:
+        h.wait()
+    assert exc.value.error == "signal: terminated"
+
+
+def test_a_command_outlives_its_client_and_is_reconnected(server: Server, sandbox: Sandbox) -> None:
+    h = sandbox.commands.run(
+        "for i in $(seq 1 40); do echo tick$i; sleep 0.1; done; exit 3", background=True, timeout=0
+    )
+    assert _first_output(h)[0].startswith("tick1\n")
+    h.disconnect()  # E2B: the command runs on
+    time.sleep(1)
+    other = Sandbox.connect(sandbox.sandbox_id)  # a second client, from the id alone
+    assert h.pid in {p.pid for p in other.commands.list()}
+    again = other.commands.connect(h.pid)
+    with pytest.raises(e2b.CommandExitException) as exc:
+        again.wait()
+    assert exc.value.exit_code == 3 and "tick40\n" in exc.value.stdout
+    assert "tick1\n" not in exc.value.stdout  # what came while nobody followed is not replayed
+
+
+def test_a_command_is_killed_at_its_timeout(sandbox: Sandbox) -> None:
+    """envd's deadline: the call's timeout is the command's, followed or not."""
+    started = time.monotonic()
+    with pytest.raises(e2b.TimeoutException):
+        sandbox.commands.run("sleep 30; echo never", timeout=2)
+    assert time.monotonic() - started < 15
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(
+        p.args[-1:] == ["sleep 30; echo never"] for p in sandbox.commands.list()
+    ):
+        time.sleep(0.5)
+    assert not any(p.args[-1:] == ["sleep 30; echo never"] for p in sandbox.commands.list())
+    h = sandbox.commands.run("sleep 30", background=True, timeout=2)
+    h.disconnect()
+    time.sleep(4)
+    assert h.pid not in {p.pid for p in sandbox.commands.list()}
+
+
+def test_a_10_mb_file_round_trip_streamed(sandbox: Sandbox) -> None:
+    blob = os.urandom(10 << 20)
+    digest = hashlib.sha256(blob).hexdigest()
+    t0 = time.monotonic()
+    info = sandbox.files.write("/home/user/big.bin", blob)  # multipart
+    t1 = time.monotonic()
+    back = bytes(sandbox.files.read("/home/user/big.bin", format="bytes"))
+    t2 = time.monotonic()
+    print(f"10 MB upload {t1 - t0:.2f}s, download {t2 - t1:.2f}s")  # noqa: T201
+    assert info.path == "/home/user/big.bin"
+    assert hashlib.sha256(back).hexdigest() == digest
+    assert sandbox.commands.run("sha256sum /home/user/big.bin").stdout.split()[0] == digest
+
+    # a file object goes as octet-stream (gzip too, once app.py serves envd's streamed /files); a stream
+    # comes back in chunks
+    sandbox.files.write("/home/user/big2.bin", io.BytesIO(blob))
+    names = ["big2.bin"]
+    if not hasattr(ServeApp, "write_file"):
+        sandbox.files.write("/home/user/big3.bin", blob, gzip=True)
+        names.append("big3.bin")
+    for name in names:
+        chunks = sandbox.files.read(f"/home/user/{name}", format="stream")
+        h = hashlib.sha256()
+        for chunk in chunks:
+            h.update(chunk)
+        assert h.hexdigest() == digest
+    sandbox.commands.run("rm -f /home/user/big.bin /home/user/big2.bin /home/user/big3.bin")
+
+
+def test_directory_operations_through_the_agent(sandbox: Sandbox) -> None:
+    sandbox.files.make_dir("/home/user/tree/a/b")  # parents made
+    sandbox.files.write("/home/user/tree/a/b/f.txt", "f")
+    sandbox.files.write("/home/user/tree/top.txt", "top")
+    one = {e.path for e in sandbox.files.list("/home/user/tree")}
+    assert one == {"/home/user/tree/a", "/home/user/tree/top.txt"}
+    two = {e.path for e in sandbox.files.list("/home/user/tree", depth=3)}
+    assert "/home/user/tree/a/b/f.txt" in two and "/home/user/tree/a/b" in two
+    info = sandbox.files.get_info("/home/user/tree/a")
+    assert (info.type.value, info.owner, info.permissions[0]) == ("dir", "user", "d")
+    sandbox.commands.run("ln -s /home/user/tree/top.txt /home/user/tree/link")
+    link = sandbox.files.get_info("/home/user/tree/link")
+    assert (link.type.value, link.symlink_target) == ("symlink", "/home/user/tree/top.txt")
+    moved = sandbox.files.rename("/home/user/tree/a", "/home/user/tree/moved")
+    assert moved.path == "/home/user/tree/moved" and moved.type.value == "dir"
+    assert sandbox.files.exists("/home/user/tree/moved/b/f.txt")
+    with pytest.raises(e2b.NotFoundException):
+        sandbox.files.rename("/home/user/tree/nope", "/home/user/tree/x")
+    with pytest.raises(e2b.NotFoundException):
+        sandbox.files.list("/home/user/tree/nope")
+    with pytest.raises(e2b.InvalidArgumentException):
+        sandbox.files.list("/home/user/tree/top.txt")  # not a directory
+    sandbox.files.remove("/home/user/tree")  # with everything in it
+    assert not sandbox.files.exists("/home/user/tree")
+    with pytest.raises(e2b.NotFoundException):
+        sandbox.files.remove("/home/user/tree")
+
+
+def test_user_and_root_permissions(sandbox: Sandbox) -> None:
+    sandbox.files.write("/home/user/mine.txt", "m")
+    assert sandbox.files.get_info("/home/user/mine.txt").owner == "user"
+    with pytest.raises(e2b.SandboxException):
+        sandbox.files.write("/etc/herovm-serve-user.txt", "no")
+    with pytest.raises(e2b.SandboxException):
+        sandbox.files.make_dir("/opt/herovm-serve-user")
+    with pytest.raises(e2b.SandboxException):
+        sandbox.files.list("/root")
+    sandbox.files.write("/root/herovm-serve-root.txt", "r", user="root")
+    assert sandbox.files.get_info("/root/herovm-serve-root.txt", user="root").owner == "root"
+    assert sandbox.files.read("/root/herovm-serve-root.txt", user="root") == "r"
+    assert "herovm-serve-root.txt" in {e.name for e in sandbox.files.list("/root", user="root")}
+    sandbox.files.remove("/root/herovm-serve-root.txt", user="root")
+    with pytest.raises(e2b.SandboxException):
+        sandbox.files.remove("/etc/hostname")  # `user` may not
+    assert sandbox.files.exists("/etc/hostname")
+    r = sandbox.commands.run("id -un; cat /root/.profile >/dev/null 2>&1 || echo denied")
+    assert r.stdout == "user\ndenied\n"
+
+
+def test_watch_dir_sees_create_write_remove(sandbox: Sandbox) -> None:
+    sandbox.files.make_dir("/home/user/watched")
+    handle = sandbox.files.watch_dir("/home/user/watched")
+    try:
+        sandbox.files.write("/home/user/watched/new.txt", "1")
+        sandbox.commands.run("echo more >> /home/user/watched/new.txt")
+        sandbox.files.remove("/home/user/watched/new.txt")
+        seen: list[tuple[str, str]] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and ("new.txt", "remove") not in seen:
+            seen += [(e.name, e.type.value) for e in handle.get_new_events()]
+            time.sleep(0.3)
+        assert ("new.txt", "create") in seen and ("new.txt", "write") in seen
+        assert ("new.txt", "remove") in seen
+    finally:
+        handle.stop()
+    with pytest.raises(e2b.SandboxException):
+        handle.get_new_events()  # stopped
+    with pytest.raises(e2b.NotFoundException):
+        sandbox.files.watch_dir("/home/user/not-there")
+
+
+def test_watch_dir_stream_of_the_async_sdk(sandbox: Sandbox) -> None:
+    """The async SDK watches through WatchDir, a server stream."""
+
+    async def main() -> list[tuple[str, str]]:
+        seen: list[tuple[str, str]] = []
+        asb = await e2b.AsyncSandbox.connect(sandbox.sandbox_id)
+        await asb.files.make_dir("/home/user/awatched")
+        handle = await asb.files.watch_dir(
+            "/home/user/awatched", on_event=lambda e: seen.append((e.name, e.type.value))
+        )
+        await asb.files.write("/home/user/awatched/x.txt", "x")
+        for _ in range(100):
+            if ("x.txt", "create") in seen:
+                break
+            await asyncio.sleep(0.1)
+        await handle.stop()
+        return seen
+
+    assert ("x.txt", "create") in asyncio.run(main())
