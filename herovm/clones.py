@@ -81,6 +81,7 @@ def make(
     keep_failed: bool = False,
     publish: tuple = (),
     ttl: float | None = None,
+    marks: dict | None = None,
 ) -> VM:
     """Make VM `name` from `origin`, ready once its agent has taken its own identity. Nothing of it is left
     if that fails (unless `keep_failed`). It publishes each guest port its origin did, on its own host port,
@@ -96,7 +97,7 @@ def make(
         if vmdir.exists():  # left by a crashed herovm: there is no such VM
             vmdir.remove()
         try:
-            record, nonce = _create(m, vmdir, origin, image, publish, ttl)
+            record, nonce = _create(m, vmdir, origin, image, publish, ttl, marks or {})
             m.progress(Progress("clone", f"restoring {name} from {origin.describe()}"))
             cloner.clone(m.machine_spec(vmdir, image, record), origin.memory)
             record = m.booter().handover(vmdir, record, nonce, HANDOVER_TIMEOUT_S)
@@ -108,7 +109,13 @@ def make(
 
 
 def _create(
-    m: Manager, vmdir: state.VMDir, origin: Origin, image: Image, publish: tuple, ttl: float | None
+    m: Manager,
+    vmdir: state.VMDir,
+    origin: Origin,
+    image: Image,
+    publish: tuple,
+    ttl: float | None,
+    marks: dict,
 ) -> tuple[VMRecord, str]:
     """The clone's directory: its own keys, exec token, overlay, port, record and config drive (what its
     later boots read). Returns the record, with the nonce of its handover as its last boot's."""
@@ -148,7 +155,9 @@ def _create(
         vmdir.write_meta({**record.to_json(), **origin.local})
         nonce = m.booter().write_drive(vmdir, record)
         # recorded before the guest runs, as for a boot: `status` tells this VM's events by it
-        record = replace(record.booted(LastBoot(nonce=nonce, started=now())), extra={HANDOVER_MARK: nonce})
+        record = replace(
+            record.booted(LastBoot(nonce=nonce, started=now())), extra={**marks, HANDOVER_MARK: nonce}
+        )
         m.progress(Progress("define", f"defining {name} (port {port})"))
     return record, nonce
 

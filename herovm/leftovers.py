@@ -10,7 +10,7 @@ import shutil
 import time
 from typing import TYPE_CHECKING
 
-from . import clones, snapshots, state, templates
+from . import clones, liveness, snapshots, state, templates
 from .backends.base import Snapshots
 from .errors import Busy
 from .record import VMRecord, epoch
@@ -30,6 +30,7 @@ def collect(m: Manager) -> list[str]:
     removed = templates.leftovers(m)  # first: a killed `template create`'s VM runs, and is garbage
     removed += half_made_clones(m)  # so is a clone whose `up --template` or `fork` was killed
     removed += expired(m)
+    removed += orphaned_test_vms(m)
     machines = m.own_machines()
     for name in state.list_vm_dirs():
         if name in machines:
@@ -126,6 +127,25 @@ def expired(m: Manager) -> list[str]:
                 m.backend.destroy(name)
                 m.remove_held(name)
             removed.append(f"{name} (its time was up at {expires})")
+        except Busy:
+            continue
+    return removed
+
+
+def orphaned_test_vms(m: Manager) -> list[str]:
+    """Remove the VMs a pytest session made (herovm.pytest_plugin marks them with its process) once that
+    process is gone: a killed test run's. A VM kept for inspection (--herovm-keep-on-failure) is unmarked;
+    a VM of a session that still runs, or one a herovm process holds, is left."""
+    removed = []
+    for name, machine in m.own_machines().items():
+        mark = VMRecord.from_json(name, machine.metadata).extra.get(liveness.SESSION_MARK)
+        if mark is None or liveness.alive(mark):
+            continue
+        try:
+            with state.VMDir(name).lock(wait=0):
+                m.backend.destroy(name)
+                m.remove_held(name)
+            removed.append(f"{name} (made by a pytest session that is gone, pid {mark.get('pid')})")
         except Busy:
             continue
     return removed

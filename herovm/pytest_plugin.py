@@ -40,6 +40,9 @@ from typing import Any
 
 import pytest
 
+from . import liveness
+from .liveness import SESSION_MARK
+
 MARKER = "herovm"
 
 
@@ -52,12 +55,33 @@ class _Session:
     kept: list[tuple[str, str]] = field(default_factory=list)  # (VM name, test node id)
     counter: int = 0
 
+    def up(self, name: str, settings: dict[str, Any]) -> Any:
+        """Make VM `name` with `settings` (Manager.up's keywords), marked as this session's (`gc` removes it
+        once this pytest process is gone: herovm.leftovers.orphaned_test_vms)."""
+        from .settings import VMSettings
+
+        self.made.add(name)
+        return self.get_manager().up_marked(name, VMSettings.of(settings), {SESSION_MARK: liveness.mark()})
+
     def get_manager(self):
         if self.manager is None:
             from .manager import Manager
 
             self.manager = Manager(self.backend)
         return self.manager
+
+    def keep(self, name: str, nodeid: str) -> None:
+        """Keep the VM for inspection: no longer marked as this session's, so `gc` leaves it afterwards."""
+        from dataclasses import replace
+
+        from .record import VMRecord
+
+        m = self.get_manager()
+        record = VMRecord.from_json(name, m.machine(name).metadata)
+        unmarked = {k: v for k, v in record.extra.items() if k != SESSION_MARK}
+        m.backend.set_metadata(name, replace(record, extra=unmarked).to_json())
+        self.made.discard(name)
+        self.kept.append((name, nodeid))
 
     def remove(self, name: str) -> None:
         from .errors import NotFound
@@ -189,11 +213,7 @@ def herovm_vm(request: pytest.FixtureRequest, herovm_manager: Any) -> Iterator:
     """A fresh VM for this test (a herovm.VM: exec, put, get), removed afterwards."""
     config = request.config
     state = config.stash[_SESSION]
-    settings: dict[str, Any] = {"image": config.getoption("herovm_image")}
-    if config.getoption("herovm_bootstrap"):
-        settings["bootstrap"] = config.getoption("herovm_bootstrap")
-    if config.getoption("herovm_template"):
-        settings = {"template": config.getoption("herovm_template")}
+    settings = _option_settings(config)
     marker = request.node.get_closest_marker(MARKER)
     if marker is not None:
         if marker.args:
@@ -205,10 +225,9 @@ def herovm_vm(request: pytest.FixtureRequest, herovm_manager: Any) -> Iterator:
     if "bootstrap" in settings:
         settings["bootstrap"] = _bootstrap(settings["bootstrap"], test_file)
     name = _unique_name(state, config.getoption("herovm_name_prefix"), request.node.name)
-    state.made.add(name)
     vm = None
     try:
-        vm = herovm_manager.up(name, **settings)
+        vm = state.up(name, settings)
         yield vm
     finally:
         if vm is not None:
@@ -216,7 +235,78 @@ def herovm_vm(request: pytest.FixtureRequest, herovm_manager: Any) -> Iterator:
         reports = request.node.stash.get(_REPORTS, {})
         failed = any(r.failed for r in reports.values()) or vm is None
         if failed and config.getoption("herovm_keep_on_failure") and herovm_manager.backend.get(name):
-            state.made.discard(name)
-            state.kept.append((name, request.node.nodeid))
+            state.keep(name, request.node.nodeid)
         else:
             state.remove(name)
+
+
+def _option_settings(config: pytest.Config) -> dict[str, Any]:
+    """The VM settings the command line gives (--herovm-image, --herovm-bootstrap, --herovm-template)."""
+    if config.getoption("herovm_template"):
+        return {"template": config.getoption("herovm_template")}
+    settings: dict[str, Any] = {"image": config.getoption("herovm_image")}
+    if config.getoption("herovm_bootstrap"):
+        settings["bootstrap"] = config.getoption("herovm_bootstrap")
+    return settings
+
+
+def _scoped_vm(request: pytest.FixtureRequest, herovm_manager: Any, tag: str, extra: dict) -> Iterator:
+    state = request.config.stash[_SESSION]
+    settings = {**_option_settings(request.config), **extra}
+    if extra.get("template"):
+        settings = dict(extra)
+    test_file = Path(str(request.node.path)) if getattr(request.node, "path", None) else None
+    if "bootstrap" in settings:
+        settings["bootstrap"] = _bootstrap(settings["bootstrap"], test_file)
+    name = _unique_name(state, request.config.getoption("herovm_name_prefix"), tag)
+    vm = None
+    try:
+        vm = state.up(name, settings)
+        yield vm
+    finally:
+        if vm is not None:
+            vm.close()
+        state.remove(name)
+
+
+@pytest.fixture(scope="module")
+def herovm_module_vm(request: pytest.FixtureRequest, herovm_manager: Any) -> Iterator:
+    """One VM for the whole test module (a herovm.VM), removed after its last test. Its settings: the
+    command line's, then the module's `herovm_settings = {...}` (Manager.up's keywords)."""
+    extra = dict(getattr(request.module, "herovm_settings", {}) or {})
+    yield from _scoped_vm(request, herovm_manager, request.module.__name__.rsplit(".", 1)[-1], extra)
+
+
+@pytest.fixture(scope="session")
+def herovm_session_vm(request: pytest.FixtureRequest, herovm_manager: Any) -> Iterator:
+    """One VM for the whole session (the command line's settings), removed at its end."""
+    yield from _scoped_vm(request, herovm_manager, "session", {})
+
+
+@pytest.fixture
+def herovm_factory(request: pytest.FixtureRequest, herovm_manager: Any) -> Iterator:
+    """`herovm_factory(**settings) -> VM`: as many VMs as a test wants (Manager.up's keywords, over the
+    command line's), each with a unique name; all removed after the test, pass or fail."""
+    state = request.config.stash[_SESSION]
+    made: list[Any] = []
+    test_file = Path(str(request.node.path)) if getattr(request.node, "path", None) else None
+
+    def make(**settings: Any) -> Any:
+        wanted = settings if settings.get("template") else {**_option_settings(request.config), **settings}
+        if "bootstrap" in wanted:
+            wanted["bootstrap"] = _bootstrap(wanted["bootstrap"], test_file)
+        name = _unique_name(state, request.config.getoption("herovm_name_prefix"), request.node.name)
+        try:
+            vm = state.up(name, wanted)
+        except BaseException:
+            state.remove(name)
+            raise
+        made.append(vm)
+        return vm
+
+    try:
+        yield make
+    finally:
+        for vm in made:
+            vm.close()
+            state.remove(vm.name)

@@ -302,12 +302,15 @@ def up(
     keep_failed: bool = False,
     publish: tuple = (),
     ttl: float | None = None,
+    marks: dict | None = None,
 ) -> VM:
     """VM `name`, restored from `template` (herovm.clones.make), publishing the template's guest ports and
     `publish` (herovm.ports.for_clone)."""
     t = load(template)
     t.check_files()
-    return clones.make(m, name, t.origin(), t.image(), keep_failed=keep_failed, publish=publish, ttl=ttl)
+    return clones.make(
+        m, name, t.origin(), t.image(), keep_failed=keep_failed, publish=publish, ttl=ttl, marks=marks
+    )
 
 
 def leftovers(m: Manager) -> list[str]:

@@ -102,3 +102,68 @@ def test_failed_test_removed_without_option_and_on_interrupt(pytester: pytest.Py
     assert "1 failed" in out and "KeyboardInterrupt" in out, out
     assert "kept VM" not in out
     assert names_with(prefix) == []
+
+
+def test_module_session_and_factory_fixtures(pytester: pytest.Pytester, prefix: str) -> None:
+    """A module's VM is one VM for its tests (and takes the module's herovm_settings), the session's one
+    for the session; the factory makes several in one test; every one is marked as the session's while it
+    lives (gc takes a killed session's, below) and removed at the end of its scope."""
+    pytester.makepyfile(
+        test_a="""
+        herovm_settings = {"memory": "512MB"}
+        seen = []
+
+        def test_one(herovm_module_vm, herovm_session_vm, herovm_manager):
+            seen.append(herovm_module_vm.name)
+            herovm_module_vm.exec("echo kept > /root/shared")
+            assert herovm_manager.status(herovm_module_vm.name)["settings"]["memory"] == 512 << 20
+            assert herovm_manager.record(herovm_session_vm.name).extra["pytest_session"]["pid"] > 0
+
+        def test_two(herovm_module_vm, herovm_session_vm):
+            assert [herovm_module_vm.name] == seen
+            assert herovm_module_vm.exec(["cat", "/root/shared"]).stdout == b"kept\\n"
+
+        def test_factory(herovm_factory, herovm_session_vm):
+            a, b = herovm_factory(), herovm_factory(net="restricted")
+            assert a.name != b.name and b.exec(["hostname"]).stdout.decode().strip() == b.name
+        """
+    )
+    result = pytester.runpytest_subprocess("--herovm-name-prefix", prefix, "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    assert names_with(prefix) == []
+
+
+def test_gc_removes_the_vms_of_a_killed_session(pytester: pytest.Pytester, prefix: str) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytester.makepyfile(
+        test_k="""
+        import time
+
+        def test_waits(herovm_vm):
+            print("VM-READY", flush=True)
+            time.sleep(600)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", "--herovm-name-prefix", prefix],
+        cwd=pytester.path,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if "VM-READY" in line or time.monotonic() > deadline:
+                break
+        assert len(names_with(prefix)) == 1
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no teardown runs: the VM stays behind
+        proc.wait()
+    [name] = names_with(prefix)
+    gc = subprocess.run([sys.executable, "-m", "herovm", "gc"], capture_output=True, text=True)
+    assert f"removed {name} (made by a pytest session that is gone, pid {proc.pid})" in gc.stdout, gc.stdout
+    assert names_with(prefix) == []
