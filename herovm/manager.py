@@ -80,11 +80,16 @@ class Manager:
         the agent keeps it out of its events and so out of the console log. A bootstrap that is given but
         holds no action is refused unless `allow_empty`."""
         state.validate_name(name)
-        settings = VMSettings.of(options, base=settings)
+        return self.up_marked(name, VMSettings.of(options, base=settings), {})
+
+    def up_marked(self, name: str, settings: VMSettings, marks: dict[str, Any]) -> VM:
+        """`up`, with `marks` kept in the VM's record: what made it, so that `gc` can tell when that is gone
+        (a template's builder VM: herovm.templates; a pytest session's VM: herovm.pytest_plugin)."""
+        state.validate_name(name)
         if settings.template is not None:
-            return self._up_from_template(name, settings)
+            return self._up_from_template(name, settings, marks)
         if not settings.secrets:
-            return self._up(name, settings)
+            return self._up(name, settings, marks)
         from .bootstrap import redact, redacted
 
         secret_vars = settings.secrets
@@ -93,7 +98,7 @@ class Manager:
             Progress(p.stage, redact(p.message, secret_vars), redacted(p.data, secret_vars))  # type: ignore[arg-type]
         )
         try:
-            return self._up(name, settings)
+            return self._up(name, settings, marks)
         except HeroVMError as e:
             e.message = redact(e.message, secret_vars)
             e.hint = redact(e.hint, secret_vars) if e.hint else e.hint
@@ -103,11 +108,7 @@ class Manager:
         finally:
             self.progress = report
 
-    def up_marked(self, name: str, settings: VMSettings, marks: dict[str, Any]) -> VM:
-        """`up`, with `marks` kept in the VM's record (a template's builder VM: herovm.templates)."""
-        return self._up(name, settings, marks)
-
-    def _up_from_template(self, name: str, s: VMSettings) -> VM:
+    def _up_from_template(self, name: str, s: VMSettings, marks: dict[str, Any]) -> VM:
         from . import templates
 
         existing = self.backend.get(name)
@@ -126,7 +127,7 @@ class Manager:
                 f"VM {name} already exists ({existing.state})",
                 hint=f"pick another name or remove it with `herovm down {name}`",
             )
-        return templates.up(self, name, s.template, s.keep_failed, s.publish, s.ttl)  # type: ignore[arg-type]
+        return templates.up(self, name, s.template, s.keep_failed, s.publish, s.ttl, marks)  # type: ignore[arg-type]
 
     def _up(self, name: str, s: VMSettings, marks: dict[str, Any] | None = None) -> VM:
         from .bootstrap import bootstrap_of, fetch_on_host
