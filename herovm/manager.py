@@ -28,6 +28,7 @@ from .settings import VMSettings, seconds
 from .vm import VM
 
 if TYPE_CHECKING:  # and imported where used: `herovm exec` needs none of these (~10 ms a call)
+    from .api_types import SnapshotInfo, TemplateInfo, VMInfo, VMStatus
     from .boot import Boot
     from .bootstrap import Bootstrap
     from .images import Image
@@ -55,6 +56,7 @@ class Manager:
         self.fetch_timeout = FETCH_TIMEOUT_S  # seconds the guest waits for a bootstrap URL to answer
 
     def close(self) -> None:
+        """Close the backend's connection (libvirt's); VM handles made by this Manager stop working."""
         self.backend.close()
 
     def __enter__(self) -> Manager:
@@ -310,6 +312,7 @@ class Manager:
         return VMRecord.from_json(name, self.machine(name).metadata)
 
     def get(self, name: str) -> VM:
+        """A handle on the existing VM `name` (exec, cp, files, ...); NotFound if there is none."""
         return VM(self, self.record(name))
 
     def attach(self, name: str) -> VM:
@@ -399,6 +402,8 @@ class Manager:
             self.backend.destroy(name)
 
     def start(self, name: str, timeout: str | float = "5m") -> VM:
+        """Boot a stopped VM again (its disk as it was; its bootstrap does not run twice) and return once it
+        answers exec; a running VM is returned as it is. `timeout`: seconds, or a duration such as "2m"."""
         vmdir = state.VMDir(name)
         with vmdir.lock():
             machine = self.machine(name)
@@ -526,6 +531,8 @@ class Manager:
         return {m.name: m for m in self.backend.list() if self.owns(m)}
 
     def down_all(self) -> list[str]:
+        """`down` every VM of this HEROVM_HOME (and every VM directory left without a machine); returns
+        their names."""
         names = sorted(set(self.own_machines()) | set(state.list_vm_dirs()))
         for name in names:
             self.down(name)
@@ -539,6 +546,7 @@ class Manager:
         return leftovers.collect(self)
 
     def ls(self) -> list[dict]:
+        """Every VM of this HEROVM_HOME, by name: one row each (`herovm ls --json`; typed: `vms()`)."""
         rows = []
         for m in self.own_machines().values():
             record = VMRecord.from_json(m.name, m.metadata)
@@ -617,6 +625,39 @@ class Manager:
             "failure": story.failure if agent == "failed" else None,
         }
         return redacted(facts, vmdir.read_secrets())  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------- typed forms (api_types)
+
+    def info(self, name: str) -> VMStatus:
+        """`status` as a VMStatus (herovm.api_types): the same facts, typed."""
+        from .api_types import VMStatus
+
+        return VMStatus.from_json(self.status(name))
+
+    def vms(self) -> list[VMInfo]:
+        """`ls` as VMInfo rows (herovm.api_types), by name."""
+        from .api_types import VMInfo
+
+        return [VMInfo.from_json(row) for row in self.ls()]
+
+    def snapshot_infos(self, name: str | None = None) -> list[SnapshotInfo]:
+        """`snapshots` as SnapshotInfo rows: one VM's, or every VM's of this home, oldest first."""
+        from .api_types import SnapshotInfo
+
+        return [SnapshotInfo.from_json(row) for row in self.snapshots(name)]
+
+    def template_infos(self) -> list[TemplateInfo]:
+        """`templates` as TemplateInfo rows."""
+        from .api_types import TemplateInfo
+
+        return [TemplateInfo.from_json(row) for row in self.templates()]
+
+    def make_template(self, name: str, settings: VMSettings | None = None, **options: Any) -> TemplateInfo:
+        """`create_template`, returning a TemplateInfo: boot a VM, run its bootstrap, keep its memory and
+        disk as template `name`, remove the VM; `up(..., template=name)` then restores VMs from it."""
+        from .api_types import TemplateInfo
+
+        return TemplateInfo.from_json(self.create_template(name, settings, **options))
 
     def logs(self, name: str, console: bool = False) -> Path | list[dict]:
         """The events of the VM's last boot as the console mirrors them (see `status`), or with `console`
