@@ -118,6 +118,8 @@ def test_clones_share_the_templates_work_but_not_its_identity(
     assert a.record.host_key != b.record.host_key
     tokens = {state.VMDir(vm.name).exec_token.read_text().strip() for vm in (a, b)}
     assert len(tokens) == 2 and template.builder_token not in tokens
+    for vm in (a, b):  # the template's memory is older: its clock is the host's, set at the handover
+        assert abs(float(out(vm, "date +%s.%N")) - time.time()) < 2.0
     randoms = [out(vm, "head -c 16 /dev/urandom | od -An -tx1") for vm in (a, b)]
     assert randoms[0] != randoms[1], "two clones drew the same random bytes"
     # the template's token, presented to a clone: refused (the agent cannot prove it holds that token)
