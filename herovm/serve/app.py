@@ -190,6 +190,32 @@ class ServeApp:
         return JSONResponse(written)
 
 
+_LOCK_FD: list[int] = []  # the pool lock's descriptor, open for the process's life
+
+
+def _pool_lock() -> int | None:
+    """Take `$HEROVM_HOME/serve/pools.lock` for this process: None when taken, else the pid of the server
+    that holds it. Its holder alone keeps pools and adopts or removes `e2b-pool-*` VMs at start: two such
+    servers in one home would remove each other's waiting pool VMs. A server without --pool touches none."""
+    import fcntl
+    import os
+
+    from .. import state
+
+    path = state.ensure_dir(state.home() / "serve", 0o700) / "pools.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        return int(holder) if holder.isdigit() else -1
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _LOCK_FD.append(fd)
+    return None
+
+
 def run(
     listen: str,
     api_keys: list[str],
@@ -209,7 +235,7 @@ def run(
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    from ..errors import NotFound
+    from ..errors import Busy, NotFound
     from ..manager import Manager
 
     log = log or _log_stderr
@@ -228,11 +254,16 @@ def run(
         sandboxes = Sandboxes(manager, max_sandboxes, metrics=metrics, create_wait_s=create_wait_s)
         kept = sandboxes.rebuild()
         if pools:
+            owner = _pool_lock()  # held while this server runs: the home's pools are its
+            if owner is not None:
+                raise Busy(
+                    f"another herovm serve (pid {owner}) keeps warm pools in this herovm home",
+                    hint="stop it, or run one server with --pool per HEROVM_HOME",
+                )
             pool = Pool(manager, pools, metrics, log, ready_vm=sandboxes.ready_pool_vm)
             sandboxes.pool = pool
-        # pool VMs a killed server left: adopted (paused, of a pooled template) or removed
-        leftover = Pool(manager, pools or {}, metrics, log) if pool is None else pool
-        leftover.adopt({sb.vm for sb in sandboxes.all()})
+            # pool VMs a killed server left: adopted (paused, of a pooled template, up to N) or removed
+            pool.adopt({sb.vm for sb in sandboxes.all()})
         app = ServeApp(sandboxes, api_keys, log=log, pool=pool)
         config = Config()
         config.bind = [listen]

@@ -10,8 +10,9 @@ a sandbox at create (id, access token, metadata, environment, timeout) is the se
 
 One background thread refills the pools, one VM at a time (a refill is a restore: CPU the sandboxes need),
 with a growing pause after a failure. The server's exit removes the waiting members (they hold memory and
-nobody can claim them while no server runs); a server that starts finds the members a killed server left
-and adopts the paused ones of templates it pools, up to N, and removes the rest.
+nobody can claim them while no server runs); a server with --pool that starts finds the members a killed
+server left and adopts the paused ones of templates it pools, up to N, and removes the rest. One server per
+HEROVM_HOME keeps pools (`$HEROVM_HOME/serve/pools.lock`); servers without --pool touch no pool VM.
 
 Bounds: a pool holds at most N VMs; `--max-sandboxes` counts sandboxes (what clients hold), not waiting
 pool members, so the server holds at most max-sandboxes + the sum of the pools' N VMs.

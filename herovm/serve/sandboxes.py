@@ -34,8 +34,10 @@ ENVD_VERSION = "0.5.7"  # the envd behaviour the SDKs should expect (multipart a
 DEFAULT_USER = "user"
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
-# E2B's default user: made in the guest when the sandbox is created (and again if a template lacks it).
+# E2B's default user: made in the guest when the sandbox is created, if its template lacks it. A template
+# made with `!!user.add name:user` skips useradd (~1 s under TCG): one exec of builtins and `id`.
 ENSURE_USER = (
+    "if id -u user >/dev/null 2>&1 && [ -d /home/user ]; then exit 0; fi; "
     "id -u user >/dev/null 2>&1 || useradd --create-home --shell /bin/bash user >/dev/null 2>&1; "
     "mkdir -p /home/user && chown user:user /home/user"
 )
@@ -265,8 +267,9 @@ class Sandboxes:
                 raise ApiError(500, f"could not make the user 'user' in the VM: {result.stderr[-200:]!r}")
             with contextlib.suppress(Exception):  # best effort: an older image's agent has no ops
                 ops = vm.ops
-                ops.start_process("true", user=DEFAULT_USER, cwd=f"/home/{DEFAULT_USER}").wait()
-                ops.stat(f"/home/{DEFAULT_USER}", user=DEFAULT_USER)
+                home = f"/home/{DEFAULT_USER}"  # the SDK's commands.run: a login bash in the user's home
+                ops.start_process(["/bin/bash", "-l", "-c", "true"], user=DEFAULT_USER, cwd=home).wait()
+                ops.stat(home, user=DEFAULT_USER)
         finally:
             vm.close()
 
