@@ -17,6 +17,7 @@ pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
 from herovm.errors import GuestError, NotFound  # noqa: E402
+from herovm.guest.execution import ExecResult  # noqa: E402
 from herovm.serve import pool as pool_mod  # noqa: E402
 from herovm.serve.app import ServeApp  # noqa: E402
 from herovm.serve.metrics import Metrics  # noqa: E402
@@ -40,9 +41,14 @@ class FakeRecord:
 
 
 class FakeVM:
-    def __init__(self, name: str, origin: dict | None) -> None:
+    def __init__(self, name: str, origin: dict | None, execs: list[str] | None = None) -> None:
         self.name = name
         self.record = FakeRecord(origin)
+        self.execs = execs if execs is not None else []
+
+    def exec(self, argv: list[str], timeout: float = 0) -> Any:
+        self.execs.append(self.name)
+        return ExecResult(0, b"present\n", b"", False, 0.01)
 
     def close(self) -> None:
         pass
@@ -53,6 +59,7 @@ class FakeManager:
     machines: dict[str, FakeMachine] = field(default_factory=dict)
     templates_: tuple[str, ...] = ("py", "node")
     fail_up: int = 0  # this many ups fail
+    execs: list[str] = field(default_factory=list)
     up_s: float = 0.0
     calls: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -68,7 +75,7 @@ class FakeManager:
                 self.fail_up -= 1
                 raise GuestError("restore failed")
             self.machines[name] = FakeMachine(name, "running", template)
-        return FakeVM(name, {"template": template} if template else None)
+        return FakeVM(name, {"template": template} if template else None, self.execs)
 
     def pause(self, name: str) -> None:
         with self.lock:
@@ -303,3 +310,14 @@ def test_metrics_text_and_who_may_read_it(home: Path) -> None:
             name = line.split("{")[0].split(" ")[0]
             assert any(name == f or name.startswith(f + "_") for f in families), line
             float(line.rsplit(" ", 1)[1].replace("+Inf", "inf"))
+
+
+def test_the_user_check_runs_once_per_template_that_has_the_user(home: Path) -> None:
+    m = FakeManager()
+    sbs = Sandboxes(m)  # type: ignore[arg-type]
+    a = sbs.create("py", 60, {}, {})
+    b = sbs.create("py", 60, {}, {})
+    c = sbs.create("node", 60, {}, {})
+    assert (a.source, a.vm, c.source) == ("template", f"e2b-{a.id}", "template")
+    assert m.execs == [a.vm, c.vm]  # b: a clone of a template whose clones have `user`: no exec
+    assert b.id in {sb.id for sb in sbs.all()}
