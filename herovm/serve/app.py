@@ -13,25 +13,18 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from .api import Api, error
-from .auth import basic_user, matches
-from .envd import Envd, FsError, check_user, ops_for, resolve_path
+from .auth import matches
+from .envd import Envd
 from .metrics import Metrics
 from .pool import Pool
-from .sandboxes import DEFAULT_USER, Sandboxes
+from .sandboxes import Sandboxes
 
 ENVD_PORT = 49983
-MAX_UPLOAD = 1 << 30  # one upload: 1 GiB
 REAP_EVERY_S = 1.0
-
-_FS_STATUS = {"not_found": 404, "exists": 409, "invalid": 400, "denied": 403}
 
 
 def _log_stderr(line: str) -> None:
@@ -59,13 +52,7 @@ class ServeApp:
         self.api = Api(sandboxes, self.executor, log, pool=pool)
         self.rest = Starlette(routes=self.api.routes())
         self.envd = Envd(sandboxes, self.executor)
-        self.files = Starlette(
-            routes=[
-                Route("/files", self.read_file, methods=["GET"]),
-                Route("/files", self.write_file, methods=["POST"]),
-                Route("/health", lambda _r: Response(status_code=204), methods=["GET"]),
-            ]
-        )
+        self.files = Starlette(routes=self.envd.file_routes())  # /files, streamed; /health
         self._reaper: asyncio.Task | None = None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -135,59 +122,6 @@ class ServeApp:
                     await loop.run_in_executor(self.executor, self.sandboxes.expire, sb)
                 except Exception as e:  # the reaper goes on whatever one sandbox did
                     self.log(f"could not expire {sb.id}: {e}")
-
-    # ----------------------------------------------------------------------- envd HTTP: files
-
-    def _file_context(self, request: Request) -> tuple[Any, str]:
-        sb = self.sandboxes.find(request.headers.get("e2b-sandbox-id", ""))
-        assert sb is not None, "the router let through a known sandbox only"
-        user = request.query_params.get("username") or basic_user(
-            request.headers.get("authorization"), DEFAULT_USER
-        )
-        return ops_for(self.sandboxes.manager, sb), check_user(user)
-
-    async def _blocking(self, fn: Callable[[], Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
-
-    async def read_file(self, request: Request) -> Response:
-        try:
-            ops, user = self._file_context(request)
-            path = resolve_path(request.query_params.get("path", ""), user)
-            data = await self._blocking(lambda: ops.read_file(path, user))
-        except FsError as e:
-            return error(_FS_STATUS[e.kind], e.message)
-        return Response(data, media_type="application/octet-stream")
-
-    async def write_file(self, request: Request) -> Response:
-        try:
-            ops, user = self._file_context(request)
-            uploads: list[tuple[str, bytes]] = []
-            ctype = request.headers.get("content-type", "")
-            if ctype.startswith("multipart/form-data"):
-                async with request.form(max_files=1000, max_part_size=MAX_UPLOAD) as form:
-                    for _field, value in form.multi_items():
-                        if isinstance(value, str):
-                            continue
-                        name = value.filename or request.query_params.get("path", "")
-                        uploads.append((resolve_path(name, user), await value.read()))
-            else:
-                if request.headers.get("content-encoding", "identity") not in ("identity", ""):
-                    return error(400, "compressed uploads are not supported by herovm serve yet")
-                body = bytearray()
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > MAX_UPLOAD:
-                        return error(413, "upload too large")
-                uploads.append((resolve_path(request.query_params.get("path", ""), user), bytes(body)))
-            if not uploads:
-                return error(400, "no file in the upload")
-            written = []
-            for path, data in uploads:
-                e = await self._blocking(lambda p=path, d=data: ops.write_file(p, d, user))
-                written.append({"name": e.name, "type": "file" if e.type != "dir" else "dir", "path": e.path})
-        except FsError as e:
-            return error(_FS_STATUS[e.kind], e.message)
-        return JSONResponse(written)
 
 
 _LOCK_FD: list[int] = []  # the pool lock's descriptor, open for the process's life

@@ -177,7 +177,6 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeOps:
     ops = FakeOps()
     adapter = envd.SandboxOps(ops)
     monkeypatch.setattr(envd, "ops_for", lambda manager, sb: adapter)
-    monkeypatch.setattr("herovm.serve.app.ops_for", lambda manager, sb: adapter)
     return ops
 
 

@@ -14,6 +14,7 @@ pytest.importorskip("connectrpc", reason="the serve extra is not installed")
 pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
+from herovm.guest.ops import End, EntryInfo, OpError, Output  # noqa: E402
 from herovm.serve import api, auth, envd, envd_pb  # noqa: E402
 from herovm.serve.app import ServeApp  # noqa: E402
 from herovm.serve.sandboxes import ApiError, Sandbox, Sandboxes  # noqa: E402
@@ -92,34 +93,42 @@ def test_key_matching_and_basic_user() -> None:
 # --------------------------------------------------------------------------------- the app
 
 
+class _Handle:
+    def __init__(self, events: list) -> None:
+        self.pid, self.tag, self.events = 1000, None, events
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.events)
+
+    def close(self) -> None:
+        pass
+
+
 class FakeOps:
-    """Stands in for the guest: runs nothing, answers as a guest would."""
+    """Stands in for the guest agent's ops (herovm.guest.ops.GuestOps): runs nothing, answers as a guest
+    would."""
 
     files: dict[str, bytes] = {}
 
-    def __init__(self, *a: object) -> None:
-        pass
+    def start_process(self, command, *, env=None, cwd=None, user="root", tag=None, stdin=False):  # noqa: ANN001, ANN201
+        home = "/root" if user == "root" else f"/home/{user}"
+        line = f"{user} {cwd or home} {(env or {}).get('X', '')}\n".encode()
+        return _Handle([Output("stdout", line), Output("stderr", b"warn\n"), End(3, None)])
 
-    def run(self, argv, *, user, env, cwd, on_stdout=None, on_stderr=None, stdin=None, timeout=None):  # noqa: ANN001, ANN201
-        on_stdout(f"{user} {cwd} {env.get('X', '')}\n".encode())
-        on_stderr(b"warn\n")
-        return 3, b"", b""
-
-    def read_file(self, path: str, user: str) -> bytes:
+    def read_file_chunks(self, path, *, user="root", offset=0, limit=None):  # noqa: ANN001, ANN201
         if path not in self.files:
-            raise envd.FsError("not_found", f"path '{path}' does not exist")
-        return self.files[path]
+            raise OpError("not_found", "no such file")
+        yield self.files[path]
 
-    def write_file(self, path: str, data: bytes, user: str) -> envd.Entry:
-        self.files[path] = data
-        return envd.Entry(path.rsplit("/", 1)[-1], "file", path, len(data), 0o644, user, user, 0.0)
+    def write_file(self, path, data, *, user="root", mode=None) -> EntryInfo:  # noqa: ANN001
+        self.files[path] = data if isinstance(data, bytes) else b"".join(data)
+        return self.stat(path, user=user)
 
-    def stat(self, path: str, user: str) -> envd.Entry:
+    def stat(self, path, *, user="root") -> EntryInfo:  # noqa: ANN001
         if path not in self.files:
-            raise envd.FsError("not_found", f"path '{path}' does not exist")
-        return envd.Entry(
-            path.rsplit("/", 1)[-1], "file", path, len(self.files[path]), 0o644, user, user, 1.5
-        )
+            raise OpError("not_found", "no such file")
+        name = path.rsplit("/", 1)[-1]
+        return EntryInfo(name, path, "file", len(self.files[path]), 0o644, "-rw-r--r--", user, user, 1.5)
 
 
 class FakeSandboxes(Sandboxes):
@@ -145,8 +154,7 @@ class FakeSandboxes(Sandboxes):
 
 @pytest.fixture
 def client(monkeypatch: pytest.MonkeyPatch) -> TestClient:
-    monkeypatch.setattr(envd, "ops_for", lambda manager, sb: FakeOps())
-    monkeypatch.setattr("herovm.serve.app.ops_for", lambda manager, sb: FakeOps())
+    monkeypatch.setattr(envd, "ops_for", lambda manager, sb: envd.SandboxOps(FakeOps()))
     FakeOps.files = {}
     app = ServeApp(FakeSandboxes(), [KEY], log=lambda line: None)
     return TestClient(app)
@@ -208,7 +216,8 @@ def test_connect_server_stream_framing_and_tokens(client: TestClient) -> None:
     assert {
         "stdout": "dXNlciAvaG9tZS91c2VyIGUK"
     } in data  # base64("user /home/user e\n"): default user, home, envs
-    assert frames[-2][1]["event"]["end"] == {"exitCode": 3, "exited": True, "status": "exit status 3"}
+    end = frames[-2][1]["event"]["end"]
+    assert end == {"exitCode": 3, "exited": True, "status": "exit status 3", "error": "exit status 3"}
     assert frames[-1][0] == 2 and frames[-1][1] == {}  # the end-of-stream envelope, no error
 
     root = client.post(
@@ -261,9 +270,9 @@ def test_connect_unary_errors_and_file_endpoints(client: TestClient) -> None:
     assert r.json()["entry"]["size"] == "2" and r.json()["entry"]["permissions"] == "-rw-r--r--"
 
     r = client.post(
-        "/filesystem.Filesystem/CreateWatcher",
+        "/process.Process/Update",
         headers=_sandbox_headers(**{"Content-Type": "application/json"}),
-        json={"path": "/"},
+        json={"process": {"pid": 1}},
     )
     assert r.json()["code"] == "unimplemented"
 
@@ -276,7 +285,3 @@ def test_parse_helpers() -> None:
         envd.resolve_path("", "user")
     with pytest.raises(envd.FsError):
         envd.check_user("Robert'); drop")
-    rows = envd._entries(
-        b"\0".join([b"l", b"d", b"4", b"777", b"root", b"root", b"1.5", b"/tmp", b"/home/user/link", b""])
-    )
-    assert rows[0].type == "symlink" and rows[0].target_type == "dir" and rows[0].symlink_target == "/tmp"
