@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from . import accel as accel_mod
 from . import disks, leftovers, ports, snapshots, state
 from .backends import Backend, Machine, MachineSpec, get_backend, require
-from .backends.base import Pausable
+from .backends.base import RAM_FILE, Pausable, SharedMemory
 from .errors import AlreadyExists, BootFailed, GuestError, HeroVMError, NotFound
 from .progress import Progress, Reporter, silent, still_waiting
 from .protocol import AGENT_VSOCK_PORT, FETCH_TIMEOUT_S, Command, Stage
@@ -289,7 +289,15 @@ class Manager:
             net=s.net,
             net_dir=vmdir.net_dir,
             ports=record.ports,
+            ram_file=vmdir.path / RAM_FILE if self._shares_memory(record) else None,
         )
+
+    def _shares_memory(self, record: VMRecord) -> bool:
+        """Whether the VM runs on guest memory kept in a file: a template's VM, where the backend can
+        (SharedMemory: its clones then share the template's pages)."""
+        from .templates import BUILDER_MARK
+
+        return BUILDER_MARK in record.extra and isinstance(self.backend, SharedMemory)
 
     def booter(self) -> Boot:
         """Boots (and hands clones their identity) for this Manager's backend, reporting to its progress."""

@@ -2,8 +2,11 @@
 sealed, and kept as its memory and disk, from which new VMs are restored instead of booted (herovm.clones).
 
 A template lives in HEROVM_HOME/templates/NAME/ (0711; its files 0600): template.json (what it was made
-with), the backend's memory snapshot, disk.qcow2 (the frozen disk, lying on the image) and, if it was made
-with secrets, secrets.json. It is built as `.NAME.partial` by a VM recorded as the template's builder and
+with), its memory, disk.qcow2 (the frozen disk, lying on the image) and, if it was made with secrets,
+secrets.json. Its memory: where the backend can (SharedMemory, libvirt), the template's VM ran on guest memory
+kept in a file, memory.ram, and only its device state is saved, device.state: clones map memory.ram copy on
+write and start in tenths of a second, sharing its pages; elsewhere, the backend's memory snapshot, which
+each clone loads whole. It is built as `.NAME.partial` by a VM recorded as the template's builder and
 gets its name only when whole: `gc` removes a partial template and its builder VM once no `template create`
 holds the template's lock (a killed one). docs/templates.md.
 """
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from . import clones, disks, state
 from .backends import require
-from .backends.base import Clones, Snapshots
+from .backends.base import DEVICE_STATE, RAM_FILE, Clones, SharedMemory, Snapshots
 from .errors import AlreadyExists, Busy, GuestError, HeroVMError, NotFound
 from .progress import Progress
 from .protocol import Command, Kind
@@ -65,7 +68,10 @@ class Template:
 
     def check_files(self) -> None:
         """HeroVMError if a file is not as the template left it (truncated, replaced, gone)."""
-        for path, want in ((self.memory, self.facts["memory_bytes"]), (self.disk, self.facts["disk_bytes"])):
+        files = [(self.memory, self.facts["memory_bytes"]), (self.disk, self.facts["disk_bytes"])]
+        if isinstance(self.facts.get("ram_bytes"), int):  # a shared-memory template's memory file
+            files.append((self.path / RAM_FILE, self.facts["ram_bytes"]))
+        for path, want in files:
             size = _bytes(path)
             if size is None:
                 raise HeroVMError(
@@ -108,7 +114,7 @@ def load(name: str) -> Template:
         raise HeroVMError(f"template {name} cannot be read: {e}") from e
     if (
         not isinstance(facts, dict)
-        or facts.get("memory") not in ("memory.save", "memory")
+        or facts.get("memory") not in ("memory.save", "memory", DEVICE_STATE)
         or not all(isinstance(facts.get(k), int) for k in ("memory_bytes", "disk_bytes"))
     ):
         raise HeroVMError(f"template {name} is damaged ({path / 'template.json'})")
@@ -173,18 +179,28 @@ def create(m: Manager, name: str, settings: VMSettings) -> dict:
             ready_s = vm.record.last_boot.seconds
             vm.close()
             _seal(m, vm.record)
-            m.progress(Progress("template", f"snapshotting {builder}: its memory and disk"))
-            snap_started = time.monotonic()
-            saved = require(m.backend, Snapshots).snapshot(builder, partial)
-            snapshot_s = time.monotonic() - snap_started
-            if saved.memory is None:
-                raise HeroVMError(f"the {m.backend.name} backend kept no memory of {builder}")
             builder_dir = state.VMDir(builder)
-            m.backend.destroy(builder)
-            os.rename(
-                saved.disk, partial / "disk.qcow2"
-            )  # it lies on the image only: it was never snapshotted
-            memory = partial / saved.memory.name
+            snap_started = time.monotonic()
+            if isinstance(m.backend, SharedMemory) and (builder_dir.path / RAM_FILE).exists():
+                # its memory is in its file already: only the device state is saved (docs/templates.md)
+                m.progress(
+                    Progress("template", f"saving {builder}'s device state; its memory stays in its file")
+                )
+                memory = partial / DEVICE_STATE
+                m.backend.save_device_state(builder, memory)
+                snapshot_s = time.monotonic() - snap_started
+                m.backend.destroy(builder)
+                os.rename(builder_dir.path / RAM_FILE, partial / RAM_FILE)
+                os.rename(builder_dir.disk, partial / "disk.qcow2")  # lies on the image alone
+            else:
+                m.progress(Progress("template", f"snapshotting {builder}: its memory and disk"))
+                saved = require(m.backend, Snapshots).snapshot(builder, partial)
+                snapshot_s = time.monotonic() - snap_started
+                if saved.memory is None:
+                    raise HeroVMError(f"the {m.backend.name} backend kept no memory of {builder}")
+                m.backend.destroy(builder)
+                os.rename(saved.disk, partial / "disk.qcow2")  # lies on the image alone: never snapshotted
+                memory = partial / saved.memory.name
             if builder_dir.secrets_file.exists():
                 shutil.copy2(builder_dir.secrets_file, partial / "secrets.json")
             facts = {
@@ -195,6 +211,7 @@ def create(m: Manager, name: str, settings: VMSettings) -> dict:
                 "local": clones.local_facts(builder_dir),
                 "memory": memory.name,
                 "memory_bytes": _bytes(memory),
+                "ram_bytes": _bytes(partial / RAM_FILE),  # None: the memory is in the snapshot
                 "disk_bytes": _bytes(partial / "disk.qcow2"),
                 "ready_seconds": ready_s,
                 "snapshot_seconds": round(snapshot_s, 3),
