@@ -134,7 +134,9 @@ class AsyncManager:
             report(p)
             # Manager.up's Ctrl-C path: what it made is removed. Only while it makes the VM (or the image
             # before it): an `up` that starts an existing stopped VM is left to finish, as it would remove it.
-            if cancelled.is_set() and mine and (owned.is_set() or p.stage == "image"):
+            # Never in the middle of its own clean-up ("up: removing ...", "down"): that would cut it short.
+            making = owned.is_set() or p.stage == "image"
+            if cancelled.is_set() and mine and making and p.stage not in ("up", "down"):
                 raise KeyboardInterrupt
 
         # A Manager for this call only (sharing the backend): `up` swaps its progress while it runs, which
