@@ -675,7 +675,8 @@ def _template_create_command() -> None:
             _print_json(row)
         else:
             typer.echo(
-                f"template {name} made in {row['seconds']:.1f}s ({row['memory_bytes'] >> 20} MiB of memory): "
+                f"template {name} made in {row['seconds']:.1f}s "
+                f"({(row['on_disk_bytes'] or 0) >> 20} MiB on disk): "
                 f"herovm up NAME --template {name}"
             )
 

@@ -272,6 +272,8 @@ def row(t: Template, m: Manager | None = None) -> dict:
         "bootstrap": record.bootstrap,
         "memory_bytes": t.facts["memory_bytes"],
         "disk_bytes": t.facts["disk_bytes"],
+        "ram_bytes": t.facts.get("ram_bytes"),  # a shared-memory template's memory file (its apparent size)
+        "on_disk_bytes": state.footprint(t.path),  # what the template takes on the disk, all files
         "seconds": t.facts.get("seconds"),
         "used_by": users(t) if m is not None else None,
     }
