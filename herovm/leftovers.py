@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import clones, liveness, snapshots, state, templates
@@ -116,36 +117,41 @@ def _half_made(name: str, metadata: dict) -> bool:
 def expired(m: Manager) -> list[str]:
     """Remove the VMs whose time is up (`up --ttl`), whatever their state: their guests powered themselves
     off at the deadline (a guest that could not is stopped here). One a herovm process holds is left."""
-    removed = []
-    for name, machine in m.own_machines().items():
-        expires = VMRecord.from_json(name, machine.metadata).expires
-        deadline = epoch(expires)
-        if deadline is None or deadline > time.time():
-            continue
-        try:
-            with state.VMDir(name).lock(wait=0):
-                m.backend.destroy(name)
-                m.remove_held(name)
-            removed.append(f"{name} (its time was up at {expires})")
-        except Busy:
-            continue
-    return removed
+
+    def why(record: VMRecord) -> str | None:
+        deadline = epoch(record.expires)
+        return None if deadline is None or deadline > time.time() else f"its time was up at {record.expires}"
+
+    return _remove_where(m, why)
 
 
 def orphaned_test_vms(m: Manager) -> list[str]:
     """Remove the VMs a pytest session made (herovm.pytest_plugin marks them with its process) once that
     process is gone: a killed test run's. A VM kept for inspection (--herovm-keep-on-failure) is unmarked;
     a VM of a session that still runs, or one a herovm process holds, is left."""
+
+    def why(record: VMRecord) -> str | None:
+        mark = record.extra.get(liveness.SESSION_MARK)
+        if mark is None or liveness.alive(mark):
+            return None
+        return f"made by a pytest session that is gone, pid {mark.get('pid')}"
+
+    return _remove_where(m, why)
+
+
+def _remove_where(m: Manager, why: Callable[[VMRecord], str | None]) -> list[str]:
+    """Stop and remove each of this home's VMs for which `why` gives a reason, unless a herovm process holds
+    it; returns "NAME (reason)" for each one removed."""
     removed = []
     for name, machine in m.own_machines().items():
-        mark = VMRecord.from_json(name, machine.metadata).extra.get(liveness.SESSION_MARK)
-        if mark is None or liveness.alive(mark):
+        reason = why(VMRecord.from_json(name, machine.metadata))
+        if reason is None:
             continue
         try:
             with state.VMDir(name).lock(wait=0):
                 m.backend.destroy(name)
                 m.remove_held(name)
-            removed.append(f"{name} (made by a pytest session that is gone, pid {mark.get('pid')})")
+            removed.append(f"{name} ({reason})")
         except Busy:
             continue
     return removed

@@ -162,8 +162,8 @@ def run(
     log: Callable[[str], None] | None = None,
     on_ready: Callable[[list[str]], None] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM (blocking): herovm.serve.run with warm pools (`pools`: template ->
-    N; each template must exist) and creates that wait for a slot. `on_ready` gets the sandboxes kept."""
+    """Serve until SIGINT or SIGTERM (blocking), with warm pools (`pools`: template -> N; each template must
+    exist) and creates that wait `create_wait_s` for a slot. `on_ready` gets the sandboxes kept."""
     import signal
 
     from hypercorn.asyncio import serve
