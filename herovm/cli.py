@@ -837,6 +837,25 @@ def run_(
 
 
 @app.command()
+def ttl(
+    name: str,
+    duration: Annotated[str, typer.Argument(help="from now, e.g. 30m; `never` removes the limit")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Set when VM NAME's time is up (as `up --ttl`): its guest powers itself off then, and `herovm gc`
+    removes it."""
+    try:
+        with _manager(json_out) as m:
+            expires = m.set_ttl(name, None if duration == "never" else duration)
+    except HeroVMError as e:
+        _fail(e, json_out)
+    if json_out:
+        _print_json({"name": name, "expires": expires})
+    else:
+        typer.echo(f"{name}'s time is up at {expires}" if expires else f"{name} has no time limit")
+
+
+@app.command()
 def config(json_out: JsonOpt = False) -> None:
     """The defaults `up` takes without flags (image, cpus, memory, disk, net, backend), and where each came
     from: the environment (HEROVM_MEMORY, ...), the config file, or herovm's own (docs/config.md)."""

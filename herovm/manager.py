@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -427,12 +428,33 @@ class Manager:
         """Tell the guest's agent the time (Command.CLOCK): its clock stood still while the VM was paused,
         and a restored guest's clock is the snapshot's (there is no NTP in the guest). The agent reads it
         within 0.1 s. Best effort: a guest that cannot be reached keeps its clock, and says nothing."""
+        if not self._tell_agent(name, {"op": Command.CLOCK, "time": time.time()}):
+            self.progress(Progress("clock", f"could not set the clock of {name}: its agent did not answer"))
+
+    def set_ttl(self, name: str, ttl: str | float | None) -> str | None:
+        """Make the VM's time up `ttl` from now (a duration: "30m", or seconds), or never (None): recorded
+        (so `gc` and its later boots follow it) and told to its agent (Command.DEADLINE), which powers the
+        guest off then. Returns when it is up (ISO 8601), or None. A guest whose agent cannot be reached now
+        (paused, stopped) takes it at its next boot; `gc` removes it once its time is up in any case."""
+        from .record import epoch
+
+        with state.VMDir(name).lock():
+            record = self.record(name)
+            expires = after(seconds(ttl, "ttl")) if ttl is not None else None
+            self.backend.set_metadata(name, replace(record, expires=expires).to_json())
+        self._tell_agent(name, {"op": Command.DEADLINE, "deadline": epoch(expires)})
+        return expires
+
+    def _tell_agent(self, name: str, command: dict) -> bool:
+        """Send one command to the VM's agent over its channel; False if it could not be reached (best
+        effort: for what the guest may also learn later, or not at all)."""
         try:
             connect = self.backend.guest_connector(name, None)
             with connect(AGENT_VSOCK_PORT, time.monotonic() + 0.2) as sock:  # it runs: its channel is there
-                sock.sendall(json.dumps({"op": Command.CLOCK, "time": time.time()}).encode() + b"\n")
+                sock.sendall(json.dumps(command).encode() + b"\n")
+            return True
         except (OSError, HeroVMError):  # TimeoutError is an OSError
-            self.progress(Progress("clock", f"could not set the clock of {name}: its agent did not answer"))
+            return False
 
     # ------------------------------------------------------------------------------------ snapshots
 

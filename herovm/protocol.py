@@ -62,6 +62,9 @@ class Command(_Closed):
     # After a restore into a new VM (a template's clone, a fork): {"op": "identity", ...} (`Identity`). The
     # agent takes the VM's own identity, then reports `boot` with its nonce and `ready` (docs/protocol.md).
     IDENTITY = "identity"
+    # {"op": "deadline", "deadline": T}: the VM's time is up at T (seconds since 1970), or never (null);
+    # replaces the config drive's (`herovm ttl`, herovm serve's set_timeout)
+    DEADLINE = "deadline"
 
 
 # ------------------------------------------------------------------------------------------------- events

@@ -231,6 +231,7 @@ class Sandboxes:
                     raise
                 with self._lock:
                     self._by_id[sb.id] = sb
+                self.sync_ttl(sb)
                 self._count(template, source, started)
                 return sb
             if pooled:
@@ -240,6 +241,7 @@ class Sandboxes:
             source = "template" if template in templates else "cold"
             sb = self._create_vm(template, templates, timeout, metadata, envs, on_timeout)
             sb.source = source
+            self.sync_ttl(sb)
             self._count(template, source, started)
             return sb
         except BaseException:
@@ -345,7 +347,16 @@ class Sandboxes:
         if not only_extend or end > sb.end_at:
             sb.end_at = end
             sb.save()
+            self.sync_ttl(sb)
         return sb
+
+    def sync_ttl(self, sb: Sandbox) -> None:
+        """The sandbox's end as its VM's time limit (herovm's `--ttl`): the guest powers itself off then and
+        `herovm gc` removes it, so a sandbox ends on time even while no server runs. One that pauses at its
+        timeout (autoPause) has none: pausing is the server's. Best effort: the server's reaper still acts."""
+        ttl = max(1.0, sb.end_at - time.time()) if sb.on_timeout == "kill" else None
+        with contextlib.suppress(HeroVMError):
+            self.manager.set_ttl(sb.vm, ttl)
 
     def pause(self, sandbox_id: str) -> bool:
         """Pause; False if it was paused already."""
@@ -369,6 +380,7 @@ class Sandboxes:
         elif timeout is not None:
             sb.end_at = max(sb.end_at, time.time() + timeout)
         sb.save()
+        self.sync_ttl(sb)
         return sb, resumed
 
     def expired(self, now: float | None = None) -> list[Sandbox]:

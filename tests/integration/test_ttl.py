@@ -3,6 +3,7 @@ removes the VM then; before that, nothing happens to it."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -33,3 +34,24 @@ def test_a_vm_whose_time_is_up_powers_off_and_gc_removes_it(vm_factory, unique_n
     assert f"removed {name} (its time was up at {status['expires']})" in shown.stdout
     assert m.backend.get(name) is None
     print(f"\nttl: powered off {stopped_late:+.1f}s after its deadline (the agent wakes every 5 s)")
+
+
+def test_herovm_ttl_sets_a_running_vms_time_and_never_lifts_it(vm_factory, unique_name) -> None:
+    """`herovm ttl` tells the running guest at once (Command.DEADLINE): no boot needed; `never` lifts it."""
+    lifted, limited = unique_name("never"), unique_name("later")
+    vm_factory(lifted, net="restricted", ttl="12s")
+    vm = vm_factory(limited, net="restricted")
+    m = vm.manager
+    assert m.status(limited)["expires"] is None
+    cli = [sys.executable, "-m", "herovm", "ttl"]
+    assert subprocess.run([*cli, lifted, "never"], capture_output=True).returncode == 0
+    set_ = subprocess.run([*cli, limited, "6s", "--json"], capture_output=True, text=True)
+    assert set_.returncode == 0, set_.stderr
+    deadline = epoch(json.loads(set_.stdout)["expires"])
+    assert m.status(lifted)["expires"] is None
+    while m.machine(limited).state != "stopped":
+        assert time.time() < deadline + 30, "still running 30 s after its time was up"
+        time.sleep(0.5)
+    assert time.time() > deadline - 3
+    time.sleep(max(0.0, deadline + 8 - time.time()))  # past the 12 s the other one had
+    assert m.machine(lifted).state == "running", "`never` lifted its limit"

@@ -67,6 +67,9 @@ class FakeManager:
     def templates(self) -> list[dict]:
         return [{"name": t, "cpus": 2, "memory": 512 << 20} for t in self.templates_]
 
+    def set_ttl(self, name: str, ttl: float | None) -> None:
+        self.calls.append(("ttl", name))
+
     def up(self, name: str, settings: Any = None, template: str | None = None) -> FakeVM:
         time.sleep(self.up_s)
         with self.lock:

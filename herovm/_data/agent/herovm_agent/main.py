@@ -215,6 +215,14 @@ class Agent:
             self.seal()
         elif op == Command.IDENTITY:
             self.take_identity(cmd)
+        elif op == Command.DEADLINE:
+            deadline = cmd.get("deadline")
+            if deadline is None or (
+                not isinstance(deadline, bool) and isinstance(deadline, int | float) and deadline > 0
+            ):
+                self.arm_deadline(deadline)
+            else:
+                print(f"herovm-agent: ignored deadline {str(deadline)[:40]!r}", flush=True)
         else:
             print(f"herovm-agent: ignored command {op!r}", flush=True)
 
