@@ -501,6 +501,9 @@ def logs(
     name: str,
     console: Annotated[bool, typer.Option("--console", help="the raw serial console")] = False,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing as it grows")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="the events as JSON lines (the console's lines as JSON strings)")
+    ] = False,
 ) -> None:
     """The agent's events (or the raw console with --console), from the newest MiB of the console log.
 
@@ -511,17 +514,27 @@ def logs(
     from .protocol_host import Story, console_event, describe_event, printable
 
     try:
-        with _manager() as m:
+        with _manager(json_out) as m:
             vm = m.get(name)
             redact = m.redactor(name)
     except HeroVMError as e:
-        _fail(e)
+        _fail(e, json_out)
     story = Story(vm.record.last_boot.nonce)
     path = state.VMDir(name).console_log
     window = read_console(path)
     tty = sys.stdout.isatty()
 
     def show(line: str) -> None:
+        if json_out:  # one JSON value a line: an event with `counts` (this boot's story or not), or a line
+            event = None if console else console_event(line)
+            if event is not None:
+                verdict = story.take(event)
+                event = {**event, "counts": verdict in (Story.THIS, Story.EARLIER), "verdict": verdict}
+                sys.stdout.write(redact(json.dumps(event)) + "\n")
+            elif console:
+                sys.stdout.write(redact(json.dumps(line)) + "\n")
+            sys.stdout.flush()
+            return
         if console:  # raw, as asked; on a terminal its control characters are shown, not obeyed
             sys.stdout.write(redact(printable(line) if tty else line) + "\n")
         elif (event := console_event(line)) is not None:
@@ -946,15 +959,21 @@ def image_ls(json_out: JsonOpt = False) -> None:
 
 
 @image_app.command("rm")
-def image_rm(recipe: str, image_id: Annotated[str | None, typer.Argument()] = None) -> None:
-    """Remove cached images of a recipe."""
+def image_rm(
+    recipe: str, image_id: Annotated[str | None, typer.Argument()] = None, json_out: JsonOpt = False
+) -> None:
+    """Remove cached images of a recipe (refused while a VM, template or fork layer lies on one)."""
     from . import images
 
     try:
-        for path in images.remove(recipe, image_id):
-            typer.echo(f"removed {path}")
+        removed = images.remove(recipe, image_id)
     except HeroVMError as e:
-        _fail(e)
+        _fail(e, json_out)
+    if json_out:
+        _print_json({"removed": [str(p) for p in removed]})
+    else:
+        for path in removed:
+            typer.echo(f"removed {path}")
 
 
 def action_sections() -> list:

@@ -128,3 +128,23 @@ def test_image_build_force_is_refused_while_something_lies_on_the_image(home: Pa
     with pytest.raises(Busy, match=r"image default/\w+ is in use: user1, template t1 lie on it"):
         images.build("default", force=True)
     assert images.build("default") == images.find("default")  # without --force: the cached one
+
+
+def test_logs_json_is_one_event_a_line_and_says_which_count(tmp_path: Path, backend) -> None:
+    from herovm import state
+    from herovm.protocol import CONSOLE_PREFIX
+
+    name = unique("logs")
+    define_in_vmdir(backend, tmp_path, name, {"last_boot": {"nonce": "N"}})
+    events = [
+        {"event": "boot", "seq": 0, "t": 1.0, "nonce": "N"},
+        {"event": "ready", "seq": 1, "t": 2.0},
+        {"event": "ready", "seq": 2, "t": 3.0},  # a second end: a guest's forgery, it does not count
+    ]
+    lines = ["[    0.5] kernel says hi"] + [CONSOLE_PREFIX + json.dumps(e) for e in events]
+    state.VMDir(name).console_log.write_text("\n".join(lines) + "\n")
+    out = [json.loads(line) for line in run("logs", name, "--json").stdout.splitlines()]
+    assert [(e["event"], e["counts"]) for e in out] == [("boot", True), ("ready", True), ("ready", False)]
+    raw = [json.loads(line) for line in run("logs", name, "--console", "--json").stdout.splitlines()]
+    assert raw[0] == "[    0.5] kernel says hi" and len(raw) == 4
+    assert json.loads(run("image", "rm", "default", "000000000000", "--json").stdout)["error"] == "NotFound"
