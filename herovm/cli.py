@@ -406,31 +406,40 @@ def gc(json_out: JsonOpt = False) -> None:
         typer.echo("\n".join(f"removed {r}" for r in removed) or "nothing to remove")
 
 
-@app.command(name="ls")
-def ls_(json_out: JsonOpt = False) -> None:
-    """List herovm's VMs."""
+def _listing(
+    json_out: bool, fetch: Callable[[Any], list[dict]], empty: str, head: str, line: Callable[[dict], str]
+) -> None:
+    """A list command: `fetch(manager)`'s rows as JSON, or a header and a line each, or `empty`."""
     try:
         with _manager(json_out) as m:
-            rows = m.ls()
+            rows = fetch(m)
     except HeroVMError as e:
         _fail(e, json_out)
     if json_out:
         _print_json(rows)
-        return
-    if not rows:
-        typer.echo("no VMs (create one with `herovm up NAME`)")
-        return
-    typer.echo(
-        f"{'NAME':<20} {'STATE':<10} {'READY':<6} {'IMAGE':<10} {'ACCEL':<6} {'CPUS':>4} {'MEMORY':>8} SSH"
-    )
-    for r in rows:
+    elif not rows:
+        typer.echo(empty)
+    else:
+        typer.echo(head)
+        for r in rows:
+            typer.echo(line(r))
+
+
+@app.command(name="ls")
+def ls_(json_out: JsonOpt = False) -> None:
+    """List herovm's VMs."""
+
+    def line(r: dict) -> str:
         mem = f"{r['memory'] >> 20}M" if r["memory"] else "-"
         port = f"127.0.0.1:{r['ssh_port']}" if r["ssh_port"] else "-"
         port += "".join(f" {p['guest_port']}->{p['address']}" for p in r.get("ports") or [])
-        typer.echo(
+        return (
             f"{r['name']:<20} {r['state']:<10} {'yes' if r['ready'] else 'no':<6} {r['image'] or '-':<10} "
             f"{r['accel'] or '-':<6} {r['cpus'] or '-':>4} {mem:>8} {port}"
         )
+
+    head = f"{'NAME':<20} {'STATE':<10} {'READY':<6} {'IMAGE':<10} {'ACCEL':<6} {'CPUS':>4} {'MEMORY':>8} SSH"
+    _listing(json_out, lambda m: m.ls(), "no VMs (create one with `herovm up NAME`)", head, line)
 
 
 @app.command()
@@ -614,20 +623,13 @@ def snapshot_create(name: str, snap: str, json_out: JsonOpt = False) -> None:
 @snapshot_app.command("ls")
 def snapshot_ls(name: Annotated[str | None, typer.Argument()] = None, json_out: JsonOpt = False) -> None:
     """List the snapshots of VM NAME, or of every VM."""
-    try:
-        with _manager(json_out) as m:
-            rows = m.snapshots(name)
-    except HeroVMError as e:
-        _fail(e, json_out)
-    if json_out:
-        _print_json(rows)
-        return
-    if not rows:
-        typer.echo(f"no snapshots (take one with `herovm snapshot create {name or 'NAME'} SNAP`)")
-        return
-    typer.echo(f"{'VM':<20} {'SNAPSHOT':<20} {'KIND':<7} {'CREATED':<26} {'MEMORY':>9} {'DISK':>9} SECONDS")
-    for r in rows:
-        typer.echo(_snapshot_line(r))
+    _listing(
+        json_out,
+        lambda m: m.snapshots(name),
+        f"no snapshots (take one with `herovm snapshot create {name or 'NAME'} SNAP`)",
+        f"{'VM':<20} {'SNAPSHOT':<20} {'KIND':<7} {'CREATED':<26} {'MEMORY':>9} {'DISK':>9} SECONDS",
+        _snapshot_line,
+    )
 
 
 @snapshot_app.command("restore")
@@ -703,26 +705,17 @@ _template_create_command()
 @template_app.command("ls")
 def template_ls(json_out: JsonOpt = False) -> None:
     """List the templates."""
-    try:
-        with _manager(json_out) as m:
-            rows = m.templates()
-    except HeroVMError as e:
-        _fail(e, json_out)
-    if json_out:
-        _print_json(rows)
-        return
-    if not rows:
-        typer.echo("no templates (make one with `herovm template create NAME --bootstrap FILE`)")
-        return
-    typer.echo(
-        f"{'TEMPLATE':<20} {'IMAGE':<10} {'CPUS':>4} {'MEMORY':>7} {'NET':<10} {'CREATED':<26} USED BY"
-    )
-    for r in rows:
-        typer.echo(
+    _listing(
+        json_out,
+        lambda m: m.templates(),
+        "no templates (make one with `herovm template create NAME --bootstrap FILE`)",
+        f"{'TEMPLATE':<20} {'IMAGE':<10} {'CPUS':>4} {'MEMORY':>7} {'NET':<10} {'CREATED':<26} USED BY",
+        lambda r: (
             f"{r['name']:<20} {r['image'] or '-':<10} {r['cpus'] or '-':>4} "
             f"{(r['memory'] or 0) >> 20:>4}MiB {r['net'] or '-':<10} {r['created'] or '-':<26} "
             f"{', '.join(r['used_by'] or []) or '-'}"
-        )
+        ),
+    )
 
 
 @template_app.command("rm")
