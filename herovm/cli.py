@@ -477,9 +477,7 @@ def _print_status(st: dict) -> None:
         typer.echo(f"  port {p['guest_port']} published on {p['address']}")
     if o := st.get("origin"):
         typer.echo(
-            f"  restored from template {o['template']}"
-            if "template" in o
-            else f"  forked from {o.get('fork')}"
+            f"  forked from {o['fork']}" if "fork" in o else f"  restored from template {o.get('template')}"
         )
     if st["bootstrap"]:
         typer.echo(f"  bootstrap {st['bootstrap']}")

@@ -215,7 +215,9 @@ def fork(m: Manager, source: str, names: list[str]) -> dict:
                     record=record,
                     local=local_facts(src_dir),
                     secrets=src_dir.read_secrets(),
-                    origin={"fork": source, "at": now()},
+                    # a fork of a template's clone maps that template's memory file when it starts from
+                    # memory (SharedMemory): it names the template too, so the template stays while it is
+                    origin={"fork": source, "at": now(), **_template_of(record)},
                 )
             clones = []
             for name in names:
@@ -225,6 +227,12 @@ def fork(m: Manager, source: str, names: list[str]) -> dict:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return {"source": source, "source_pause_seconds": pause_s, "clones": clones}
+
+
+def _template_of(record: VMRecord) -> dict:
+    """{"template": T} when the VM began as template T's clone (or a fork of one), else {}."""
+    template = (record.origin or {}).get("template")
+    return {"template": template} if isinstance(template, str) else {}
 
 
 def make_layer(frozen: Path, work: Path) -> Path:

@@ -286,10 +286,14 @@ def listing(m: Manager) -> list[dict]:
 
 
 def users(t: Template) -> list[str]:
-    """The VMs whose disk, or one of whose snapshots, lies on the template's disk."""
+    """The VMs whose disk, or one of whose snapshots, lies on the template's disk, and its clones' forks
+    (their memory maps the template's memory file when they start from memory)."""
     disk = t.disk.resolve()
     found = []
     for name in state.list_vm_dirs():
+        if (state.VMDir(name).read_meta().get("origin") or {}).get("template") == t.name:
+            found.append(name)
+            continue
         for top in state.VMDir(name).path.glob("disk*.qcow2"):
             try:
                 if disk in (p.resolve() for p in disks.chain(top)):
@@ -308,7 +312,7 @@ def remove(m: Manager, name: str) -> None:
         using = users(t)
         if using:
             raise Busy(
-                f"template {name} is in use: the disks of {', '.join(using)} lie on it",
+                f"template {name} is in use: {', '.join(using)} lie on it (their disks, or a fork's memory)",
                 hint=f"remove them first (`herovm down {' '.join(using)}`)",
             )
         shutil.rmtree(t.path)

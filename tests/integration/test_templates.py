@@ -178,6 +178,9 @@ def test_a_fork_holds_its_sources_state_and_outlives_it(template: Template, clon
             assert m.record(vm.name).origin["fork"] == source.name
         assert m.machine(source.name).state == "running"
         m.down(source.name)  # the forks' disks lie on a layer of their own
+        # ... but their memory maps the template's memory file when they start from memory: it stays
+        with pytest.raises(Busy, match=f"template {template.name} is in use: .*{names[0]}"):
+            m.remove_template(template.name)
         assert out(forks[0], "cat /srv/marker && sync && echo ok").endswith("ok")
         m.stop(names[1])
         again = m.start(names[1], timeout="3m")
@@ -194,7 +197,7 @@ def test_a_fork_holds_its_sources_state_and_outlives_it(template: Template, clon
 def test_a_template_in_use_is_not_removed(template: Template, clones, unique_name) -> None:
     vm = clones(unique_name("user"))
     m = clones.manager
-    with pytest.raises(Busy, match=f"template {template.name} is in use: the disks of {vm.name} lie on it"):
+    with pytest.raises(Busy, match=f"template {template.name} is in use: {vm.name} lie on it"):
         m.remove_template(template.name)
     cli = subprocess.run([*HEROVM, "template", "rm", template.name], capture_output=True, text=True)
     assert cli.returncode == 4 and cli.stderr.startswith(f"herovm: error: template {template.name} is in use")
