@@ -561,10 +561,11 @@ def logs(
             show(line)
 
 
-def _pause_or_resume(name: str, json_out: bool, resume: bool) -> None:
+def _change_state(name: str, json_out: bool, act: Callable[[Any], None]) -> None:
+    """`act(manager)` on VM `name`, then say the state it is in (pause, resume, stop)."""
     try:
         with _manager(json_out) as m:
-            (m.resume if resume else m.pause)(name)
+            act(m)
             machine = m.machine(name)
     except HeroVMError as e:
         _fail(e, json_out)
@@ -577,13 +578,13 @@ def _pause_or_resume(name: str, json_out: bool, resume: bool) -> None:
 @app.command()
 def pause(name: str, json_out: JsonOpt = False) -> None:
     """Freeze a running VM: it uses no CPU; memory, processes and files stay until `herovm resume`."""
-    _pause_or_resume(name, json_out, resume=False)
+    _change_state(name, json_out, lambda m: m.pause(name))
 
 
 @app.command()
 def resume(name: str, json_out: JsonOpt = False) -> None:
     """Let a paused VM run on from where it was."""
-    _pause_or_resume(name, json_out, resume=True)
+    _change_state(name, json_out, lambda m: m.resume(name))
 
 
 snapshot_app = typer.Typer(
@@ -756,16 +757,7 @@ def stop(
     """Power a VM off, keeping its disk (hard, after --timeout)."""
     from .settings import seconds
 
-    try:
-        with _manager(json_out) as m:
-            m.stop(name, seconds(timeout, "timeout"))
-            machine = m.machine(name)
-    except HeroVMError as e:
-        _fail(e, json_out)
-    if json_out:
-        _print_json({"name": name, "state": machine.state})
-    else:
-        typer.echo(f"{name} is {machine.state}")
+    _change_state(name, json_out, lambda m: m.stop(name, seconds(timeout, "timeout")))
 
 
 @app.command()

@@ -213,17 +213,10 @@ def herovm_vm(request: pytest.FixtureRequest, herovm_manager: Any) -> Iterator:
     """A fresh VM for this test (a herovm.VM: exec, put, get), removed afterwards."""
     config = request.config
     state = config.stash[_SESSION]
-    settings = _option_settings(config)
     marker = request.node.get_closest_marker(MARKER)
-    if marker is not None:
-        if marker.args:
-            raise pytest.UsageError("@pytest.mark.herovm takes keyword arguments only, e.g. memory='512MB'")
-        if marker.kwargs.get("template"):  # the VM is the template's: its image and bootstrap too
-            settings = {}
-        settings.update(marker.kwargs)
-    test_file = Path(str(request.node.path)) if getattr(request.node, "path", None) else None
-    if "bootstrap" in settings:
-        settings["bootstrap"] = _bootstrap(settings["bootstrap"], test_file)
+    if marker is not None and marker.args:
+        raise pytest.UsageError("@pytest.mark.herovm takes keyword arguments only, e.g. memory='512MB'")
+    settings = _settings_for(request, marker.kwargs if marker is not None else {})
     name = _unique_name(state, config.getoption("herovm_name_prefix"), request.node.name)
     vm = None
     try:
@@ -250,14 +243,20 @@ def _option_settings(config: pytest.Config) -> dict[str, Any]:
     return settings
 
 
-def _scoped_vm(request: pytest.FixtureRequest, herovm_manager: Any, tag: str, extra: dict) -> Iterator:
-    state = request.config.stash[_SESSION]
-    settings = {**_option_settings(request.config), **extra}
-    if extra.get("template"):
-        settings = dict(extra)
+def _settings_for(request: pytest.FixtureRequest, extra: dict[str, Any]) -> dict[str, Any]:
+    """The command line's VM settings with `extra` over them, or `extra` alone when it names a template (the
+    VM is the template's: its image and bootstrap too); a relative bootstrap is looked up beside the test
+    file first."""
+    settings = dict(extra) if extra.get("template") else {**_option_settings(request.config), **extra}
     test_file = Path(str(request.node.path)) if getattr(request.node, "path", None) else None
     if "bootstrap" in settings:
         settings["bootstrap"] = _bootstrap(settings["bootstrap"], test_file)
+    return settings
+
+
+def _scoped_vm(request: pytest.FixtureRequest, herovm_manager: Any, tag: str, extra: dict) -> Iterator:
+    state = request.config.stash[_SESSION]
+    settings = _settings_for(request, extra)
     name = _unique_name(state, request.config.getoption("herovm_name_prefix"), tag)
     vm = None
     try:
@@ -289,12 +288,9 @@ def herovm_factory(request: pytest.FixtureRequest, herovm_manager: Any) -> Itera
     command line's), each with a unique name; all removed after the test, pass or fail."""
     state = request.config.stash[_SESSION]
     made: list[Any] = []
-    test_file = Path(str(request.node.path)) if getattr(request.node, "path", None) else None
 
     def make(**settings: Any) -> Any:
-        wanted = settings if settings.get("template") else {**_option_settings(request.config), **settings}
-        if "bootstrap" in wanted:
-            wanted["bootstrap"] = _bootstrap(wanted["bootstrap"], test_file)
+        wanted = _settings_for(request, settings)
         name = _unique_name(state, request.config.getoption("herovm_name_prefix"), request.node.name)
         try:
             vm = state.up(name, wanted)

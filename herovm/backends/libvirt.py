@@ -388,18 +388,8 @@ class LibvirtBackend:
         dom = self._require(name)
         try:
             dom.suspend()
-            self._qmp(
-                dom,
-                "migrate-set-capabilities",
-                capabilities=[{"capability": "x-ignore-shared", "state": True}],
-            )
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                self._qmp(dom, "getfd", files=[fd], fdname="herovm-state")
-            finally:
-                os.close(fd)
-            self._qmp(dom, "migrate", uri="fd:herovm-state")
-            self._migration_done(dom, f"saving the state of {name}")
+            self._migrate_shared(dom, "migrate", fd, f"saving the state of {name}")
         except BaseException as e:
             path.unlink(missing_ok=True)
             if isinstance(e, libvirt.libvirtError):
@@ -419,6 +409,22 @@ class LibvirtBackend:
         if "error" in answer:
             raise HeroVMError(f"QEMU refused {command}: {answer['error'].get('desc')}")
         return answer.get("return") or {}
+
+    def _migrate_shared(self, dom: libvirt.virDomain, command: str, fd: int, doing: str) -> None:
+        """`migrate` (save) or `migrate-incoming` (load) the device state through `fd` (closed here), with
+        x-ignore-shared on: the guest memory in the shared ram_file is not in the stream. Returns when QEMU
+        is done."""
+        try:
+            self._qmp(
+                dom,
+                "migrate-set-capabilities",
+                capabilities=[{"capability": "x-ignore-shared", "state": True}],
+            )
+            self._qmp(dom, "getfd", files=[fd], fdname="herovm-state")
+        finally:
+            os.close(fd)
+        self._qmp(dom, command, uri="fd:herovm-state")
+        self._migration_done(dom, doing)
 
     def _migration_done(self, dom: libvirt.virDomain, doing: str, seconds: float = 60.0) -> None:
         deadline = time.monotonic() + seconds
@@ -449,18 +455,9 @@ class LibvirtBackend:
             ElementTree.SubElement(live, "uuid").text = dom.UUIDString()  # this domain's, started as it is
             net_dir = self._start_passt(dom)
             dom = self.conn.createXML(ElementTree.tostring(live, "unicode"), libvirt.VIR_DOMAIN_START_PAUSED)
-            self._qmp(
-                dom,
-                "migrate-set-capabilities",
-                capabilities=[{"capability": "x-ignore-shared", "state": True}],
+            self._migrate_shared(
+                dom, "migrate-incoming", os.open(state, os.O_RDONLY), f"restoring {spec.name}"
             )
-            fd = os.open(state, os.O_RDONLY)
-            try:
-                self._qmp(dom, "getfd", files=[fd], fdname="herovm-state")
-            finally:
-                os.close(fd)
-            self._qmp(dom, "migrate-incoming", uri="fd:herovm-state")
-            self._migration_done(dom, f"restoring {spec.name}")
             # off again: its own memory is private, so a later snapshot or fork saves it whole, and the QEMU
             # that loads that (libvirt's restore) expects the capability off
             self._qmp(
