@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from . import state
 from .backends import Backend
-from .backends.base import GUEST_NET
+from .backends.base import GUEST_NET, copy_console
 from .errors import BootFailed, HeroVMError, NotFound
 from .guest.events import AgentChannel, console_events, console_tail
 from .progress import Progress, Reporter, still_waiting
@@ -90,6 +90,7 @@ class Boot:
         t0 = time.monotonic()
         deadline = t0 + timeout_s
         vmdir.agent_socket.unlink(missing_ok=True)
+        copy_console(self.backend, name, vmdir.console_log)  # a VM on another host: its console so far
         console_start = vmdir.console_log.stat().st_size if vmdir.console_log.exists() else 0
         # The nonce is the domain's before the guest runs: `status` tells this boot's events from any other
         # (an earlier boot's, or a guest's forgery) even if this process is killed before the end.
@@ -140,6 +141,7 @@ class Boot:
         def said(key: str) -> str:  # what the guest said, safe to print
             return printable(failed.get(key), one_line=True)
 
+        copy_console(self.backend, name, vmdir.console_log)
         if failed.get("stage") == Stage.ACTION:
             raise BootFailed(
                 f"bootstrap of {name} failed at {said('file')}:{failed.get('line')} "
@@ -180,6 +182,7 @@ class Boot:
         def check_console() -> None:
             if story.begun:  # the agent speaks: what the console says now is no longer the initramfs
                 return
+            copy_console(self.backend, name, vmdir.console_log)
             for event in console_events(vmdir.console_log, offset=console_start):
                 if event["event"] == Kind.FAILED and event.get("stage") == Stage.INITRAMFS:
                     report.events.append(event)
@@ -220,6 +223,7 @@ class Boot:
 
     def _fail_unanswered(self, name: str, vmdir: state.VMDir, why: str) -> None:
         machine = self.backend.get(name)
+        copy_console(self.backend, name, vmdir.console_log)
         tail = console_tail(vmdir.console_log)
         raise BootFailed(
             f"{name}: {why} (state {machine.state if machine else 'gone'}); "

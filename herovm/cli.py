@@ -434,11 +434,14 @@ def ls_(json_out: JsonOpt = False) -> None:
         port = f"127.0.0.1:{r['ssh_port']}" if r["ssh_port"] else "-"
         port += "".join(f" {p['guest_port']}->{p['address']}" for p in r.get("ports") or [])
         return (
-            f"{r['name']:<20} {r['state']:<10} {'yes' if r['ready'] else 'no':<6} {r['image'] or '-':<10} "
-            f"{r['accel'] or '-':<6} {r['cpus'] or '-':>4} {mem:>8} {port}"
+            f"{r['name']:<20} {r['state']:<11} {r.get('host') or '-':<10} {'yes' if r['ready'] else 'no':<6} "
+            f"{r['image'] or '-':<10} {r['accel'] or '-':<6} {r['cpus'] or '-':>4} {mem:>8} {port}"
         )
 
-    head = f"{'NAME':<20} {'STATE':<10} {'READY':<6} {'IMAGE':<10} {'ACCEL':<6} {'CPUS':>4} {'MEMORY':>8} SSH"
+    head = (
+        f"{'NAME':<20} {'STATE':<11} {'HOST':<10} {'READY':<6} {'IMAGE':<10} {'ACCEL':<6} {'CPUS':>4} "
+        f"{'MEMORY':>8} SSH"
+    )
     _listing(json_out, lambda m: m.ls(), "no VMs (create one with `herovm up NAME`)", head, line)
 
 
@@ -471,8 +474,11 @@ def _print_status(st: dict) -> None:
         f"  image {st['image']}/{st['image_id']}, {s.get('accel')}, {s.get('cpus')} CPU, "
         f"{(s.get('memory') or 0) >> 20} MiB, disk {(s.get('disk') or 0) >> 30} GiB"
     )
+    if st.get("host") not in (None, "local"):
+        typer.echo(f"  on host {st['host']}")
     if st["ssh_port"]:
-        typer.echo(f"  ssh 127.0.0.1:{st['ssh_port']}")
+        where = "127.0.0.1" if st.get("host") in (None, "local") else f"{st['host']}'s 127.0.0.1"
+        typer.echo(f"  ssh {where}:{st['ssh_port']}")
     for p in st.get("ports") or []:
         typer.echo(f"  port {p['guest_port']} published on {p['address']}")
     if o := st.get("origin"):
@@ -516,18 +522,22 @@ def logs(
 
     Events the guest wrote that do not count (after its boot's `ready` or `failed`, or a second `boot`) are
     shown marked "ignored": a process in the guest can write anything to the console."""
-    from . import state
     from .guest.events import follow_console, read_console
     from .protocol_host import Story, console_event, describe_event, printable
 
     try:
         with _manager(json_out) as m:
             vm = m.get(name)
+            if follow and vm.record.host:
+                raise InvalidInput(
+                    f"--follow: {name} runs on host {vm.record.host}: its console is copied here when asked",
+                    hint=f"run `herovm logs {name}` again to see what is new",
+                )
             redact = m.redactor(name)
+            path = m.logs(name, console=True)  # a VM on another host: its console copied here first
     except HeroVMError as e:
         _fail(e, json_out)
     story = Story(vm.record.last_boot.nonce)
-    path = state.VMDir(name).console_log
     window = read_console(path)
     tty = sys.stdout.isatty()
 
@@ -670,7 +680,8 @@ template_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(template_app, name="template")
-from . import cli_port  # noqa: E402, F401  (registers `herovm port`, which uses the helpers above)
+# registers `herovm host` and `herovm port`, which use the helpers above
+from . import cli_host, cli_port  # noqa: E402, F401
 
 
 def _template_create_command() -> None:
@@ -694,7 +705,7 @@ def _template_create_command() -> None:
                 f"herovm up NAME --template {name}"
             )
 
-    create, values = _settings_command(create, exclude=("template", "keep_failed", "ttl"))
+    create, values = _settings_command(create, exclude=("template", "keep_failed", "ttl", "host"))
     template_app.command("create")(create)
 
 
@@ -1026,4 +1037,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m herovm.cli`: the module proper, where cli_host and cli_port registered their commands
+    from herovm.cli import main as _main
+
+    _main()

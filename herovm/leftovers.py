@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import clones, liveness, snapshots, state, templates
-from .backends.base import Snapshots
+from .backends.base import UNREACHABLE, Snapshots
 from .errors import Busy
 from .record import VMRecord, epoch
 
@@ -46,7 +46,7 @@ def collect(m: Manager) -> list[str]:
         except Busy:
             continue  # an `up` is creating it right now
     for name, machine in machines.items():
-        if machine.state in ("running", "paused"):
+        if machine.state in ("running", "paused", UNREACHABLE):  # a host that does not answer: left as it is
             continue
         vmdir = state.VMDir(name)
         if not vmdir.exists():
@@ -59,7 +59,9 @@ def collect(m: Manager) -> list[str]:
                     removed.append(f"{name} (defined by an `up` that never booted it)")
             except Busy:
                 continue
-    for name in machines:  # what a killed `snapshot` or `snapshot restore` left
+    for name, machine in machines.items():  # what a killed `snapshot` or `snapshot restore` left
+        if machine.state == UNREACHABLE:
+            continue
         vmdir = state.VMDir(name)
         partial = sorted(vmdir.snapshots.glob(".*.partial")) if vmdir.snapshots.is_dir() else []
         if not partial and not isinstance(m.backend, Snapshots):
@@ -93,7 +95,7 @@ def half_made_clones(m: Manager) -> list[str]:
     inspection). Such a machine may run, from its origin's memory but without an identity of its own."""
     removed = []
     for name, machine in m.own_machines().items():
-        if not _half_made(name, machine.metadata):
+        if machine.state == UNREACHABLE or not _half_made(name, machine.metadata):
             continue
         try:
             with state.VMDir(name).lock(wait=0):  # a clone being made is held by its maker
@@ -145,7 +147,7 @@ def _remove_where(m: Manager, why: Callable[[VMRecord], str | None]) -> list[str
     removed = []
     for name, machine in m.own_machines().items():
         reason = why(VMRecord.from_json(name, machine.metadata))
-        if reason is None:
+        if reason is None or machine.state == UNREACHABLE:
             continue
         try:
             with state.VMDir(name).lock(wait=0):

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from . import accel as accel_mod
 from . import disks, leftovers, ports, snapshots, state
 from .backends import Backend, Machine, MachineSpec, get_backend, require
-from .backends.base import RAM_FILE, Pausable, SharedMemory
-from .errors import AlreadyExists, BootFailed, GuestError, HeroVMError, NotFound
+from .backends.base import RAM_FILE, Pausable, SharedMemory, copy_console
+from .errors import AlreadyExists, BootFailed, GuestError, HeroVMError, InvalidInput, NotFound, Unsupported
 from .progress import Progress, Reporter, silent, still_waiting
 from .protocol import AGENT_VSOCK_PORT, FETCH_TIMEOUT_S, Command, Stage
 from .record import RecordedSettings, VMRecord, after, now
@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # and imported where used: `herovm exec` needs none of these 
     from .api_types import SnapshotInfo, TemplateInfo, VMInfo, VMStatus
     from .boot import Boot
     from .bootstrap import Bootstrap
+    from .hosts import Host
     from .images import Image
 
 __all__ = ["VM", "Manager"]
@@ -90,6 +91,10 @@ class Manager:
         (a template's builder VM: herovm.templates; a pytest session's VM: herovm.pytest_plugin)."""
         state.validate_name(name)
         if settings.template is not None:
+            if settings.host not in (None, "local"):
+                raise Unsupported(
+                    f"templates are on the local host only: {name} cannot be restored on {settings.host}"
+                )
             return self._up_from_template(name, settings, marks)
         if not settings.secrets:
             return self._up(name, settings, marks)
@@ -146,12 +151,13 @@ class Manager:
             self.progress(
                 Progress("up", "warning: --net nat lets the guest reach this host's loopback services")
             )
+        host = self._place(name, s, marks or {})
         wanted = RecordedSettings(
             image=s.image,
             cpus=s.cpus,
             memory=s.memory,
             disk=s.disk,
-            accel=accel_mod.choose(s.accel).accel,
+            accel=host.accel if not host.local and s.accel == "auto" else accel_mod.choose(s.accel).accel,
             bootstrap=boot.digest,
             net=s.net,
             vars=dict(s.variables),
@@ -184,7 +190,7 @@ class Manager:
             from . import images
 
             img = images.ensure(s.image, self.progress)
-            self._create(vmdir, img, wanted, boot, dict(s.secrets), marks or {}, s.ttl)
+            self._create(vmdir, img, wanted, boot, dict(s.secrets), marks or {}, s.ttl, host.name)
             try:
                 record = self.booter().run(vmdir, timeout_s)
             except KeyboardInterrupt:
@@ -208,8 +214,10 @@ class Manager:
         secret_vars: dict,
         marks: dict[str, Any],
         ttl: float | None = None,
+        host: str = "local",
     ) -> None:
-        """Make the VM's directory (keys, disk, vm.json) and define its machine; on any failure, undo both."""
+        """Make the VM's directory (keys, disk, vm.json) and define its machine on `host` (herovm.hosts); on
+        any failure, undo both."""
         name = vmdir.name
         if vmdir.exists():  # left by a crashed herovm: libvirt has no such VM, so it is garbage
             vmdir.remove()
@@ -227,7 +235,7 @@ class Manager:
                 img.disk, vmdir.disk, max(settings.disk, img.manifest.get("root_size", 0)), what=name
             )
             with state.named_lock("ports"):
-                port, published = ports.allocate(self.backend, settings.net, settings.publish)
+                port, published = ports.allocate(self._on(host), settings.net, settings.publish)
                 record = VMRecord(
                     name=name,
                     settings=settings,
@@ -243,6 +251,7 @@ class Manager:
                     backend=self.backend.name,
                     home=str(state.home()),  # every HEROVM_HOME shares libvirt: gc, ls keep to theirs
                     expires=after(ttl) if ttl else None,
+                    host=host if host != "local" else None,
                     extra=marks,
                 )
                 local = {"bootstrap_entry": boot.drive_entry(), "vars": settings.vars}
@@ -254,6 +263,8 @@ class Manager:
                         f"defining {name} ({settings.accel}, {settings.memory >> 20} MiB, port {port})",
                     )
                 )
+                if host != "local":  # the image goes to the VM's host first (once), with progress
+                    self.backend.prepare(spec, self.progress)  # type: ignore[attr-defined]
                 with still_waiting(
                     self.progress,
                     "define",
@@ -267,6 +278,38 @@ class Manager:
                 self.backend.undefine(name)
             vmdir.remove()
             raise
+
+    def _on(self, host: str) -> Backend:
+        """The backend of the host `host` alone (ports are allocated among its machines only)."""
+        from .backends.fleet import Fleet
+
+        return self.backend.on(host) if isinstance(self.backend, Fleet) else self.backend
+
+    def _place(self, name: str, s: VMSettings, marks: dict[str, Any] | None = None) -> Host:
+        """The host a new VM goes on: `s.host`, or the placement rule among the hosts that can take it
+        (herovm.hosts.place); the local host when no other was added."""
+        from . import hosts
+        from .backends.fleet import Fleet
+
+        if not isinstance(self.backend, Fleet):
+            if s.host not in (None, hosts.LOCAL):
+                hosts.get(s.host)  # NotFound when it was never added, with its hint
+                raise InvalidInput(
+                    f"host {s.host} is not used with --connect or another backend than libvirt",
+                    hint="hosts are used with the default libvirt connection (no --connect)",
+                )
+            return hosts.local_host()
+        from .backends.fleet import LOCAL_ONLY
+        from .templates import BUILDER_MARK
+
+        reasons = (
+            ("net", s.net == "default"),
+            ("publish", bool(s.publish)),
+            ("template", BUILDER_MARK in (marks or {})),  # a template's VM: its memory and disk stay here
+        )
+        local_only = next((LOCAL_ONLY[key] for key, why in reasons if why), None)
+        chosen = self.backend.place(s.host, s.memory, local_only, self.progress)
+        return hosts.get(chosen)
 
     def machine_spec(self, vmdir: state.VMDir, img: Image, record: VMRecord) -> MachineSpec:
         """The machine the backend makes for the VM: its image's kernel, its directory's files, its record."""
@@ -585,6 +628,7 @@ class Manager:
                 {
                     "name": m.name,
                     "state": m.state,
+                    "host": record.host or "local",
                     "image": record.image,
                     "accel": s.accel,
                     "cpus": s.cpus,
@@ -601,6 +645,7 @@ class Manager:
                     {
                         "name": orphan,
                         "state": "orphaned",
+                        "host": None,
                         "image": None,
                         "accel": None,
                         "cpus": None,
@@ -625,6 +670,7 @@ class Manager:
         machine = self.machine(name)
         record = VMRecord.from_json(name, machine.metadata)
         vmdir = state.VMDir(name)
+        copy_console(self.backend, name, vmdir.console_log)  # a VM on another host: its console, copied
         last = record.last_boot
         story, whole = console_story(vmdir.console_log, last.nonce)
         agent = last.outcome or story.outcome or ("booting" if story.begun else "unknown")
@@ -633,6 +679,7 @@ class Manager:
             "state": machine.state,
             "paused_since": vmdir.paused_since() if machine.state == "paused" else None,
             "backend": self.backend.name,
+            "host": record.host or "local",
             "image": record.image,
             "image_id": record.image_id,
             "settings": record.settings.to_json() if record.settings else None,
@@ -697,6 +744,7 @@ class Manager:
 
         nonce = self.record(name).last_boot.nonce
         vmdir = state.VMDir(name)
+        copy_console(self.backend, name, vmdir.console_log)
         if console:
             return vmdir.console_log
         events = console_story(vmdir.console_log, nonce)[0].events

@@ -143,11 +143,13 @@ def rows(forwards: Iterable[Forward]) -> list[dict[str, Any]]:
 
 
 def _taken(backend: Backend) -> set[int]:
-    """The host ports every herovm VM has recorded (SSH and published), of every HEROVM_HOME."""
+    """The host ports every herovm VM of this host has recorded (SSH and published), of every HEROVM_HOME.
+    Given every host (a Fleet), the local one's: asking the others would wait on any that went away."""
+    from .backends.fleet import local_backend_of
     from .record import VMRecord
 
     taken: set[int] = set()
-    for machine in backend.list():
+    for machine in local_backend_of(backend).list():
         record = VMRecord.from_json(machine.name, machine.metadata)
         if record.ssh_port:
             taken.add(record.ssh_port)

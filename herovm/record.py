@@ -145,6 +145,8 @@ class VMRecord:
     ports: tuple[tuple[int, int], ...] = ()
     # When its time is up (`--ttl`): its guest powers itself off then, and `gc` removes it. None: never.
     expires: str | None = None
+    # The host it runs on (herovm.hosts), when not the local one; absent for local VMs
+    host: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -169,6 +171,7 @@ class VMRecord:
             origin=dict(o) if isinstance(o := data.get("origin"), Mapping) else None,
             ports=parse_forwards(data.get("ports")),
             expires=_of(data.get("expires"), str),
+            host=_of(data.get("host"), str),
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -180,7 +183,7 @@ class VMRecord:
         data.pop("last_boot")
         if last:
             data["last_boot"] = last
-        for key in ("restored", "origin", "expires"):  # absent when unset, as before they existed
+        for key in ("restored", "origin", "expires", "host"):  # absent when unset, as before they existed
             if data[key] is None:
                 data.pop(key)
         data["ports"] = [{"host": h, "guest": g} for h, g in self.ports]

@@ -171,6 +171,12 @@ def _template(value: Any) -> str:
     return validate_name(_text(value, "template"), "template", "py311")
 
 
+def _host(value: Any) -> str:
+    from .state import validate_name
+
+    return validate_name(_text(value, "host"), "host", "node2")
+
+
 # What a VM restored from a template takes from it, so cannot be given with `template`.
 FROM_TEMPLATE = ("image", "cpus", "memory", "disk", "bootstrap", "bootstrap_sha256", "variables", "secrets")
 FROM_TEMPLATE += ("allow_empty", "accel", "net", "kernel_args")
@@ -256,6 +262,11 @@ class VMSettings:
         "`herovm gc` removes it",
         lambda v, what: None if v is None or v == "" else seconds(v, what),
         kind="duration",
+    )
+    host: str | None = _setting(
+        None,
+        "the host to run it on (herovm host ls); without it, the host with the most room (docs/hosts.md)",
+        lambda v, what: None if v is None or v == "" else _host(v),
     )
     keep_failed: bool = _setting(
         False, "keep the VM even when it never got to run the bootstrap", _flag, kind="bool"

@@ -18,7 +18,8 @@ def get_backend(kind: str | None = None, *, uri: str | None = None, **options: o
     """The backend herovm uses, decided here and nowhere else (the CLI's --backend, `herovm run`, the
     playbook API, the pytest plugin and Manager() all come here): `kind` if given, else $HEROVM_BACKEND, else
     libvirt. `uri` is libvirt's (else $HEROVM_LIBVIRT_URI, else qemu:///system as root, qemu:///session
-    otherwise); another backend refuses one. `options` go to the backend's constructor."""
+    otherwise); another backend refuses one. With hosts added (herovm.hosts) and no `uri`, libvirt is a
+    Fleet: the local libvirt and those hosts behind one backend. `options` go to the backend's constructor."""
     chosen = kind or os.environ.get("HEROVM_BACKEND") or "libvirt"
     chosen = _ALIASES.get(chosen, chosen)
     from ..errors import InvalidInput
@@ -26,7 +27,15 @@ def get_backend(kind: str | None = None, *, uri: str | None = None, **options: o
     if chosen == "libvirt":
         from .libvirt import LibvirtBackend
 
-        return LibvirtBackend(uri, **options)  # type: ignore[arg-type]
+        local = LibvirtBackend(uri, **options)  # type: ignore[arg-type]
+        if uri is None:  # the hosts added with `herovm host add` (herovm.hosts): one backend over them all
+            from ..hosts import remote_hosts
+
+            if added := remote_hosts():
+                from .fleet import Fleet
+
+                return Fleet(local, added)  # type: ignore[return-value]
+        return local
     if chosen not in BACKENDS:
         raise InvalidInput(f"unknown backend {chosen!r}", hint=f"use {' or '.join(BACKENDS)}")
     if uri:

@@ -12,6 +12,7 @@ which names the backend.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,8 +63,11 @@ NET_MODES = {
 @dataclass(frozen=True)
 class Machine:
     name: str
-    state: str  # "running" | "stopped" | "paused" | "crashed" | "other"
+    state: str  # "running" | "stopped" | "paused" | "crashed" | "other" | UNREACHABLE (a host not answering)
     metadata: dict
+
+
+UNREACHABLE = "unreachable"  # a machine on a host that did not answer (herovm.backends.fleet)
 
 
 GuestConnector = Callable[[int, float], socket.socket]
@@ -179,6 +183,25 @@ class SharedMemory(Protocol):
         """Pause the machine (which runs on its ram_file) and write its device state, without that memory, to
         `path`, beside which the caller keeps the memory as `memory.ram` (RAM_FILE) for `Clones.clone`. The
         machine stays paused; its memory file is never written again once it is stopped."""
+
+
+@runtime_checkable
+class RemoteConsole(Protocol):
+    """A backend whose machines may write their console on another host: `copy_console` brings a copy to
+    the path the VM's directory names, where boot, status and logs read it (herovm.backends.fleet)."""
+
+    def copy_console(self, name: str, dest: Path) -> None:
+        """Copy the machine's console log to `dest` (0600); nothing if it is local or has none yet."""
+
+
+def copy_console(backend: object, name: str, dest: Path) -> None:
+    """Bring a remote machine's console to `dest` (RemoteConsole), best effort: a host that does not answer
+    leaves the last copy."""
+    from ..errors import HeroVMError
+
+    if isinstance(backend, RemoteConsole):
+        with contextlib.suppress(HeroVMError, OSError):
+            backend.copy_console(name, dest)
 
 
 RAM_FILE = "memory.ram"  # a template's guest memory, beside its device state (SharedMemory)

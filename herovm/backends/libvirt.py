@@ -532,6 +532,19 @@ class LibvirtBackend:
                 if e.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
                     raise _wrap(e, f"removing {name}") from e
 
+    def node_facts(self) -> dict:
+        """What `herovm host ls` shows of this libvirt's host: CPUs, free memory (as libvirt counts it), the
+        accelerator guests would get, the images cached (herovm.hosts)."""
+        from .. import accel, images
+
+        try:
+            info = self.conn.getInfo()
+            free = self.conn.getFreeMemory()
+        except libvirt.libvirtError as e:
+            raise _wrap(e, "asking libvirt about this host") from e
+        cached = sorted({i.id for i in images.list_images()})
+        return {"cpus": info[2], "memory_free": free, "accel": accel.detect().accel, "images": cached}
+
     def get(self, name: str) -> Machine | None:
         dom = self._lookup(name)
         return self._machine(dom) if dom is not None else None
@@ -585,12 +598,12 @@ class LibvirtBackend:
 
     def guest_connector(self, name: str, ssh_port: int | None) -> GuestConnector:
         """The agent's channel is a virtio-serial port, the unix socket QEMU serves in the VM's directory;
-        port 22 is the forward on 127.0.0.1:`ssh_port`. Neither asks libvirt anything."""
-        channel = state.VMDir(name).agent_socket
+        port 22 is the forward on 127.0.0.1:`ssh_port`. Neither asks libvirt anything. (Another host's
+        backend reaches both otherwise: `_agent_stream` and `_forward_stream`.)"""
 
         def connect(port: int, deadline: float) -> socket.socket:
             if port == AGENT_VSOCK_PORT:
-                return connect_unix(channel, deadline)
+                return self._agent_stream(name, deadline)
             if port != SSH_PORT:
                 raise GuestError(f"libvirt reaches no guest port {port} of {name}: only the agent and SSH")
             if ssh_port is None:
@@ -598,9 +611,15 @@ class LibvirtBackend:
                     f"VM {name} has no network (--net none), so no exec or SSH",
                     hint="create it with another --net mode to exec into it",
                 )
-            return open_tcp("127.0.0.1", ssh_port, max(0.05, deadline - time.monotonic()))
+            return self._forward_stream(name, ssh_port, deadline)
 
         return connect
+
+    def _agent_stream(self, name: str, deadline: float) -> socket.socket:
+        return connect_unix(state.VMDir(name).agent_socket, deadline)
+
+    def _forward_stream(self, name: str, port: int, deadline: float) -> socket.socket:
+        return open_tcp("127.0.0.1", port, max(0.05, deadline - time.monotonic()))
 
 
 _PATHS = ("serial", "console", "channel")

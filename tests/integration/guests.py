@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import libvirt
 import pytest
 
-from herovm import state
-from herovm.backends.libvirt import PREFIX
+from herovm import images, state
+from herovm.backends.libvirt import PREFIX, LibvirtBackend
+from herovm.record import VMRecord
 
 HEROVM = [sys.executable, "-m", "herovm.cli"]
 
@@ -38,3 +41,28 @@ def assert_nothing_left(name: str) -> None:
             break
         time.sleep(0.1)
     assert not qemu_running(name), f"{name}: QEMU process left behind"
+
+
+def link_image(image: images.Image, home: Path) -> Path:
+    """The image, hard-linked into `home` (same file system: no copy)."""
+    target = home / "images" / image.recipe / image.id
+    target.mkdir(parents=True)
+    for f in image.path.iterdir():
+        if f.is_file():
+            os.link(f, target / f.name)
+    os.chmod(home / "images", 0o755)
+    return target
+
+
+def home_domains(home: Path) -> dict[str, str]:
+    """libvirt's herovm domains whose record names `home` (or names none: the disk says): name -> state."""
+    backend = LibvirtBackend("qemu:///system")
+    try:
+        found = {}
+        for machine in backend.list():
+            recorded = VMRecord.from_json(machine.name, machine.metadata).home
+            if recorded is None or os.path.realpath(recorded) == os.path.realpath(home):
+                found[machine.name] = machine.state
+        return found
+    finally:
+        backend.close()

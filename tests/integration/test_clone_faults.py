@@ -23,39 +23,13 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from guests import HEROVM, assert_nothing_left, cli
+from guests import HEROVM, assert_nothing_left, cli, home_domains, link_image
 
 from herovm import disks, images, state
-from herovm.backends.libvirt import PREFIX, LibvirtBackend
-from herovm.record import VMRecord
+from herovm.backends.libvirt import PREFIX
 
 PROGRESS = re.compile(r"^ *\d+\.\d\ds ")  # `  4.94s sealing ...`
 BOOTSTRAP = "!!file.write path:/root/made content:'by the template'\n"
-
-
-def link_image(image: images.Image, home: Path) -> Path:
-    """The image, hard-linked into `home` (same file system: no copy)."""
-    target = home / "images" / image.recipe / image.id
-    target.mkdir(parents=True)
-    for f in image.path.iterdir():
-        if f.is_file():
-            os.link(f, target / f.name)
-    os.chmod(home / "images", 0o755)
-    return target
-
-
-def home_domains(home: Path) -> dict[str, str]:
-    """libvirt's herovm domains whose record names `home` (or names none: the disk says): name -> state."""
-    backend = LibvirtBackend("qemu:///system")
-    try:
-        found = {}
-        for machine in backend.list():
-            recorded = VMRecord.from_json(machine.name, machine.metadata).home
-            if recorded is None or os.path.realpath(recorded) == os.path.realpath(home):
-                found[machine.name] = machine.state
-        return found
-    finally:
-        backend.close()
 
 
 def down_everything(env: dict | None = None) -> None:

@@ -9,10 +9,8 @@ this environment's site-packages (installing the dependencies again would compil
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -23,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from second_host import end_processes_of
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -96,19 +95,6 @@ def user(image) -> Iterator[User]:
     finally:
         end_processes_of(name)
         subprocess.run(["userdel", "--remove", name], capture_output=True)
-
-
-def end_processes_of(name: str) -> None:
-    """Every process of the test's own user was started by this test (its session libvirtd, virtlogd, QEMU):
-    ended by PID, TERM then KILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = subprocess.run(["pgrep", "-u", name], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), sig)
-        if not pids:
-            return
-        time.sleep(1)
 
 
 def test_an_unprivileged_user_runs_vms_with_roots_shared_image(user: User) -> None:

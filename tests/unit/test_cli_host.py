@@ -71,8 +71,8 @@ def test_ls_shows_an_orphan() -> None:
     result = run("ls")
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "STATE", "READY", "IMAGE", "ACCEL", "CPUS", "MEMORY", "SSH"]
-    assert lines[1].split() == ["orphan1", "orphaned", "no", "-", "-", "-", "-", "-"]
+    assert lines[0].split() == ["NAME", "STATE", "HOST", "READY", "IMAGE", "ACCEL", "CPUS", "MEMORY", "SSH"]
+    assert lines[1].split() == ["orphan1", "orphaned", "-", "no", "-", "-", "-", "-", "-"]
 
 
 def test_down_unknown() -> None:

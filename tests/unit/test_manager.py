@@ -684,6 +684,7 @@ def test_up_with_a_fake_agent(manager: Manager, backend, fake_image, progress, h
     assert row == {
         "name": name,
         "state": "running",
+        "host": "local",
         "image": "default",
         "accel": "tcg",
         "cpus": 2,
@@ -898,6 +899,7 @@ def test_orphaned_vm_dir_is_listed_and_removable(manager: Manager, backend) -> N
         {
             "name": name,
             "state": "orphaned",
+            "host": None,
             "image": None,
             "accel": None,
             "cpus": None,

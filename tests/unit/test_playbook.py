@@ -43,6 +43,7 @@ ACTIONS = {
         "publish",
         "template",
         "ttl",
+        "host",
         "keep_failed",
         "replace",
     ],

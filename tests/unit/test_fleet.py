@@ -1,0 +1,550 @@
+"""Fleet (herovm.backends.fleet) over libvirt's test:///default driver, with stub backends for the other hosts
+(no sshd, no guest), and the helpers of herovm.backends.remote: bridge, _in_thread, _image_volume,
+_virtual_size, _Sha256Cache.
+
+(Named test_fleet.py: module basenames are unique across tests/, which has no __init__.py.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from specs import spec, unique
+
+from herovm import hosts, state
+from herovm.backends import get_backend
+from herovm.backends import remote as remote_mod
+from herovm.backends.base import UNREACHABLE, Machine
+from herovm.backends.fleet import LOCAL_ONLY, Fleet, local_backend_of
+from herovm.backends.libvirt import LibvirtBackend
+from herovm.backends.remote import (
+    RemoteLibvirtBackend,
+    _image_volume,
+    _in_thread,
+    _Sha256Cache,
+    _virtual_size,
+    bridge,
+)
+from herovm.errors import BackendUnavailable, HeroVMError, InvalidInput, NotFound
+from herovm.manager import Manager
+from herovm.progress import Progress
+from herovm.settings import VMSettings
+
+URI = "test:///default"
+GiB = 1 << 30
+
+
+@pytest.fixture(autouse=True)
+def home(isolated_home: Path) -> Path:
+    return isolated_home
+
+
+def node(name: str = "node2", **extra) -> hosts.Host:
+    return hosts.Host(name, f"qemu+ssh://u@{name}.example/system", "/nonexistent/key", "/p", **extra)
+
+
+def register(*added: hosts.Host) -> None:
+    """hosts.json as `herovm host add` writes it (no connection)."""
+    entries = {h.name: {k: v for k, v in h.__dict__.items() if k != "name"} for h in added}
+    d = hosts.hosts_dir()
+    state.write_private(d / "hosts.json", json.dumps(entries))
+
+
+def vm_on(name: str, host: str | None, **meta) -> None:
+    """A VM directory of this home, its vm.json recording `host` (as Manager.up writes it)."""
+    vmdir = state.VMDir(name)
+    vmdir.create()
+    vmdir.write_meta({**({"host": host} if host else {}), **meta})
+
+
+class StubRemote(RemoteLibvirtBackend):
+    """Another host's backend: records calls, answers what it is told; never connects."""
+
+    def __init__(
+        self,
+        host: hosts.Host,
+        machines: list[Machine] | None = None,
+        *,
+        memory_free: int = 8 * GiB,
+        list_error: Exception | None = None,
+        list_sleep: float = 0.0,
+    ) -> None:  # no super().__init__: no URI, no connection
+        self.host = host
+        self.uri = "stub://"
+        self._conn = None
+        self.machines = machines or []
+        self.memory_free = memory_free
+        self.list_error = list_error
+        self.list_sleep = list_sleep
+        self.calls: list[tuple] = []
+
+    def _record(self, *call) -> None:
+        self.calls.append(call)
+
+    def define(self, spec_) -> None:
+        self._record("define", spec_.name)
+
+    def start(self, name: str) -> None:
+        self._record("start", name)
+
+    def destroy(self, name: str) -> None:
+        self._record("destroy", name)
+
+    def undefine(self, name: str) -> None:
+        self._record("undefine", name)
+
+    def get(self, name: str) -> Machine | None:
+        self._record("get", name)
+        return Machine(name, "running", {"on": self.host.name})
+
+    def set_metadata(self, name: str, metadata: dict) -> None:
+        self._record("set_metadata", name)
+
+    def pause(self, name: str) -> None:
+        self._record("pause", name)
+
+    def resume(self, name: str) -> None:
+        self._record("resume", name)
+
+    def copy_console(self, name: str, dest: Path) -> None:
+        self._record("copy_console", name)
+        dest.write_text("remote console\n")
+
+    def prepare(self, spec_, progress=None) -> None:
+        self._record("prepare", spec_.name)
+
+    def list(self) -> list[Machine]:
+        self._record("list")
+        if self.list_sleep:
+            time.sleep(self.list_sleep)
+        if self.list_error is not None:
+            raise self.list_error
+        return list(self.machines)
+
+    def node_facts(self) -> dict:
+        self._record("node_facts")
+        return {"cpus": 4, "memory_free": self.memory_free, "images": []}
+
+    def close(self) -> None:
+        self._record("close")
+
+
+@pytest.fixture
+def fleet(backend: LibvirtBackend):
+    """A Fleet over the test driver (the conftest `backend`, which cleans up its domains) and host node2."""
+    h = node()
+    register(h)
+    f = Fleet(backend, {"node2": h}, timeout=0.5)
+    f._remote["node2"] = StubRemote(h)
+    return f
+
+
+# ----------------------------------------------------------------------------------------- dispatch
+
+
+def test_on_picks_the_backend_of_each_host(fleet: Fleet) -> None:
+    assert fleet.on(None) is fleet.local
+    assert fleet.on("local") is fleet.local
+    assert fleet.on("node2") is fleet._remote["node2"]
+    with pytest.raises(NotFound, match="no host 'nope'") as e:
+        fleet.on("nope")
+    assert "host ls" in (e.value.hint or "")
+    assert local_backend_of(fleet) is fleet.local
+    assert local_backend_of(fleet.local) is fleet.local
+
+
+def test_on_makes_a_remote_backend_once_without_connecting(backend: LibvirtBackend) -> None:
+    f = Fleet(backend, {"node2": node()}, timeout=0.5)
+    b = f.on("node2")
+    assert isinstance(b, RemoteLibvirtBackend) and b._conn is None  # opened at first use only
+    assert f.on("node2") is b
+    assert b.uri.startswith("qemu+ssh://u@node2.example:22/system?")
+
+
+def test_calls_go_to_the_host_the_vm_directory_records(fleet: Fleet, tmp_path: Path) -> None:
+    stub = fleet._remote["node2"]
+    far = unique("far")
+    vm_on(far, "node2")
+    assert fleet.host_of(far) == "node2"
+    fleet.start(far)
+    fleet.pause(far)
+    fleet.resume(far)
+    fleet.destroy(far)
+    fleet.set_metadata(far, {})
+    assert fleet.get(far) == Machine(far, "running", {"on": "node2"})
+    fleet.undefine(far)
+    assert stub.calls == [
+        ("start", far),
+        ("pause", far),
+        ("resume", far),
+        ("destroy", far),
+        ("set_metadata", far),
+        ("get", far),
+        ("undefine", far),
+    ]
+    assert fleet.local.get(far) is None  # nothing of it on the local libvirt
+
+
+def test_a_local_vm_stays_on_the_local_libvirt(fleet: Fleet, tmp_path: Path) -> None:
+    stub = fleet._remote["node2"]
+    near = unique("near")
+    vm_on(near, None)  # no host recorded: local
+    fleet.define(spec(tmp_path, near))
+    assert fleet.host_of(near) == "local"
+    got = fleet.get(near)
+    assert got is not None and got.name == near and got.state == "stopped"
+    fleet.start(near)
+    assert fleet.local.get(near).state == "running"
+    dest = tmp_path / "console.copy"
+    fleet.copy_console(near, dest)  # a local VM's console is where it is already
+    assert not dest.exists()
+    fleet.destroy(near)
+    fleet.undefine(near)
+    assert fleet.local.get(near) is None
+    assert stub.calls == []
+
+
+def test_define_prepare_and_console_follow_the_spec_and_record(fleet: Fleet, tmp_path: Path) -> None:
+    stub = fleet._remote["node2"]
+    far = unique("far")
+    s = spec(tmp_path, far, metadata={"host": "node2"})
+    fleet.prepare(s)
+    fleet.define(s)
+    assert stub.calls == [("prepare", far), ("define", far)]
+    assert fleet.local.get(far) is None
+    vm_on(far, "node2")
+    dest = tmp_path / "console.copy"
+    fleet.copy_console(far, dest)
+    assert dest.read_text() == "remote console\n"
+    with pytest.raises(NotFound):
+        fleet.define(spec(tmp_path, unique("x"), metadata={"host": "nope"}))
+
+
+def test_a_vm_recorded_on_a_host_that_was_removed_is_not_found(fleet: Fleet) -> None:
+    gone = unique("gone")
+    vm_on(gone, "removed-host")
+    with pytest.raises(NotFound, match="no host 'removed-host'"):
+        fleet.start(gone)
+
+
+def test_close_closes_every_backend(fleet: Fleet) -> None:
+    stub = fleet._remote["node2"]
+    fleet.close()
+    assert stub.calls == [("close",)]
+    assert fleet.local._conn is None
+
+
+# --------------------------------------------------------------------------------------------- list
+
+
+def test_list_merges_every_host_sorted(fleet: Fleet, tmp_path: Path) -> None:
+    near = "b" + unique("near")
+    fleet.define(spec(tmp_path, near))
+    fleet._remote["node2"].machines = [Machine("a-far", "running", {}), Machine("z-far", "stopped", {})]
+    names = [m.name for m in fleet.list()]
+    assert names == sorted(names)
+    assert {"a-far", "z-far", near} <= set(names)
+    assert {m.name: m.state for m in fleet.list()}["z-far"] == "stopped"
+
+
+@pytest.mark.parametrize(
+    "stub_kw",
+    [
+        {"list_error": BackendUnavailable("host node2 cannot be reached: gone")},
+        {"list_sleep": 5.0},
+    ],
+    ids=["unavailable", "hangs"],
+)
+def test_list_marks_the_vms_of_a_host_that_does_not_answer(fleet: Fleet, stub_kw: dict) -> None:
+    h = fleet.hosts["node2"]
+    fleet._remote["node2"] = StubRemote(h, [Machine("never-seen", "running", {})], **stub_kw)
+    far, near = unique("far"), unique("near")
+    vm_on(far, "node2", ssh_port=2222)
+    vm_on(near, None)
+    t0 = time.monotonic()
+    machines = {m.name: m for m in fleet.list()}
+    took = time.monotonic() - t0
+    assert took < 2.0, f"list waited {took:.1f}s for a host that does not answer"
+    assert machines[far] == Machine(far, UNREACHABLE, {"host": "node2", "ssh_port": 2222})
+    assert "never-seen" not in machines
+    assert near not in machines  # a local VM directory is not the silent host's
+
+
+def test_list_with_a_hanging_host_keeps_to_the_timeout_each_time(fleet: Fleet) -> None:
+    fleet._remote["node2"] = StubRemote(fleet.hosts["node2"], list_sleep=5.0)
+    fleet.timeout = 0.2
+    t0 = time.monotonic()
+    fleet.list()
+    fleet.list()
+    assert time.monotonic() - t0 < 1.5
+
+
+# ----------------------------------------------------------------------------------------- placement
+
+
+def test_place_a_named_host(fleet: Fleet) -> None:
+    stub = fleet._remote["node2"]
+    assert fleet.place("node2", GiB) == "node2"
+    assert fleet.place("local", GiB) == "local"
+    assert fleet.place("local", GiB, LOCAL_ONLY["net"]) == "local"
+    with pytest.raises(NotFound, match="no host 'nope'"):
+        fleet.place("nope", GiB)
+    with pytest.raises(InvalidInput) as e:
+        fleet.place("node2", GiB, LOCAL_ONLY["publish"])
+    assert e.value.message == f"host node2: {LOCAL_ONLY['publish']}"
+    assert stub.calls == []  # a named host is taken as named: nobody is asked
+
+
+def test_place_local_only_asks_no_host(fleet: Fleet) -> None:
+    stub = fleet._remote["node2"]
+    seen: list[Progress] = []
+    assert fleet.place(None, 64 * GiB, LOCAL_ONLY["net"], seen.append) == "local"
+    assert stub.calls == [] and seen == []
+
+
+def test_place_by_room(fleet: Fleet) -> None:
+    stub = fleet._remote["node2"]
+    seen: list[Progress] = []
+    # the test driver's host has a few MiB free: node2 (8 GiB) has the most room
+    assert fleet.place(None, GiB, None, seen.append) == "node2"
+    assert ("node_facts",) in stub.calls
+    assert len(seen) == 1 and seen[0].stage == "place"
+    assert seen[0].message.startswith("placed on node2 (room: local 0 MiB, node2 7936 MiB;")
+
+
+def test_place_with_no_room_names_each_host(fleet: Fleet) -> None:
+    # (1 s, not more: facts_of's worker threads are joined when the process exits)
+    fleet._remote["node2"] = StubRemote(fleet.hosts["node2"], list_sleep=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(HeroVMError) as e:
+        fleet.place(None, 64 * GiB)
+    assert time.monotonic() - t0 < 2.0
+    assert e.value.message.startswith("no host has room for a VM of 65536 MiB (local: room for 0 MiB; ")
+    assert "node2: unreachable (no answer in 0.5s)" in e.value.message
+
+
+def test_facts_of_some_hosts(fleet: Fleet) -> None:
+    facts = fleet.facts(["node2"])
+    assert [(f.name, f.reachable, f.cpus, f.memory_free) for f in facts] == [("node2", True, 4, 8 * GiB)]
+    assert [f.name for f in fleet.facts()] == ["local", "node2"]
+
+
+# ------------------------------------------------------------------ the Manager's placement, get_backend
+
+
+def test_manager_without_hosts_refuses_an_unknown_host(backend: LibvirtBackend) -> None:
+    m = Manager(backend)
+    with pytest.raises(NotFound, match="no host 'nope'"):
+        m._place("x", VMSettings(host="nope", net="restricted"))
+    assert m._place("x", VMSettings(net="restricted")).name == "local"
+    assert m._place("x", VMSettings(host="local", net="restricted")).local
+
+
+def test_manager_on_a_connect_uri_refuses_an_added_host(backend: LibvirtBackend) -> None:
+    register(node())
+    with pytest.raises(InvalidInput, match="^host node2 is not used with --connect"):
+        Manager(backend)._place("x", VMSettings(host="node2", net="restricted"))
+
+
+def test_manager_over_a_fleet(fleet: Fleet) -> None:
+    m = Manager(fleet)
+    stub = fleet._remote["node2"]
+    assert m._place("x", VMSettings(memory="1GB")).name == "local"  # passt: local only, nobody asked
+    assert stub.calls == []
+    with pytest.raises(InvalidInput, match="host node2: the default network mode"):
+        m._place("x", VMSettings(host="node2"))
+    with pytest.raises(InvalidInput, match="host node2: published ports"):
+        m._place("x", VMSettings(host="node2", net="restricted", publish="8080"))
+    chosen = m._place("x", VMSettings(host="node2", net="restricted"))
+    assert chosen == hosts.get("node2") and chosen.uri == "qemu+ssh://u@node2.example/system"
+    assert m._place("x", VMSettings(net="restricted", memory="1GB")).name == "node2"
+
+
+def test_get_backend_is_a_fleet_once_hosts_are_added(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEROVM_LIBVIRT_URI", URI)
+    plain = get_backend("libvirt")
+    assert type(plain) is LibvirtBackend
+    register(node(), node("node3"))
+    fleet = get_backend("libvirt")
+    assert isinstance(fleet, Fleet)
+    assert fleet.local.uri == URI and sorted(fleet.hosts) == ["node2", "node3"]
+    assert type(get_backend("libvirt", uri=URI)) is LibvirtBackend  # --connect: that libvirt alone
+
+
+# ------------------------------------------------------------------------------------ remote helpers
+
+
+def fake_stream():
+    """A stream as libvirt's or paramiko's would be, backed by a socketpair: (read, write, close, far end)."""
+    mine, far = socket.socketpair()
+    closed = threading.Event()
+
+    def close() -> None:
+        closed.set()
+        with contextlib.suppress(OSError):
+            mine.shutdown(socket.SHUT_RDWR)
+        mine.close()
+
+    return (lambda: mine.recv(65536)), mine.sendall, close, far, closed
+
+
+def recv_all(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_bridge_carries_bytes_both_ways() -> None:
+    read, write, close, far, _ = fake_stream()
+    outer = bridge(read, write, close, "t")
+    outer.settimeout(2)
+    far.settimeout(2)
+    big = bytes(range(256)) * 4096  # 1 MiB, more than one chunk
+    outer.sendall(b"to the guest")
+    assert recv_all(far, 12) == b"to the guest"
+    far.sendall(b"from the guest")
+    assert recv_all(outer, 14) == b"from the guest"
+    sender = threading.Thread(target=far.sendall, args=(big,))
+    sender.start()
+    assert recv_all(outer, len(big)) == big
+    sender.join(2)
+    outer.close()
+    far.close()
+
+
+def test_bridge_eof_from_the_stream_closes_the_socket() -> None:
+    read, write, close, far, closed = fake_stream()
+    outer = bridge(read, write, close, "t")
+    outer.settimeout(2)
+    far.sendall(b"last words")
+    far.close()  # the stream ends
+    assert recv_all(outer, 100) == b"last words"
+    assert outer.recv(10) == b""
+    assert closed.wait(2)
+    outer.close()
+
+
+def test_bridge_closing_the_socket_closes_the_stream() -> None:
+    read, write, close, far, closed = fake_stream()
+    outer = bridge(read, write, close, "t")
+    far.settimeout(2)
+    outer.sendall(b"bye")
+    outer.close()
+    assert closed.wait(2), "the stream was not closed when the socket was"
+    assert recv_all(far, 100) == b"bye"
+    assert far.recv(10) == b""
+    far.close()
+
+
+def test_bridge_a_failing_stream_ends_the_socket() -> None:
+    def read() -> bytes:
+        raise OSError("stream broke")
+
+    closed = threading.Event()
+    outer = bridge(read, lambda data: None, closed.set, "t")
+    outer.settimeout(2)
+    assert outer.recv(10) == b""
+    assert closed.wait(2)
+    outer.close()
+
+
+def test_in_thread_result_exception_and_timeout() -> None:
+    assert _in_thread(lambda: 42, 1.0, "answer") == 42
+    assert _in_thread(lambda: None, 1.0, "none") is None
+
+    def fail() -> None:
+        raise BackendUnavailable("host gone")
+
+    with pytest.raises(BackendUnavailable, match="host gone"):
+        _in_thread(fail, 1.0, "fails")
+    release = threading.Event()
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"slow-call: no answer in 0\.2s"):
+        _in_thread(lambda: release.wait(5), 0.2, "slow-call")
+    assert time.monotonic() - t0 < 1.0
+    left = [t for t in threading.enumerate() if t.name == "host-slow-call"]
+    assert left and all(t.daemon for t in left)  # left behind, never holding the process up
+    release.set()
+
+
+def test_image_volume_names() -> None:
+    assert _image_volume(Path("/var/lib/herovm/images/default/0123abcd/vmlinuz")) == "img.0123abcd.vmlinuz"
+    assert _image_volume(Path("/c/id-1_x/base.qcow2")) == "img.id-1_x.base.qcow2"
+    for odd in ("/c/ab cd/vmlinuz", "/c/abc/x;rm", "/c/abc/x'y", "/c/abc/<x>", "/c/abc/a\nb"):
+        with pytest.raises(HeroVMError, match="unexpected image file name"):
+            _image_volume(Path(odd))
+
+
+def test_virtual_size_of_a_qcow2(tmp_path: Path) -> None:
+    if shutil.which("qemu-img") is None:
+        pytest.skip("no qemu-img")
+    disk = tmp_path / "x.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "3G"], check=True)
+    assert _virtual_size(disk) == 3 * GiB
+    raw = tmp_path / "x.raw"
+    raw.write_bytes(b"\0" * 4096)
+    with pytest.raises(HeroVMError, match="is not a qcow2 file"):
+        _virtual_size(raw)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    with pytest.raises(HeroVMError, match="is not a qcow2 file"):
+        _virtual_size(empty)
+
+
+def test_virtual_size_of_a_truncated_qcow2(tmp_path: Path) -> None:
+    cut = tmp_path / "cut.qcow2"
+    cut.write_bytes(b"QFI\xfb\0\0\0\3")  # the magic, then cut short: no struct.error
+    with pytest.raises(HeroVMError, match="is not a qcow2 file"):
+        _virtual_size(cut)
+
+
+def test_sha256_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "base.qcow2"
+    data = b"disk" * 300_000  # more than one CHUNK
+    f.write_bytes(data)
+    cache = _Sha256Cache()
+    assert cache.path == hosts.hosts_dir() / "sha256.json"
+    assert cache.of(f) == hashlib.sha256(data).hexdigest()
+    assert (cache.path.stat().st_mode & 0o777) == 0o600
+    kept = json.loads(cache.path.read_text())
+    assert list(kept.values()) == [hashlib.sha256(data).hexdigest()]
+    # the second time it is not hashed again
+    hashed: list[int] = []
+    real = hashlib.sha256
+
+    def counting(*a):
+        hashed.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(remote_mod.hashlib, "sha256", counting)
+    assert _Sha256Cache().of(f) == real(data).hexdigest()
+    assert hashed == []
+    # changed (size and mtime): hashed again, and the old entry dropped
+    f.write_bytes(data + b"more")
+    assert _Sha256Cache().of(f) == real(data + b"more").hexdigest()
+    assert hashed == [1]
+    assert list(json.loads(cache.path.read_text()).values()) == [real(data + b"more").hexdigest()]
+
+
+def test_sha256_cache_survives_a_damaged_file(tmp_path: Path) -> None:
+    f = tmp_path / "k"
+    f.write_bytes(b"kernel")
+    cache = _Sha256Cache()
+    cache.path.write_text("{not json")
+    assert cache.of(f) == hashlib.sha256(b"kernel").hexdigest()
+    cache.path.write_text("[1, 2]")
+    assert cache.of(f) == hashlib.sha256(b"kernel").hexdigest()
+    assert isinstance(json.loads(cache.path.read_text()), dict)
