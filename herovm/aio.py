@@ -241,6 +241,10 @@ class AsyncManager:
         """Every template (Manager.template_infos)."""
         return await self.run(self.manager.template_infos)
 
+    async def hosts(self) -> list[dict]:
+        """Every host herovm may place VMs on, and what it has (Manager.hosts: `herovm host ls --json`)."""
+        return await self.run(self.manager.hosts)
+
     async def remove_template(self, name: str) -> None:
         """Remove template `name` (Busy while a VM's disk lies on it)."""
         await self.run(self.manager.remove_template, name)

@@ -78,16 +78,9 @@ def host_add(
 @host_app.command("ls")
 def host_ls(json_out: JsonOpt = False) -> None:
     """Every host: reachable or not, accelerator, CPUs, free memory, room, herovm VMs running, images."""
-    from .backends.fleet import Fleet
-
     try:
         with _manager(json_out) as m:
-            if isinstance(m.backend, Fleet):
-                facts = m.backend.facts()
-            else:
-                from . import hosts
-
-                facts = hosts.facts_of({hosts.LOCAL: m.backend})
+            facts = m.host_facts()
     except HeroVMError as e:
         _fail(e, json_out)
     if json_out:

@@ -77,6 +77,7 @@ def run_checks(uri: str | None = None) -> list[Check]:
         _tool("passt", "passt", "the default network mode: egress without access to this host"),
         _tool("nft", "nftables", "the default network mode: keeps guests off this host's own addresses"),
     ]
+    hosts_too = uri is None  # the hosts added (herovm.hosts) are used with the default connection only
     uri = uri or default_uri()
     try:
         import libvirt
@@ -161,4 +162,38 @@ def run_checks(uri: str | None = None) -> list[Check]:
         if choice.accel == "kvm" and (kvm := kvm_device_access(user=me)) is not None and kvm.status != "ok":
             kvm.fix = f"usermod -aG kvm {me} (then log in again), or guests run under TCG"
             checks.append(kvm)
+    if hosts_too:
+        checks += host_checks()
     return checks
+
+
+def host_checks() -> list[Check]:
+    """One line per host added with `herovm host add` (herovm.hosts): does it answer, with what."""
+    from . import hosts
+
+    added = hosts.remote_hosts()
+    if not added:
+        return []
+    from .backends.remote import RemoteLibvirtBackend
+
+    backends = {name: RemoteLibvirtBackend(host) for name, host in added.items()}
+    try:
+        facts = hosts.facts_of(backends)
+    finally:
+        for b in backends.values():
+            b.close()
+    return [
+        Check(
+            f"host {f.name}",
+            "ok" if f.reachable else "warn",
+            f"{f.uri}: {f.accel}, {f.cpus} CPUs, {(f.memory_free or 0) >> 20} MiB free, "
+            f"{f.vms_running} VMs running"
+            if f.reachable
+            else f"{f.uri}: cannot be reached ({f.error})",
+            ""
+            if f.reachable
+            else "check its sshd and libvirtd, and your key; `herovm host ls` (docs/hosts.md)",
+        )
+        for f in facts
+        if f.name != hosts.LOCAL
+    ]

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # and imported where used: `herovm exec` needs none of these 
     from .api_types import SnapshotInfo, TemplateInfo, VMInfo, VMStatus
     from .boot import Boot
     from .bootstrap import Bootstrap
-    from .hosts import Host
+    from .hosts import Host, HostFacts
     from .images import Image
 
 __all__ = ["VM", "Manager"]
@@ -498,6 +498,23 @@ class Manager:
             return True
         except (OSError, HeroVMError):  # TimeoutError is an OSError
             return False
+
+    # ---------------------------------------------------------------------------------------- hosts
+
+    def host_facts(self) -> list[HostFacts]:
+        """Every host herovm may place VMs on (`local` first; herovm.hosts), asked at once, each within
+        HEROVM_HOST_TIMEOUT: reachable or not (and why), accelerator, CPUs, free memory, room, herovm VMs
+        running, images there. `herovm host ls`."""
+        from . import hosts
+        from .backends.fleet import Fleet
+
+        if isinstance(self.backend, Fleet):
+            return self.backend.facts()
+        return hosts.facts_of({hosts.LOCAL: self.backend})
+
+    def hosts(self) -> list[dict]:
+        """`host_facts` as JSON rows (`herovm host ls --json`)."""
+        return [f.to_json() for f in self.host_facts()]
 
     # ------------------------------------------------------------------------------------ snapshots
 

@@ -616,7 +616,15 @@ class LibvirtBackend:
         return connect
 
     def _agent_stream(self, name: str, deadline: float) -> socket.socket:
-        return connect_unix(state.VMDir(name).agent_socket, deadline)
+        return connect_unix(state.VMDir(name).agent_socket, deadline, lambda: self._running(name))
+
+    def _running(self, name: str) -> bool:
+        """Whether the domain exists and runs (or is paused); a libvirt that does not answer: assumed so."""
+        try:
+            dom = self._lookup(name)
+            return dom is not None and bool(dom.isActive())
+        except (HeroVMError, libvirt.libvirtError):
+            return True
 
     def _forward_stream(self, name: str, port: int, deadline: float) -> socket.socket:
         return open_tcp("127.0.0.1", port, max(0.05, deadline - time.monotonic()))

@@ -533,7 +533,7 @@ class RemoteLibvirtBackend(LibvirtBackend):
                 if stream is not None:
                     with contextlib.suppress(libvirt.libvirtError):
                         stream.abort()
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or not self._running(name):
                     raise TimeoutError(
                         f"the agent channel of {name} did not open: {e.get_error_message()}"
                     ) from e

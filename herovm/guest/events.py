@@ -92,9 +92,12 @@ class AgentChannel:
         self.sock.close()
 
 
-def connect_unix(path: Path, deadline: float) -> socket.socket:
+def connect_unix(path: Path, deadline: float, running: Callable[[], bool] | None = None) -> socket.socket:
     """A stream to the unix socket `path`, retried while it is missing or refuses, until `deadline`
-    (time.monotonic()): TimeoutError then (QEMU makes the agent's socket as the machine starts)."""
+    (time.monotonic()): TimeoutError then (QEMU makes the agent's socket as the machine starts). `running`,
+    asked once a second while it is retried: False ends the wait at once (a machine stopped meanwhile, e.g.
+    by a cancelled `up`'s clean-up, never makes its socket: the wait ran to a 3-minute deadline)."""
+    asked = time.monotonic()
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -102,8 +105,13 @@ def connect_unix(path: Path, deadline: float) -> socket.socket:
             return s
         except (FileNotFoundError, ConnectionRefusedError):
             s.close()
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 raise TimeoutError(f"agent channel {path} did not appear") from None
+            if running is not None and now - asked >= 1.0:
+                asked = now
+                if not running():
+                    raise TimeoutError(f"agent channel {path}: its machine is not running") from None
             time.sleep(0.02)
 
 

@@ -353,6 +353,7 @@ def restart_libvirtd() -> None:
     raise AssertionError("libvirtd did not come back")
 
 
+@pytest.mark.serial  # every other test's guests would lose libvirt under them
 def test_libvirtd_restart_while_guests_run(vm_factory, unique_name):
     name = unique_name("restart-libvirtd")
     vm = vm_factory(name)

@@ -113,6 +113,8 @@ def test_a_host_key_is_pinned_never_learnt(fleet: Fleet, tmp_path: Path):
     )  # fmt: skip
     assert r.returncode != 0 and "host h3" in r.stderr and "cannot be reached" in r.stderr, r.stderr
     assert "h3" not in {h["name"] for h in fleet.json("host", "ls")}
+    doctor = fleet.herovm("doctor")
+    assert f"[ok  ] host h2: {second.ssh_uri}: tcg" in doctor.stdout, doctor.stdout
     pinned = fleet.home / "hosts" / "h2.known_hosts"
     assert second.host_key in pinned.read_text() and pinned.stat().st_mode & 0o077 == 0
     assert not (fleet.home / "hosts" / "h3.known_hosts").exists()  # a failed add leaves nothing
@@ -191,6 +193,8 @@ def test_an_unreachable_host_fails_clearly_and_comes_back(fleet: Fleet, two_vms:
         assert r.returncode == 0, r.stderr
         hosts = {h["name"]: h for h in fleet.json("host", "ls", timeout=60)}
         assert not hosts["h2"]["reachable"] and hosts["local"]["reachable"]
+        doctor = fleet.herovm("doctor", timeout=60)
+        assert "[warn] host h2:" in doctor.stdout and "cannot be reached" in doctor.stdout, doctor.stdout
     rows = {r["name"]: r for r in fleet.json("ls", timeout=60)}
     assert rows[remote]["state"] == "running"
     r = fleet.herovm("exec", remote, "--", "uname", "-n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,10 +35,13 @@ def manager(backend: LibvirtBackend) -> Manager:
 
 
 @pytest.fixture
-def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A HEROVM_HOME of the test's own (short: an agent socket's path must fit in a sockaddr_un), and
-    libvirt's default URI, whatever the environment says."""
-    h = tmp_path / "h"
+def isolated_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A HEROVM_HOME of the test's own, and libvirt's default URI, whatever the environment says. Directly
+    under /tmp: an agent socket's path must fit in a sockaddr_un (107 bytes), and pytest's tmp_path under
+    xdist (`.../popen-gw0/test_name0`) made some too long."""
+    top = Path(tempfile.mkdtemp(prefix="hvu", dir="/tmp"))
+    h = top / "h"
     monkeypatch.setenv("HEROVM_HOME", str(h))
     monkeypatch.delenv("HEROVM_LIBVIRT_URI", raising=False)
-    return h
+    yield h
+    shutil.rmtree(top, ignore_errors=True)

@@ -48,10 +48,8 @@ def unique(prefix: str = "m") -> str:
 
 
 @pytest.fixture(autouse=True)
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    h = tmp_path / "h"  # short: the agent socket path must fit in a sockaddr_un
-    monkeypatch.setenv("HEROVM_HOME", str(h))
-    return h
+def home(isolated_home: Path) -> Path:
+    return isolated_home  # short: the agent socket path must fit in a sockaddr_un
 
 
 @pytest.fixture
