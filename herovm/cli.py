@@ -261,7 +261,13 @@ _up_command()
 def down(
     name: Annotated[str | None, typer.Argument()] = None,
     all_: Annotated[bool, typer.Option("--all", help="remove every herovm VM")] = False,
-    force: Annotated[bool, typer.Option("--force", help="no error if the VM does not exist")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="no error if the VM does not exist; a VM on a host that cannot be reached is forgotten here",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Remove a VM: its domain, disk, keys and state. Nothing is left."""
@@ -271,7 +277,9 @@ def down(
         _fail(InvalidInput("name a VM or give --all"), json_out)
     try:
         with _manager(json_out) as m:
-            removed = m.down_all() if all_ else ([m.down(name) or name] if name else [])
+            removed = (
+                m.down_all() if all_ else ([m.down(name, forget_unreachable=force) or name] if name else [])
+            )
     except NotFound as e:
         if not force:
             _fail(e, json_out)

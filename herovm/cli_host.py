@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import JsonOpt, _fail, _manager, _print_json, app
+from .cli import JsonOpt, _fail, _listing, _print_json, app
 from .errors import HeroVMError
 
 host_app = typer.Typer(
@@ -78,26 +78,18 @@ def host_add(
 @host_app.command("ls")
 def host_ls(json_out: JsonOpt = False) -> None:
     """Every host: reachable or not, accelerator, CPUs, free memory, room, herovm VMs running, images."""
-    try:
-        with _manager(json_out) as m:
-            facts = m.host_facts()
-    except HeroVMError as e:
-        _fail(e, json_out)
-    if json_out:
-        _print_json([f.to_json() for f in facts])
-        return
-    typer.echo(
-        f"{'NAME':<12} {'STATE':<12} {'ACCEL':<6} {'CPUS':>4} {'FREE':>8} {'ROOM':>8} {'VMS':>4}  IMAGES"
-    )
-    for f in facts:
-        if not f.reachable:
-            typer.echo(f"{f.name:<12} {'unreachable':<12} {f.error}")
-            continue
-        typer.echo(
-            f"{f.name:<12} {'ok':<12} {f.accel or '-':<6} {f.cpus or '-':>4} "
-            f"{(f.memory_free or 0) >> 20:>7}M {f.room() >> 20:>7}M {f.vms_running:>4}  "
-            f"{', '.join(f.images) or '-'}"
+
+    def line(h: dict) -> str:
+        if not h["reachable"]:
+            return f"{h['name']:<12} {'unreachable':<12} {h['error']}"
+        return (
+            f"{h['name']:<12} {'ok':<12} {h['accel'] or '-':<6} {h['cpus'] or '-':>4} "
+            f"{(h['memory_free'] or 0) >> 20:>7}M {h['room'] >> 20:>7}M {h['vms_running']:>4}  "
+            f"{', '.join(h['images']) or '-'}"
         )
+
+    head = f"{'NAME':<12} {'STATE':<12} {'ACCEL':<6} {'CPUS':>4} {'FREE':>8} {'ROOM':>8} {'VMS':>4}  IMAGES"
+    _listing(json_out, lambda m: m.hosts(), "no hosts", head, line)
 
 
 @host_app.command("set")

@@ -21,7 +21,16 @@ from . import accel as accel_mod
 from . import disks, leftovers, ports, snapshots, state
 from .backends import Backend, Machine, MachineSpec, get_backend, require
 from .backends.base import RAM_FILE, Pausable, SharedMemory, copy_console
-from .errors import AlreadyExists, BootFailed, GuestError, HeroVMError, InvalidInput, NotFound, Unsupported
+from .errors import (
+    AlreadyExists,
+    BackendUnavailable,
+    BootFailed,
+    GuestError,
+    HeroVMError,
+    InvalidInput,
+    NotFound,
+    Unsupported,
+)
 from .progress import Progress, Reporter, silent, still_waiting
 from .protocol import AGENT_VSOCK_PORT, FETCH_TIMEOUT_S, Command, Stage
 from .record import RecordedSettings, VMRecord, after, now
@@ -586,16 +595,37 @@ class Manager:
 
         return clones.fork(self, source, names)
 
-    def down(self, name: str, wait: float = 300.0) -> None:
+    def down(self, name: str, wait: float = 300.0, forget_unreachable: bool = False) -> None:
         """Remove the VM: its domain, disk, drive, keys and state. Nothing is left.
 
         The guest is powered off before the lock is taken: an `up` of the same VM in another process then
-        fails at once (its guest stopped) and lets go, instead of `down` waiting for its whole boot."""
+        fails at once (its guest stopped) and lets go, instead of `down` waiting for its whole boot.
+
+        A VM on another host that cannot be reached is refused (BackendUnavailable), unless
+        `forget_unreachable` (`down --force`): then only what this machine holds of it goes (its directory:
+        keys, record), and its machine and files on that host stay there (docs/hosts.md)."""
         state.validate_name(name)
         vmdir = state.VMDir(name)
-        machine = self.backend.get(name)
+        try:
+            machine = self.backend.get(name)
+        except BackendUnavailable as e:
+            from .hosts import LOCAL, host_of_vm
+
+            # never a local VM: with libvirtd down here, its domain would outlive the disk removed with it
+            if not forget_unreachable or not vmdir.exists() or host_of_vm(name) == LOCAL:
+                raise
+            with vmdir.lock(wait=wait):
+                self.progress(Progress("down", f"forgetting {name}: {e.message}; its machine there stays"))
+                vmdir.remove()
+            return
         if machine is None and not vmdir.exists():
-            raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
+            from .backends.fleet import Fleet
+
+            if isinstance(self.backend, Fleet):  # on another host, and no directory says so: look there
+                self.backend.list()
+                machine = self.backend.get(name)
+            if machine is None:
+                raise NotFound(f"VM {name} not found", hint="see `herovm ls`")
         if machine is not None and not self.owns(machine):
             raise NotFound(
                 f"VM {name} belongs to another herovm home ({machine.metadata.get('home')})",

@@ -37,6 +37,9 @@ class Fleet:
         self.hosts = remote
         self.timeout = timeout if timeout is not None else hosts.answer_timeout()
         self._remote: dict[str, RemoteLibvirtBackend] = {}
+        # Where `list` found machines that no VM directory records (one `down --force` forgot, or a directory
+        # lost): so that `gc` and `down` reach them on their host, not on the local one.
+        self._seen: dict[str, str] = {}
 
     def on(self, host: str | None) -> LibvirtBackend:
         """The backend of host `host` (None: local); NotFound for a host that was never added."""
@@ -49,7 +52,9 @@ class Fleet:
         return self._remote[host]
 
     def host_of(self, name: str) -> str:
-        return hosts.host_of_vm(name)
+        """The VM's host: as its directory records it, else where `list` last found it, else local."""
+        recorded = hosts.host_of_vm(name)
+        return recorded if recorded != hosts.LOCAL else self._seen.get(name, hosts.LOCAL)
 
     def _for(self, name: str) -> LibvirtBackend:
         return self.on(self.host_of(name))
@@ -90,6 +95,7 @@ class Fleet:
         for host, result in found.items():
             if not isinstance(result, BaseException):
                 machines += result
+                self._seen.update((m.name, host) for m in result)
                 continue
             for name in hosts.vms_on(host):
                 try:

@@ -199,3 +199,13 @@ def test_an_unreachable_host_fails_clearly_and_comes_back(fleet: Fleet, two_vms:
     assert rows[remote]["state"] == "running"
     r = fleet.herovm("exec", remote, "--", "uname", "-n")
     assert r.returncode == 0 and r.stdout.strip() == remote, r.stderr
+    # a host gone for good: `down --force` forgets its VM here; once the host answers again, `ls` finds the
+    # VM there and `down` removes it from the host
+    with fleet.second.unreachable():
+        r = fleet.herovm("down", remote, "--force", timeout=60)
+        assert r.returncode == 0 and "its machine there stays" in r.stderr, r.stderr
+        assert not (fleet.home / "vms" / remote).exists()
+    assert remote in {r["name"] for r in fleet.json("ls", timeout=60)}
+    r = fleet.herovm("down", remote)
+    assert r.returncode == 0, r.stderr
+    assert f"herovm-{remote}" not in fleet.second_domains()

@@ -34,7 +34,7 @@ from herovm.backends.remote import (
     _virtual_size,
     bridge,
 )
-from herovm.errors import BackendUnavailable, HeroVMError, InvalidInput, NotFound
+from herovm.errors import BackendUnavailable, Busy, HeroVMError, InvalidInput, NotFound
 from herovm.manager import Manager
 from herovm.progress import Progress
 from herovm.settings import VMSettings
@@ -548,3 +548,70 @@ def test_sha256_cache_survives_a_damaged_file(tmp_path: Path) -> None:
     cache.path.write_text("[1, 2]")
     assert cache.of(f) == hashlib.sha256(b"kernel").hexdigest()
     assert isinstance(json.loads(cache.path.read_text()), dict)
+
+
+class _GoneRemote(StubRemote):
+    """A host that does not answer: every call into its libvirt fails as a dead connection's does."""
+
+    def get(self, name: str) -> Machine | None:
+        self._record("get", name)
+        raise BackendUnavailable(f"host {self.host.name} (stub://) cannot be reached: no answer in 0.5s")
+
+
+def test_down_of_a_vm_on_a_host_that_does_not_answer_is_refused_unless_forced(
+    backend: LibvirtBackend,
+) -> None:
+    """`down` cannot remove what lies on a host that does not answer; `down --force` forgets the VM here
+    (its directory) and says its machine stays there, so `host rm` is possible again. A local VM is never
+    forgotten that way (its domain would outlive the disk)."""
+    from herovm.manager import Manager
+
+    h = node()
+    register(h)
+    f = Fleet(backend, {"node2": h}, timeout=0.5)
+    f._remote["node2"] = _GoneRemote(h)
+    vm_on("far1", "node2")
+    said: list[str] = []
+    m = Manager(f, progress=lambda p: said.append(p.message))
+    with pytest.raises(BackendUnavailable, match="cannot be reached"):
+        m.down("far1")
+    assert state.VMDir("far1").exists()
+    with pytest.raises(Busy):
+        hosts.remove("node2")
+    m.down("far1", forget_unreachable=True)
+    assert not state.VMDir("far1").exists()
+    assert any("forgetting far1" in s and "its machine there stays" in s for s in said), said
+    hosts.remove("node2")  # nothing recorded on it now
+    assert "node2" not in hosts.remote_hosts()
+
+
+def test_down_force_never_forgets_a_local_vm_whose_libvirt_is_down(tmp_path: Path) -> None:
+    from herovm.manager import Manager
+
+    vm_on("near1", None)
+    m = Manager(LibvirtBackend(f"qemu+unix:///system?socket={tmp_path}/none"))
+    with pytest.raises(BackendUnavailable):
+        m.down("near1", forget_unreachable=True)
+    assert state.VMDir("near1").exists()
+
+
+def test_a_machine_no_directory_records_is_reached_on_the_host_list_found_it_on(
+    backend: LibvirtBackend,
+) -> None:
+    """A VM forgotten with `down --force` (or whose directory was lost) is listed again once its host
+    answers; `down` and `gc` then reach it there, not on the local host."""
+    from herovm.manager import Manager
+
+    h = node()
+    register(h)
+    f = Fleet(backend, {"node2": h}, timeout=0.5)
+    far = StubRemote(h, [Machine("lost1", "stopped", {"home": str(state.home()), "host": "node2"})])
+    f._remote["node2"] = far
+    m = Manager(f)
+    assert [r["name"] for r in m.ls()] == ["lost1"]
+    m.down("lost1")
+    assert ("undefine", "lost1") in far.calls
+    fresh = Fleet(backend, {"node2": h}, timeout=0.5)
+    fresh._remote["node2"] = far
+    Manager(fresh).down("lost1")  # a new process: it looks on the hosts itself
+    assert far.calls.count(("undefine", "lost1")) == 2
