@@ -55,6 +55,15 @@ class Forwards(Protocol):
         if it runs. Unsupported if the running machine's network cannot add it."""
 
 
+@runtime_checkable
+class RemotePorts(Protocol):
+    """A backend whose forwards listen on another host's loopback (herovm.backends.remote): a port free
+    here may be taken there."""
+
+    def port_in_use(self, port: int) -> bool:
+        """Whether something listens on the host's 127.0.0.1:`port`."""
+
+
 # ------------------------------------------------------------------------------------------- parsing
 
 
@@ -199,6 +208,11 @@ def allocate(backend: Backend, net: str, publish: Sequence[PortSpec | str]) -> t
         )
     taken = _taken(backend)
     ssh = allocate_port(taken)
+    for _ in range(20):  # on another host: free there too (QEMU would fail to bind it as it starts)
+        if not (isinstance(backend, RemotePorts) and backend.port_in_use(ssh)):
+            break
+        taken.add(ssh)
+        ssh = allocate_port(taken)
     taken.add(ssh)
     forwards = []
     for spec in specs:

@@ -580,6 +580,23 @@ class RemoteLibvirtBackend(LibvirtBackend):
 
         return bridge(lambda: channel.recv(CHUNK), write, channel.close, f"tunnel-{name}")
 
+    def port_in_use(self, port: int) -> bool:
+        """herovm.ports.RemotePorts: whether the host's 127.0.0.1:`port` accepts a connection (asked through
+        the tunnel; a refusal means free)."""
+        import paramiko
+
+        transport = self.ssh().get_transport()
+        assert transport is not None
+        try:
+            transport.open_channel(
+                "direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0), timeout=self.timeout
+            ).close()
+            return True
+        except paramiko.ChannelException:
+            return False
+        except paramiko.SSHException as e:
+            raise self._unreachable(f"SSH tunnel: {e}") from e
+
     # ------------------------------------------------------------------ what stays on the local host
 
     def _local_only(self, what: str) -> Unsupported:

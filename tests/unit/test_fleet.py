@@ -615,3 +615,24 @@ def test_a_machine_no_directory_records_is_reached_on_the_host_list_found_it_on(
     fresh._remote["node2"] = far
     Manager(fresh).down("lost1")  # a new process: it looks on the hosts itself
     assert far.calls.count(("undefine", "lost1")) == 2
+
+
+def test_a_remote_vms_ssh_port_is_free_on_its_host_too(backend: LibvirtBackend) -> None:
+    """A port free on this machine may be taken on the VM's host: allocation asks the host, and moves on."""
+    from herovm import ports
+
+    class Busy2(StubRemote):
+        def __init__(self, h: hosts.Host) -> None:
+            super().__init__(h)
+            self.asked: list[int] = []
+
+        def port_in_use(self, port: int) -> bool:
+            self.asked.append(port)
+            return len(self.asked) <= 2  # the first two it is offered are taken there
+
+    far = Busy2(node())
+    ssh, forwards = ports.allocate(far, "restricted", ())
+    assert len(far.asked) == 3 and ssh == far.asked[-1] and len(set(far.asked)) == 3
+    assert forwards == ()
+    assert ports.allocate(backend, "restricted", ())[0]  # the local backend is asked nothing of the kind
+    assert not isinstance(backend, ports.RemotePorts)
