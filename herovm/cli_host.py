@@ -4,6 +4,7 @@ herovm.cli, whose helpers it uses.
     herovm host add NAME qemu+ssh://USER@HOST[:PORT]/system|session [--identity KEY] [--host-key KEY]
     herovm host ls                                 reachable or not, accelerator, CPUs, memory, VMs, images
     herovm host set NAME --max-memory SIZE|none   how much guest memory herovm may place there
+    herovm host prune NAME                         remove the images no VM there lies on
     herovm host rm NAME
 """
 
@@ -13,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import JsonOpt, _fail, _listing, _print_json, app
+from .cli import JsonOpt, _fail, _listing, _manager, _print_json, app
 from .errors import HeroVMError
 
 host_app = typer.Typer(
@@ -112,6 +113,20 @@ def host_set(
     else:
         limit = f"{changed.max_memory >> 20} MiB" if changed.max_memory else "no limit"
         typer.echo(f"host {name}: {limit}")
+
+
+@host_app.command("prune")
+def host_prune(name: str, json_out: JsonOpt = False) -> None:
+    """Remove from a host the images no VM there lies on (uploaded by `up`; uploaded again when needed)."""
+    try:
+        with _manager(json_out) as m:
+            removed = m.prune_host(name)
+    except HeroVMError as e:
+        _fail(e, json_out)
+    if json_out:
+        _print_json({"host": name, "removed": removed})
+    else:
+        typer.echo("\n".join(f"removed {v} from {name}" for v in removed) or f"nothing to remove on {name}")
 
 
 @host_app.command("rm")

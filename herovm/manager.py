@@ -525,6 +525,21 @@ class Manager:
         """`host_facts` as JSON rows (`herovm host ls --json`)."""
         return [f.to_json() for f in self.host_facts()]
 
+    def prune_host(self, name: str) -> list[str]:
+        """Remove from host `name` the image volumes no VM there lies on (`herovm host prune`); returns
+        them. The local host's images are `herovm image rm`'s."""
+        from . import hosts
+        from .backends.fleet import Fleet
+        from .backends.remote import RemoteLibvirtBackend
+
+        hosts.get(name)  # NotFound, with its hint
+        backend = self.backend.on(name) if isinstance(self.backend, Fleet) else None
+        if not isinstance(backend, RemoteLibvirtBackend):
+            raise InvalidInput(
+                f"host {name}: only other hosts' images are pruned here", hint="see `herovm image rm`"
+            )
+        return backend.prune_images()
+
     # ------------------------------------------------------------------------------------ snapshots
 
     def snapshot(self, name: str, snap: str) -> dict:

@@ -415,6 +415,22 @@ class RemoteLibvirtBackend(LibvirtBackend):
         marked = {n.split(".")[1] for n in names if n.startswith("img.") and n.endswith(".base.qcow2.sha256")}
         return sorted(marked)
 
+    def prune_images(self) -> list[str]:
+        """Remove the image volumes (`img.ID.*`) of every image no machine on this host lies on (any herovm
+        home's: their records name their image); returns the volumes removed. Under this home's upload lock:
+        an `up` of this home between its upload and its define is not robbed of its image."""
+        from ..record import VMRecord
+
+        with state.named_lock(f"upload-{self.host.name}", what=f"an upload to {self.host.name}"):
+            used = {VMRecord.from_json(m.name, m.metadata).image_id for m in self.list()}
+            pool = self._pool(refresh=True)
+            removed = []
+            for volume in sorted(pool.listVolumes()):
+                if volume.startswith("img.") and volume.split(".")[1] not in used:
+                    self._delete(pool, volume)
+                    removed.append(volume)
+            return removed
+
     def prepare(self, spec: MachineSpec, progress: Reporter = silent) -> None:
         """Put the image files `spec` boots from on the host (uploaded once: `image_volume`)."""
         base = disks.backing_file(spec.disk)

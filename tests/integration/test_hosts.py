@@ -81,6 +81,9 @@ def fleet(image: images.Image, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 assert f.second_domains() == [], "domains left on the second host"
                 left = [v for v in f.second_volumes() if v.startswith("vm.")]
                 assert left == [], f"VM volumes left on the second host: {left}"
+                pruned = f.json("host", "prune", "h2")["removed"]
+                assert pruned and all(v.startswith("img.") for v in pruned), pruned
+                assert f.second_volumes() == [], "volumes left on the second host"
                 removed = f.herovm("host", "rm", "h2")
                 assert removed.returncode == 0, removed.stderr
             finally:
@@ -155,6 +158,7 @@ def test_placement_picks_the_host_with_room_and_the_image_goes_once(
     assert facts["h2"]["vms_running"] >= 1
     image_id = fleet.json("status", two_vms["h2"])["image_id"]
     assert image_id in facts["h2"]["images"]
+    assert fleet.json("host", "prune", "h2")["removed"] == []  # a VM there lies on it
     # the local VM takes 1 GiB: with local limited to that, a new VM has room on h2 only
     assert fleet.herovm("host", "set", "local", "--max-memory", "1GB").returncode == 0
     try:
