@@ -82,8 +82,9 @@ def run(args: argparse.Namespace) -> dict:
         "execs": args.execs,
     }
     made: list[str] = []
+    keys = Path(tempfile.mkdtemp(prefix="herovm-bench-second-"))
     try:
-        with second_host(Path(tempfile.mkdtemp(prefix="herovm-bench-second-"))) as second:
+        with second_host(keys) as second:
             results["host_add"] = timed(
                 env, "host", "add", "h2", second.ssh_uri, "--identity", str(second.identity),
                 "--host-key", second.host_key, "--accel", "tcg",
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> dict:
             subprocess.run([*HEROVM, "down", name], env=env, capture_output=True, timeout=300)
         subprocess.run([*HEROVM, "host", "rm", "h2"], env=env, capture_output=True, timeout=60)
         shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(keys, ignore_errors=True)
     return results
 
 

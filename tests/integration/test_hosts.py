@@ -61,21 +61,21 @@ class Fleet:
 @pytest.fixture(scope="module")
 def fleet(image: images.Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     home = Path(tempfile.mkdtemp(prefix="herovm-it-hosts-", dir="/tmp"))
-    os.chmod(home, 0o711)  # QEMU (libvirt-qemu) reaches the local VMs' disks under it
-    link_image(image, home)
-    env = {**os.environ, "HEROVM_HOME": str(home), "HEROVM_HOST_TIMEOUT": "4"}
-    with second_host(tmp_path_factory.mktemp("second-host")) as second:
-        f = Fleet(home, env, second)
-        added = f.herovm(
-            "host", "add", "h2", second.ssh_uri, "--identity", str(second.identity),
-            "--host-key", second.host_key, "--accel", "tcg",
-        )  # fmt: skip
-        assert added.returncode == 0, added.stderr
-        try:
-            yield f
-        finally:
-            down = f.herovm("down", "--all")
+    try:
+        os.chmod(home, 0o711)  # QEMU (libvirt-qemu) reaches the local VMs' disks under it
+        link_image(image, home)
+        env = {**os.environ, "HEROVM_HOME": str(home), "HEROVM_HOST_TIMEOUT": "4"}
+        with second_host(tmp_path_factory.mktemp("second-host")) as second:
+            f = Fleet(home, env, second)
+            added = f.herovm(
+                "host", "add", "h2", second.ssh_uri, "--identity", str(second.identity),
+                "--host-key", second.host_key, "--accel", "tcg",
+            )  # fmt: skip
+            assert added.returncode == 0, added.stderr
             try:
+                yield f
+            finally:
+                down = f.herovm("down", "--all")
                 assert down.returncode == 0, down.stderr
                 assert home_domains(home) == {}, "domains of the test's home left on the local host"
                 assert f.second_domains() == [], "domains left on the second host"
@@ -86,8 +86,8 @@ def fleet(image: images.Image, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 assert f.second_volumes() == [], "volumes left on the second host"
                 removed = f.herovm("host", "rm", "h2")
                 assert removed.returncode == 0, removed.stderr
-            finally:
-                shutil.rmtree(home, ignore_errors=True)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
