@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from guests import cli, home_domains, link_image
+from guests import HEROVM, cli, home_domains, link_image
 from second_host import SecondHost, second_host
 
 from herovm import images
@@ -139,6 +141,12 @@ def test_up_exec_cp_stop_start_on_each_host(fleet: Fleet, two_vms: dict[str, str
     back = tmp_path / "back.txt"
     assert fleet.herovm("cp", f"{remote}:/root/in.txt", str(back)).returncode == 0
     assert back.read_text() == "across hosts\n"
+    if shutil.which("script"):  # an interactive shell through the tunnel, on a terminal `script` makes
+        shell = subprocess.run(
+            ["script", "-q", "-c", shlex.join([*HEROVM, "ssh", remote]), "/dev/null"],
+            input="echo SHELL-$((40+2))\nexit\n", env=fleet.env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert shell.returncode == 0 and "SHELL-42" in shell.stdout, shell.stdout[-500:]
     logs = fleet.herovm("logs", remote)
     assert logs.returncode == 0 and "ready" in logs.stdout, logs.stderr  # its console, copied from h2
     stop = fleet.herovm("stop", remote)
