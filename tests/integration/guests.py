@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
@@ -66,3 +68,35 @@ def home_domains(home: Path) -> dict[str, str]:
         return found
     finally:
         backend.close()
+
+
+@contextlib.contextmanager
+def e2b_sdk_at(url: str, key: str) -> Iterator[None]:
+    """The E2B SDK pointed at a herovm serve through its own environment variables, as its users point it
+    (put back afterwards); on the way out every sandbox it lists there is killed."""
+    from e2b import Sandbox
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("E2B_API_URL", url)
+        env.setenv("E2B_SANDBOX_URL", url)
+        env.setenv("E2B_API_KEY", key)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                for info in Sandbox.list().next_items():
+                    Sandbox.kill(info.sandbox_id)
+
+
+@contextlib.contextmanager
+def alone(what: str) -> Iterator[None]:
+    """Hold a lock of this machine's for `what` (a file under /tmp, flock): test files that share state the
+    suite cannot give each its own wait for each other, whichever pytest-xdist workers run them."""
+    import fcntl
+
+    with open(f"/tmp/herovm-tests-{what}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -27,6 +27,7 @@ httpx = pytest.importorskip("httpx")
 from e2b import Sandbox  # noqa: E402
 from e2b.envd.process import process_pb  # noqa: E402
 from e2b.sandbox.sandbox_api import SandboxQuery  # noqa: E402
+from guests import alone, e2b_sdk_at  # noqa: E402
 from protobuf import Oneof  # noqa: E402
 
 from herovm.serve.app import ServeApp  # noqa: E402
@@ -76,24 +77,24 @@ class Server:
                 self.proc.wait()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _serve_alone() -> Iterator[None]:
+    """Every `herovm serve` of the HEROVM_HOME reads the sandboxes its servers recorded there (a restarted
+    server rebuilds its view), so two serve test files at once saw, listed and killed each other's
+    sandboxes: they take turns."""
+    with alone("serve"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, image) -> Iterator[Server]:
     srv = Server(_free_port(), "e2b_" + secrets.token_hex(16), tmp_path_factory.mktemp("serve") / "serve.log")
-    saved = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")}
-    os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.key)
-    srv.start()
     try:
-        yield srv
+        with e2b_sdk_at(srv.url, srv.key):
+            srv.start()
+            yield srv
     finally:
-        with contextlib.suppress(Exception):
-            for info in Sandbox.list().next_items():
-                Sandbox.kill(info.sandbox_id)
         srv.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

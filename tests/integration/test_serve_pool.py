@@ -25,6 +25,7 @@ import pytest
 e2b = pytest.importorskip("e2b", reason="the e2b SDK (dev extra) is not installed")
 httpx = pytest.importorskip("httpx")
 from e2b import Sandbox  # noqa: E402
+from guests import alone, e2b_sdk_at  # noqa: E402
 
 HEROVM = str(Path(sys.executable).with_name("herovm"))
 BOOTSTRAP = "!!file.write path:/srv/pooled content:'from the template'\n"
@@ -34,6 +35,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _serve_alone() -> Iterator[None]:
+    """Every `herovm serve` of the HEROVM_HOME reads the sandboxes its servers recorded there (a restarted
+    server rebuilds its view), so two serve test files at once saw, listed and killed each other's
+    sandboxes: they take turns."""
+    with alone("serve"):
+        yield
 
 
 def herovm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -114,22 +124,13 @@ def template(image, run_id: str, tmp_path_factory: pytest.TempPathFactory) -> It
 @pytest.fixture
 def server(template: str, tmp_path: Path) -> Iterator[PoolServer]:
     srv = PoolServer(template, tmp_path / "serve.log")
-    saved = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")}
-    os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.key)
     try:
-        yield srv
+        with e2b_sdk_at(srv.url, srv.key):
+            yield srv
     finally:
-        with contextlib.suppress(Exception):
-            for info in Sandbox.list().next_items():
-                Sandbox.kill(info.sandbox_id)
         srv.stop()
         for name in pool_vms():  # whatever a failed test left
             herovm("down", name)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_a_create_claims_a_pooled_vm_and_the_pool_refills(server: PoolServer) -> None:
