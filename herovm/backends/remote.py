@@ -5,8 +5,8 @@ What a local VM keeps in its directory lies, for a VM on another host, in herovm
 directory pool, `herovm`), put there through libvirt's storage API (never scp):
 
 - the image's kernel, initrd and base disk: volumes `img.<image id>.<file>`, uploaded once per host and
-  checked: the upload is read back and its sha256 compared before a `.sha256` volume records it, so an
-  upload cut short is never taken for a whole one;
+  checked: the upload is read back and its sha256 compared with the one the image's manifest records before
+  a `.sha256` volume records it, so an upload cut short is never taken for a whole one;
 - the VM's overlay (`vm.<name>.disk.qcow2`, made there by libvirt on the base), its config drive (uploaded
   at each start), its console log and its agent socket (`vm.<name>.*`).
 
@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from xml.sax.saxutils import escape
 
 import libvirt
 
@@ -103,36 +104,19 @@ def _virtual_size(qcow2: Path) -> int:
     return struct.unpack(">Q", header[24:32])[0]
 
 
-class _Sha256Cache:
-    """sha256 of local image files, kept by (path, size, mtime) in HEROVM_HOME/hosts/sha256.json (hashing a
-    base disk takes a second or two)."""
+def _digest(local: Path) -> str:
+    """The sha256 of a file of a cached image, as its manifest records it (herovm.images hashes each file
+    when it builds the image); a file no manifest names is hashed here."""
+    from ..images import file_sha256
 
-    def __init__(self) -> None:
-        from ..hosts import hosts_dir
-
-        self.path = hosts_dir() / "sha256.json"
-
-    def of(self, file: Path) -> str:
-        st = file.stat()
-        key = f"{file}:{st.st_size}:{st.st_mtime_ns}"
-        try:
-            known = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            known = {}
-        if isinstance(known, dict) and isinstance(known.get(key), str):
-            return known[key]
-        h = hashlib.sha256()
-        with open(file, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-        digest = h.hexdigest()
-        known = (
-            {k: v for k, v in known.items() if not k.startswith(f"{file}:")}
-            if isinstance(known, dict)
-            else {}
-        )
-        state.write_private(self.path, json.dumps({**known, key: digest}))
-        return digest
+    try:
+        manifest = json.loads((local.parent / "manifest.json").read_text())
+        recorded = manifest["files"][local.name]["sha256"]
+        if isinstance(recorded, str) and len(recorded) == 64:
+            return recorded
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return file_sha256(local)
 
 
 def bridge(
@@ -186,7 +170,7 @@ class RemoteLibvirtBackend(LibvirtBackend):
         self.timeout = timeout if timeout is not None else answer_timeout()
         self._ssh: paramiko.SSHClient | None = None
         self._ssh_lock = threading.Lock()
-        self._sha = _Sha256Cache()
+        self._checked: set[str] = set()  # image volumes found whole on the host by this process
 
     # ------------------------------------------------------------------------------- connections
 
@@ -277,8 +261,6 @@ class RemoteLibvirtBackend(LibvirtBackend):
                 raise _wrap(e, f"looking up the pool on {self.host.name}") from e
             if not self.host.pool:
                 raise HeroVMError(f"host {self.host.name} has no pool directory recorded") from e
-            from xml.sax.saxutils import escape
-
             xml = (
                 f"<pool type='dir'><name>{POOL}</name><target><path>{escape(self.host.pool)}</path>"
                 "<permissions><mode>0711</mode></permissions></target></pool>"
@@ -322,11 +304,16 @@ class RemoteLibvirtBackend(LibvirtBackend):
                 vol.delete(0)
 
     def _create(
-        self, pool: libvirt.virStoragePool, name: str, size: int, extra: str = ""
+        self, pool: libvirt.virStoragePool, name: str, size: int, base: Path | None = None
     ) -> libvirt.virStorageVol:
+        """A new volume (0600): raw, to be uploaded; or with `base`, a qcow2 overlay on that path there."""
+        fmt, below = "raw", ""
+        if base is not None:
+            fmt = "qcow2"
+            below = f"<backingStore><path>{escape(str(base))}</path><format type='qcow2'/></backingStore>"
         xml = (
             f"<volume><name>{name}</name><capacity unit='bytes'>{size}</capacity><target>"
-            f"<format type='raw'/><permissions><mode>0600</mode></permissions></target>{extra}</volume>"
+            f"<format type='{fmt}'/><permissions><mode>0600</mode></permissions></target>{below}</volume>"
         )
         try:
             return pool.createXML(xml, 0)
@@ -367,12 +354,15 @@ class RemoteLibvirtBackend(LibvirtBackend):
         """The path on the host of the volume holding the image file `local`, uploaded first unless a
         checked copy is there (its `.sha256` volume says the sha256 of this file)."""
         name = _image_volume(local)
-        digest = self._sha.of(local)
+        if name in self._checked:  # `up` prepares before it defines, and define makes sure again
+            return self._pool_path(name)
+        digest = _digest(local)
         size = local.stat().st_size
         with state.named_lock(f"upload-{self.host.name}", what=f"an upload to {self.host.name}"):
             pool = self._pool(refresh=True)
             vol, mark = self._volume(pool, name), self._volume(pool, f"{name}.sha256")
             if vol is not None and mark is not None and self._read_small(mark) == digest:
+                self._checked.add(name)
                 return self._pool_path(name)
             for stale in (name, f"{name}.sha256"):
                 self._delete(pool, stale)
@@ -385,7 +375,10 @@ class RemoteLibvirtBackend(LibvirtBackend):
                 h = hashlib.sha256()
                 self._download(vol, h.update, size)
                 if h.hexdigest() != digest:
-                    raise HeroVMError(f"{name} on {self.host.name} does not read back as it was sent")
+                    raise HeroVMError(
+                        f"{name} on {self.host.name} does not read back with the sha256 its image records",
+                        hint="check the local image (`herovm image build --force` rebuilds it), then retry",
+                    )
                 text = digest.encode()
                 mark = self._create(pool, f"{name}.sha256", len(text))
                 self._upload(mark, _reader(text), len(text))
@@ -399,6 +392,7 @@ class RemoteLibvirtBackend(LibvirtBackend):
                     "upload", f"{local.name} is on {self.host.name}, checked ({time.monotonic() - t0:.1f}s)"
                 )
             )
+            self._checked.add(name)
             return self._pool_path(name)
 
     def _read_small(self, vol: libvirt.virStorageVol, limit: int = 4096) -> str:
@@ -469,16 +463,7 @@ class RemoteLibvirtBackend(LibvirtBackend):
             if old.startswith(prefix) and self._lookup(spec.name) is None:
                 self._delete(pool, old)
         disk = f"{prefix}disk.qcow2"
-        base_path = self._pool_path(_image_volume(base))
-        backing = f"<backingStore><path>{base_path}</path><format type='qcow2'/></backingStore>"
-        xml = (
-            f"<volume><name>{disk}</name><capacity unit='bytes'>{_virtual_size(spec.disk)}</capacity><target>"
-            f"<format type='qcow2'/><permissions><mode>0600</mode></permissions></target>{backing}</volume>"
-        )
-        try:
-            pool.createXML(xml, 0)
-        except libvirt.libvirtError as e:
-            raise _wrap(e, f"making the disk of {spec.name} on {self.host.name}") from e
+        self._create(pool, disk, _virtual_size(spec.disk), self._pool_path(_image_volume(base)))
         from dataclasses import replace
 
         remote = replace(

@@ -1,6 +1,6 @@
 """Fleet (herovm.backends.fleet) over libvirt's test:///default driver, with stub backends for the other hosts
 (no sshd, no guest), and the helpers of herovm.backends.remote: bridge, _in_thread, _image_volume,
-_virtual_size, _Sha256Cache.
+_virtual_size, _digest.
 
 (Named test_fleet.py: module basenames are unique across tests/, which has no __init__.py.)
 """
@@ -22,15 +22,14 @@ from specs import spec, unique
 
 from herovm import hosts, state
 from herovm.backends import get_backend
-from herovm.backends import remote as remote_mod
 from herovm.backends.base import UNREACHABLE, Machine
 from herovm.backends.fleet import LOCAL_ONLY, Fleet, local_backend_of
 from herovm.backends.libvirt import LibvirtBackend
 from herovm.backends.remote import (
     RemoteLibvirtBackend,
+    _digest,
     _image_volume,
     _in_thread,
-    _Sha256Cache,
     _virtual_size,
     bridge,
 )
@@ -511,43 +510,36 @@ def test_virtual_size_of_a_truncated_qcow2(tmp_path: Path) -> None:
         _virtual_size(cut)
 
 
-def test_sha256_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_digest_is_the_one_the_images_manifest_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sha256 an upload is checked against comes from the image's manifest (herovm.images wrote it at
+    build): the base disk is not hashed again for every host."""
+    from herovm import images as images_mod
+
     f = tmp_path / "base.qcow2"
     data = b"disk" * 300_000  # more than one CHUNK
     f.write_bytes(data)
-    cache = _Sha256Cache()
-    assert cache.path == hosts.hosts_dir() / "sha256.json"
-    assert cache.of(f) == hashlib.sha256(data).hexdigest()
-    assert (cache.path.stat().st_mode & 0o777) == 0o600
-    kept = json.loads(cache.path.read_text())
-    assert list(kept.values()) == [hashlib.sha256(data).hexdigest()]
-    # the second time it is not hashed again
-    hashed: list[int] = []
-    real = hashlib.sha256
+    recorded = hashlib.sha256(data).hexdigest()
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"files": {"base.qcow2": {"sha256": recorded, "bytes": len(data)}}})
+    )
 
-    def counting(*a):
-        hashed.append(1)
-        return real(*a)
+    def no_hashing(path: Path) -> str:
+        raise AssertionError(f"{path} hashed again")
 
-    monkeypatch.setattr(remote_mod.hashlib, "sha256", counting)
-    assert _Sha256Cache().of(f) == real(data).hexdigest()
-    assert hashed == []
-    # changed (size and mtime): hashed again, and the old entry dropped
-    f.write_bytes(data + b"more")
-    assert _Sha256Cache().of(f) == real(data + b"more").hexdigest()
-    assert hashed == [1]
-    assert list(json.loads(cache.path.read_text()).values()) == [real(data + b"more").hexdigest()]
+    monkeypatch.setattr(images_mod, "file_sha256", no_hashing)
+    assert _digest(f) == recorded
 
 
-def test_sha256_cache_survives_a_damaged_file(tmp_path: Path) -> None:
+def test_digest_of_a_file_no_manifest_names_is_its_own(tmp_path: Path) -> None:
     f = tmp_path / "k"
     f.write_bytes(b"kernel")
-    cache = _Sha256Cache()
-    cache.path.write_text("{not json")
-    assert cache.of(f) == hashlib.sha256(b"kernel").hexdigest()
-    cache.path.write_text("[1, 2]")
-    assert cache.of(f) == hashlib.sha256(b"kernel").hexdigest()
-    assert isinstance(json.loads(cache.path.read_text()), dict)
+    assert _digest(f) == hashlib.sha256(b"kernel").hexdigest()  # no manifest
+    (tmp_path / "manifest.json").write_text("{not json")
+    assert _digest(f) == hashlib.sha256(b"kernel").hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {"k": {"sha256": "short"}}}))
+    assert _digest(f) == hashlib.sha256(b"kernel").hexdigest()
 
 
 class _GoneRemote(StubRemote):
