@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -318,10 +318,10 @@ def _add(
     try:
         pool_path = pool or backend.default_pool_path()
         backend.close()
-        backend = RemoteLibvirtBackend(host := _replace(host, pool=pool_path), timeout=timeout)
+        backend = RemoteLibvirtBackend(host := replace(host, pool=pool_path), timeout=timeout)
         backend.ensure_pool()
         found = accel if accel != "auto" else backend.accel()
-        host = _replace(host, accel=found, max_memory=max_memory)
+        host = replace(host, accel=found, max_memory=max_memory)
     except BaseException:
         for path in _files_of(name):
             path.unlink(missing_ok=True)
@@ -331,12 +331,6 @@ def _add(
     entries[name] = {k: v for k, v in asdict(host).items() if k != "name"}
     _save(entries)
     return host
-
-
-def _replace(host: Host, **changes: Any) -> Host:
-    from dataclasses import replace
-
-    return replace(host, **changes)
 
 
 def set_limit(name: str, max_memory: int | None) -> Host:
