@@ -692,13 +692,22 @@ app.add_typer(template_app, name="template")
 from . import cli_host, cli_port  # noqa: E402, F401
 
 
+def _with_option(command: Callable[..., None], name: str, annotation: Any, default: Any) -> inspect.Signature:
+    """`command`'s signature with one more keyword option, before --json."""
+    sig = inspect.signature(command)
+    params = list(sig.parameters.values())
+    extra = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+    return sig.replace(parameters=[*params[:-1], extra, params[-1]])
+
+
 def _template_create_command() -> None:
     def create(name: str, json_out: bool = False, **given: Any) -> None:
         """Make template NAME: boot a VM with these settings, run its bootstrap, keep its memory and disk,
         remove the VM."""
         try:
+            hosts = [h.strip() for h in (given.pop("host", None) or "").split(",") if h.strip()]
             with _manager(json_out) as m:
-                row = m.create_template(name, **values(given))
+                row = m.create_template(name, hosts=hosts or None, **values(given))
         except HeroVMError as e:
             _fail(e, json_out)
         except KeyboardInterrupt as e:
@@ -714,6 +723,16 @@ def _template_create_command() -> None:
             )
 
     create, values = _settings_command(create, exclude=("template", "keep_failed", "ttl", "host"))
+    create.__signature__ = _with_option(  # type: ignore[attr-defined]
+        create,
+        "host",
+        str | None,
+        typer.Option(
+            None,
+            help="the host(s) to keep it on, comma-separated (herovm host ls): a copy is made on each, and "
+            "its clones are placed among them (docs/templates.md); default: this host",
+        ),
+    )
     template_app.command("create")(create)
 
 
@@ -727,9 +746,10 @@ def template_ls(json_out: JsonOpt = False) -> None:
         json_out,
         lambda m: m.templates(),
         "no templates (make one with `herovm template create NAME --bootstrap FILE`)",
-        f"{'TEMPLATE':<20} {'IMAGE':<10} {'CPUS':>4} {'MEMORY':>7} {'NET':<10} {'CREATED':<26} USED BY",
+        f"{'TEMPLATE':<20} {'HOSTS':<12} {'IMAGE':<10} {'CPUS':>4} {'MEMORY':>7} {'NET':<10} "
+        f"{'CREATED':<26} USED BY",
         lambda r: (
-            f"{r['name']:<20} {r['image'] or '-':<10} {r['cpus'] or '-':>4} "
+            f"{r['name']:<20} {','.join(r['hosts']):<12} {r['image'] or '-':<10} {r['cpus'] or '-':>4} "
             f"{(r['memory'] or 0) >> 20:>4}MiB {r['net'] or '-':<10} {r['created'] or '-':<26} "
             f"{', '.join(r['used_by'] or []) or '-'}"
         ),

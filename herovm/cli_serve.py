@@ -45,7 +45,16 @@ def serve(
         typer.Option(
             "--pool",
             metavar="TEMPLATE=N",
-            help="keep N VMs of herovm template TEMPLATE restored and paused for creates (repeatable)",
+            help="keep N VMs of herovm template TEMPLATE restored and paused for creates, on each host "
+            "with a copy of it (TEMPLATE@HOST=N: on that host; repeatable)",
+        ),
+    ] = None,
+    place_on: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host",
+            metavar="HOST",
+            help="place sandboxes on this host (herovm host ls; repeatable); default: every host",
         ),
     ] = None,
     create_wait: Annotated[
@@ -83,6 +92,7 @@ def serve(
             pools = parse_pools(pool or [])
         except ValueError as e:
             raise InvalidInput(str(e), hint="e.g. --pool base=2 (a herovm template and how many)") from None
+        hosts = list(dict.fromkeys(place_on)) if place_on else None
         keys, made = load_keys()
     except HeroVMError as e:
         _fail(e)
@@ -104,6 +114,7 @@ def serve(
             max_sandboxes=max_sandboxes,
             pools=pools,
             create_wait_s=create_wait,
+            hosts=hosts,
             on_ready=ready,
         )
     except HeroVMError as e:

@@ -132,7 +132,8 @@ def _create(
     settings = origin.record.settings
     with state.named_lock("ports"):
         wanted = ports.for_clone(origin.record.ports, ports.parse_publish(publish))
-        port, published = ports.allocate(m.backend, settings.net if settings else "nat", wanted)
+        on = m.on_host(origin.record.host or "local")  # its host: the template's copy's
+        port, published = ports.allocate(on, settings.net if settings else "nat", wanted)
         if settings is not None:
             settings = replace(settings, publish=tuple(p.text() for p in wanted))
         record = replace(

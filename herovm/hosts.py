@@ -345,7 +345,7 @@ def set_limit(name: str, max_memory: int | None) -> Host:
 
 
 def remove(name: str) -> None:
-    """Forget host `name`; refused (Busy) while VMs of this home are recorded on it."""
+    """Forget host `name`; refused (Busy) while VMs or templates of this home are recorded on it."""
     if name == LOCAL:
         raise InvalidInput("`local` is this machine's libvirt: it cannot be removed")
     with _registry_lock():
@@ -357,6 +357,14 @@ def remove(name: str) -> None:
             raise Busy(
                 f"host {name} holds VMs of this home: {', '.join(on_it)}",
                 hint=f"remove them first (`herovm down {on_it[0]}`)",
+            )
+        from .templates import all_templates
+
+        kept = [t.name for t in all_templates() if name in t.hosts]
+        if kept:
+            raise Busy(
+                f"host {name} holds templates of this home: {', '.join(kept)}",
+                hint=f"remove them first (`herovm template rm {kept[0]}`)",
             )
         entries.pop(name)
         _save(entries)

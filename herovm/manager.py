@@ -29,7 +29,6 @@ from .errors import (
     HeroVMError,
     InvalidInput,
     NotFound,
-    Unsupported,
 )
 from .progress import Progress, Reporter, silent, still_waiting
 from .protocol import AGENT_VSOCK_PORT, FETCH_TIMEOUT_S, Command, Stage
@@ -65,6 +64,8 @@ class Manager:
         )
         self.progress = progress
         self.fetch_timeout = FETCH_TIMEOUT_S  # seconds the guest waits for a bootstrap URL to answer
+        # the hosts new VMs may be placed on when none is named (None: every host; `herovm serve --host`)
+        self.allowed_hosts: list[str] | None = None
 
     def close(self) -> None:
         """Close the backend's connection (libvirt's); VM handles made by this Manager stop working."""
@@ -100,10 +101,6 @@ class Manager:
         (a template's builder VM: herovm.templates; a pytest session's VM: herovm.pytest_plugin)."""
         state.validate_name(name)
         if settings.template is not None:
-            if settings.host not in (None, "local"):
-                raise Unsupported(
-                    f"templates are on the local host only: {name} cannot be restored on {settings.host}"
-                )
             return self._up_from_template(name, settings, marks)
         if not settings.secrets:
             return self._up(name, settings, marks)
@@ -144,7 +141,7 @@ class Manager:
                 f"VM {name} already exists ({existing.state})",
                 hint=f"pick another name or remove it with `herovm down {name}`",
             )
-        return templates.up(self, name, s.template, s.keep_failed, s.publish, s.ttl, marks)  # type: ignore[arg-type]
+        return templates.up(self, name, s.template, s.keep_failed, s.publish, s.ttl, marks, host=s.host)  # type: ignore[arg-type]
 
     def _up(self, name: str, s: VMSettings, marks: dict[str, Any] | None = None) -> VM:
         from .bootstrap import bootstrap_of, fetch_on_host
@@ -244,7 +241,7 @@ class Manager:
                 img.disk, vmdir.disk, max(settings.disk, img.manifest.get("root_size", 0)), what=name
             )
             with state.named_lock("ports"):
-                port, published = ports.allocate(self._on(host), settings.net, settings.publish)
+                port, published = ports.allocate(self.on_host(host), settings.net, settings.publish)
                 record = VMRecord(
                     name=name,
                     settings=settings,
@@ -288,7 +285,7 @@ class Manager:
             vmdir.remove()
             raise
 
-    def _on(self, host: str) -> Backend:
+    def on_host(self, host: str) -> Backend:
         """The backend of the host `host` alone (ports are allocated among its machines only)."""
         from .backends.fleet import Fleet
 
@@ -314,10 +311,11 @@ class Manager:
         reasons = (
             ("net", s.net == "default"),
             ("publish", bool(s.publish)),
-            ("template", BUILDER_MARK in (marks or {})),  # a template's VM: its memory and disk stay here
+            # a template's VM: where --host says, else here (its memory and disk stay on its host)
+            ("template", BUILDER_MARK in (marks or {}) and s.host is None),
         )
         local_only = next((LOCAL_ONLY[key] for key, why in reasons if why), None)
-        chosen = self.backend.place(s.host, s.memory, local_only, self.progress)
+        chosen = self.backend.place(s.host, s.memory, local_only, self.progress, among=self.allowed_hosts)
         return hosts.get(chosen)
 
     def machine_spec(self, vmdir: state.VMDir, img: Image, record: VMRecord) -> MachineSpec:
@@ -350,7 +348,8 @@ class Manager:
         (SharedMemory: its clones then share the template's pages)."""
         from .templates import BUILDER_MARK
 
-        return BUILDER_MARK in record.extra and isinstance(self.backend, SharedMemory)
+        local = record.host in (None, "local")  # another host's template is a save image there
+        return BUILDER_MARK in record.extra and local and isinstance(self.backend, SharedMemory)
 
     def booter(self) -> Boot:
         """Boots (and hands clones their identity) for this Manager's backend, reporting to its progress."""
@@ -580,13 +579,22 @@ class Manager:
 
     # ------------------------------------------------------------------------------ templates, fork
 
-    def create_template(self, name: str, settings: VMSettings | None = None, **options: Any) -> dict:
+    def create_template(
+        self,
+        name: str,
+        settings: VMSettings | None = None,
+        *,
+        hosts: list[str] | None = None,
+        **options: Any,
+    ) -> dict:
         """Make template `name`: boot a VM with `settings` (or `options`, as for `up`), run its bootstrap,
         seal it, keep its memory and disk, remove the VM. `up(..., template=name)` then restores a new VM
-        from it instead of booting. Returns its row (see `templates`)."""
+        from it instead of booting. `hosts`: make a copy of it on each (herovm.hosts; the local one when
+        none is named, or `host=`), from the same settings: its clones are then placed among them. Returns
+        its row (see `templates`)."""
         from . import templates
 
-        return templates.create(self, name, VMSettings.of(options, base=settings))
+        return templates.create(self, name, VMSettings.of(options, base=settings), hosts)
 
     def templates(self) -> list[dict]:
         """Every template: name, created, image, cpus, memory, net, bootstrap, memory_bytes, disk_bytes,

@@ -13,6 +13,7 @@ holds the template's lock (a killed one). docs/templates.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -24,8 +25,9 @@ from typing import TYPE_CHECKING
 
 from . import clones, disks, state
 from .backends import require
-from .backends.base import DEVICE_STATE, RAM_FILE, Clones, SharedMemory, Snapshots
+from .backends.base import DEVICE_STATE, RAM_FILE, Clones, HostTemplates, SharedMemory, Snapshots
 from .errors import AlreadyExists, Busy, GuestError, HeroVMError, NotFound
+from .hosts import LOCAL
 from .progress import Progress
 from .protocol import Command, Kind
 from .record import VMRecord, now
@@ -49,25 +51,37 @@ def validate_template_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Template:
+class Copy:
+    """A template's copy on one host: on the local host, files in the template's directory; on another
+    (herovm.hosts), volumes there (`tpl.<tag>.memory.save` and `.disk.qcow2`, base.HostTemplates) that its
+    facts name. Each copy was made by a VM of its own on its host, from the template's settings."""
+
     name: str
-    path: Path
-    facts: dict  # template.json
+    host: str
+    path: Path  # the template's directory
+    facts: dict
+
+    @property
+    def local(self) -> bool:
+        return self.host == LOCAL
 
     @property
     def disk(self) -> Path:
-        return self.path / "disk.qcow2"
+        return self.path / "disk.qcow2" if self.local else Path(self.facts["disk"])
 
     @property
     def memory(self) -> Path:
-        return self.path / self.facts["memory"]
+        return self.path / self.facts["memory"] if self.local else Path(self.facts["memory"])
 
     @property
     def record(self) -> VMRecord:
         return VMRecord.from_json(self.name, self.facts["record"])
 
     def check_files(self) -> None:
-        """HeroVMError if a file is not as the template left it (truncated, replaced, gone)."""
+        """HeroVMError if a file is not as the template left it (truncated, replaced, gone). Another host's
+        volumes are looked up by the clone that uses them."""
+        if not self.local:
+            return
         files = [(self.memory, self.facts["memory_bytes"]), (self.disk, self.facts["disk_bytes"])]
         if isinstance(self.facts.get("ram_bytes"), int):  # a shared-memory template's memory file
             files.append((self.path / RAM_FILE, self.facts["ram_bytes"]))
@@ -94,12 +108,55 @@ class Template:
     def origin(self) -> clones.Origin:
         return clones.Origin(
             memory=self.memory,
-            disk=self.disk,
+            # another host's clone lies on the template's disk there (the backend's clone makes it); here
+            # its directory's overlay lies on the image, which is what tells the host which image it boots
+            disk=self.disk if self.local else self.image().disk,
             record=self.record,
             local=self.facts.get("local") or {},
             secrets=_read_secrets(self.path / "secrets.json"),
             origin={"template": self.name},
         )
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    path: Path
+    facts: dict  # template.json: {"name", "created", "copies": {host: copy's facts}}, or (older) one copy's
+
+    @property
+    def copies(self) -> dict[str, Copy]:
+        found = self.facts["copies"] if isinstance(self.facts.get("copies"), dict) else {LOCAL: self.facts}
+        ordered = sorted(found.items(), key=lambda kv: (kv[0] != LOCAL, kv[0]))  # `local` first, as host ls
+        return {host: Copy(self.name, host, self.path, facts) for host, facts in ordered}
+
+    @property
+    def hosts(self) -> list[str]:
+        return list(self.copies)
+
+    @property
+    def first(self) -> Copy:
+        return next(iter(self.copies.values()))
+
+    @property
+    def record(self) -> VMRecord:
+        return self.first.record
+
+    @property
+    def disk(self) -> Path | None:
+        """The local copy's frozen disk (what local VMs' disks lie on); None without a local copy."""
+        copy = self.copies.get(LOCAL)
+        return copy.disk if copy is not None else None
+
+    def copy(self, host: str) -> Copy:
+        copies = self.copies
+        if host not in copies:
+            raise NotFound(
+                f"template {self.name} has no copy on host {host} (it is on {', '.join(copies)})",
+                hint=f"make one there: `herovm template create {self.name} --host {host} ...` after "
+                f"`herovm template rm {self.name}`, or leave --host out",
+            )
+        return copies[host]
 
 
 def load(name: str) -> Template:
@@ -112,13 +169,21 @@ def load(name: str) -> Template:
         raise NotFound(f"no template {name}", hint="see `herovm template ls`") from None
     except (OSError, ValueError) as e:
         raise HeroVMError(f"template {name} cannot be read: {e}") from e
-    if (
-        not isinstance(facts, dict)
-        or facts.get("memory") not in ("memory.save", "memory", DEVICE_STATE)
-        or not all(isinstance(facts.get(k), int) for k in ("memory_bytes", "disk_bytes"))
-    ):
+    copies = facts.get("copies", {LOCAL: facts}) if isinstance(facts, dict) else None
+    if not isinstance(copies, dict) or not copies or not all(_whole(h, c) for h, c in copies.items()):
         raise HeroVMError(f"template {name} is damaged ({path / 'template.json'})")
     return Template(name, path, facts)
+
+
+def _whole(host: str, facts: object) -> bool:
+    """Whether a copy's facts are as `create` writes them."""
+    if not isinstance(facts, dict) or not isinstance(facts.get("record"), dict):
+        return False
+    if not all(isinstance(facts.get(k), int) for k in ("memory_bytes", "disk_bytes")):
+        return False
+    if host == LOCAL:
+        return facts.get("memory") in ("memory.save", "memory", DEVICE_STATE)
+    return all(isinstance(facts.get(k), str) for k in ("tag", "memory", "disk"))
 
 
 def all_templates() -> list[Template]:
@@ -155,12 +220,21 @@ def _read_secrets(path: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ verbs
 
 
-def create(m: Manager, name: str, settings: VMSettings) -> dict:
+def create(m: Manager, name: str, settings: VMSettings, hosts: list[str] | None = None) -> dict:
     """Boot a VM with `settings`, wait for its bootstrap to finish, seal it (docs/protocol.md), snapshot its
-    memory and disk as template `name`, and remove the VM. Returns the template's row (see `listing`)."""
+    memory and disk as template `name`, and remove the VM; on each of `hosts` (herovm.hosts: a copy made
+    there by a VM of its own; default `settings.host`, else the local host). Returns the template's row
+    (see `listing`)."""
     settings = replace(settings, ttl=None)  # the template's VM lives only as long as making it takes
+    where = list(dict.fromkeys(hosts or [settings.host or LOCAL]))
     require(m.backend, Snapshots)
     require(m.backend, Clones)
+    if any(h != LOCAL for h in where):
+        require(m.backend, HostTemplates)
+        from . import hosts as hosts_mod
+
+        for host in where:
+            hosts_mod.get(host)  # NotFound, with its hint, before anything is booted
     validate_template_name(name)
     with state.named_lock(f"template-{name}", wait=0, what=f"template {name}"):
         final = templates_dir() / name
@@ -171,61 +245,101 @@ def create(m: Manager, name: str, settings: VMSettings) -> dict:
         partial = templates_dir() / f".{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(0o700)
-        builder = f"tmpl-{secrets.token_hex(4)}"
-        started = time.monotonic()
+        copies: dict[str, dict] = {}
         try:
-            m.progress(Progress("template", f"booting template {name} (VM {builder})"))
-            vm = m.up_marked(builder, settings, {BUILDER_MARK: name})
-            ready_s = vm.record.last_boot.seconds
-            vm.close()
-            _seal(m, vm.record)
-            builder_dir = state.VMDir(builder)
-            snap_started = time.monotonic()
-            if isinstance(m.backend, SharedMemory) and (builder_dir.path / RAM_FILE).exists():
-                # its memory is in its file already: only the device state is saved (docs/templates.md)
-                m.progress(
-                    Progress("template", f"saving {builder}'s device state; its memory stays in its file")
-                )
-                memory = partial / DEVICE_STATE
-                m.backend.save_device_state(builder, memory)
-                snapshot_s = time.monotonic() - snap_started
-                m.backend.destroy(builder)
-                os.rename(builder_dir.path / RAM_FILE, partial / RAM_FILE)
-                os.rename(builder_dir.disk, partial / "disk.qcow2")  # lies on the image alone
-            else:
-                m.progress(Progress("template", f"snapshotting {builder}: its memory and disk"))
-                saved = require(m.backend, Snapshots).snapshot(builder, partial)
-                snapshot_s = time.monotonic() - snap_started
-                if saved.memory is None:
-                    raise HeroVMError(f"the {m.backend.name} backend kept no memory of {builder}")
-                m.backend.destroy(builder)
-                os.rename(saved.disk, partial / "disk.qcow2")  # lies on the image alone: never snapshotted
-                memory = partial / saved.memory.name
-            if builder_dir.secrets_file.exists():
-                shutil.copy2(builder_dir.secrets_file, partial / "secrets.json")
-            facts = {
-                "name": name,
-                "created": now(),
-                "backend": m.backend.name,
-                "record": replace(vm.record, extra={}).to_json(),  # without the builder's mark
-                "local": clones.local_facts(builder_dir),
-                "memory": memory.name,
-                "memory_bytes": _bytes(memory),
-                "ram_bytes": _bytes(partial / RAM_FILE),  # None: the memory is in the snapshot
-                "disk_bytes": _bytes(partial / "disk.qcow2"),
-                "ready_seconds": ready_s,
-                "snapshot_seconds": round(snapshot_s, 3),
-                "seconds": round(time.monotonic() - started, 3),
-            }
+            for host in where:
+                copies[host] = _make_copy(m, name, replace(settings, host=host), partial, copies)
+            for mark in partial.glob("copy.*.json"):  # the template now names its copies itself
+                mark.unlink()
+            facts = {"name": name, "created": now(), "copies": copies}
             state.write_private(partial / "template.json", json.dumps(facts, indent=2, sort_keys=True))
             os.chmod(partial, 0o711)  # QEMU reads the disk, as the image's user
             os.rename(partial, final)
         except BaseException:
+            _remove_copies(m, name, copies)
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        finally:
-            _remove_builder(m, builder)
     return row(load(name), m)
+
+
+def _make_copy(m: Manager, name: str, settings: VMSettings, partial: Path, made: dict[str, dict]) -> dict:
+    """The template's copy on `settings.host`: booted, bootstrapped and sealed by a builder VM there, its
+    memory and disk kept (in `partial`, or on that host as volumes: HostTemplates); returns its facts. What
+    it left on another host before failing is named in `made` (under the host's name), to be removed."""
+    host = settings.host or LOCAL
+    builder = f"tmpl-{secrets.token_hex(4)}"
+    started = time.monotonic()
+    on = f" on {host}" if host != LOCAL else ""
+    try:
+        m.progress(Progress("template", f"booting template {name}{on} (VM {builder})"))
+        vm = m.up_marked(builder, settings, {BUILDER_MARK: name})
+        ready_s = vm.record.last_boot.seconds
+        vm.close()
+        _seal(m, vm.record)
+        builder_dir = state.VMDir(builder)
+        snap_started = time.monotonic()
+        remote: dict = {}
+        if host != LOCAL:
+            m.progress(Progress("template", f"saving {builder}'s memory and disk on {host}"))
+            tag = f"{name}-{secrets.token_hex(4)}"
+            made[host] = {"tag": tag}  # so that a failure below removes what was made there
+            # and a killed create's: `gc` removes the volumes a partial template names (leftovers)
+            state.write_private(partial / f"copy.{host}.json", json.dumps(made[host]))
+            remote = require(m.backend, HostTemplates).freeze_template(builder, tag)
+            memory_bytes, disk_bytes, ram_bytes = remote["memory_bytes"], remote["disk_bytes"], None
+            memory_name = remote["memory"]
+        elif isinstance(m.backend, SharedMemory) and (builder_dir.path / RAM_FILE).exists():
+            # its memory is in its file already: only the device state is saved (docs/templates.md)
+            m.progress(Progress("template", f"saving {builder}'s device state; its memory stays in its file"))
+            memory = partial / DEVICE_STATE
+            m.backend.save_device_state(builder, memory)
+            m.backend.destroy(builder)
+            os.rename(builder_dir.path / RAM_FILE, partial / RAM_FILE)
+            os.rename(builder_dir.disk, partial / "disk.qcow2")  # lies on the image alone
+            memory_name, memory_bytes, ram_bytes = memory.name, _bytes(memory), _bytes(partial / RAM_FILE)
+            disk_bytes = _bytes(partial / "disk.qcow2")
+        else:
+            m.progress(Progress("template", f"snapshotting {builder}: its memory and disk"))
+            saved = require(m.backend, Snapshots).snapshot(builder, partial)
+            if saved.memory is None:
+                raise HeroVMError(f"the {m.backend.name} backend kept no memory of {builder}")
+            m.backend.destroy(builder)
+            os.rename(saved.disk, partial / "disk.qcow2")  # lies on the image alone: never snapshotted
+            memory_name, memory_bytes, ram_bytes = saved.memory.name, _bytes(saved.memory), None
+            disk_bytes = _bytes(partial / "disk.qcow2")
+        snapshot_s = time.monotonic() - snap_started
+        if builder_dir.secrets_file.exists() and not (partial / "secrets.json").exists():
+            shutil.copy2(builder_dir.secrets_file, partial / "secrets.json")
+        return {
+            **remote,
+            "created": now(),
+            "backend": m.backend.name,
+            "record": replace(vm.record, extra={}).to_json(),  # without the builder's mark
+            "local": clones.local_facts(builder_dir),
+            "memory": memory_name,
+            "memory_bytes": memory_bytes,
+            "ram_bytes": ram_bytes,  # None: the memory is in the snapshot
+            "disk_bytes": disk_bytes,
+            "ready_seconds": ready_s,
+            "snapshot_seconds": round(snapshot_s, 3),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+    finally:
+        _remove_builder(m, builder)
+
+
+def _remove_copies(m: Manager, name: str, copies: dict[str, dict]) -> list[str]:
+    """Remove the volumes of the template's copies on other hosts (a host that does not answer keeps
+    them: `herovm host prune` names them later). Returns what was removed."""
+    removed = []
+    for host, facts in copies.items():
+        if host == LOCAL or not isinstance(facts.get("tag"), str):
+            continue
+        try:
+            removed += require(m.backend, HostTemplates).remove_template(host, facts["tag"])
+        except HeroVMError as e:
+            m.progress(Progress("template", f"warning: template {name}'s copy on {host} is left: {e}"))
+    return removed
 
 
 def _seal(m: Manager, record: VMRecord) -> None:
@@ -259,22 +373,24 @@ def _remove_builder(m: Manager, builder: str) -> None:
 
 
 def row(t: Template, m: Manager | None = None) -> dict:
-    record = t.record
+    first = t.first
+    record = first.record
     s = record.settings
     return {
         "name": t.name,
         "created": t.facts.get("created"),
+        "hosts": t.hosts,
         "image": record.image,
         "image_id": record.image_id,
         "cpus": s.cpus if s else None,
         "memory": s.memory if s else None,
         "net": s.net if s else None,
         "bootstrap": record.bootstrap,
-        "memory_bytes": t.facts["memory_bytes"],
-        "disk_bytes": t.facts["disk_bytes"],
-        "ram_bytes": t.facts.get("ram_bytes"),  # a shared-memory template's memory file (its apparent size)
-        "on_disk_bytes": state.footprint(t.path),  # what the template takes on the disk, all files
-        "seconds": t.facts.get("seconds"),
+        "memory_bytes": first.facts["memory_bytes"],
+        "disk_bytes": first.facts["disk_bytes"],
+        "ram_bytes": first.facts.get("ram_bytes"),  # a shared-memory template's memory file (apparent size)
+        "on_disk_bytes": state.footprint(t.path),  # what the template takes on this host's disk, all files
+        "seconds": sum(c.facts.get("seconds") or 0 for c in t.copies.values()),
         "used_by": users(t) if m is not None else None,
     }
 
@@ -288,11 +404,13 @@ def listing(m: Manager) -> list[dict]:
 def users(t: Template) -> list[str]:
     """The VMs whose disk, or one of whose snapshots, lies on the template's disk, and its clones' forks
     (their memory maps the template's memory file when they start from memory)."""
-    disk = t.disk.resolve()
+    disk = t.disk.resolve() if t.disk is not None else None
     found = []
     for name in state.list_vm_dirs():
         if (state.VMDir(name).read_meta().get("origin") or {}).get("template") == t.name:
             found.append(name)
+            continue
+        if disk is None:  # no local copy: only its clones (found above) lie on it
             continue
         for top in state.VMDir(name).path.glob("disk*.qcow2"):
             try:
@@ -315,6 +433,9 @@ def remove(m: Manager, name: str) -> None:
                 f"template {name} is in use: {', '.join(using)} lie on it (their disks, or a fork's memory)",
                 hint=f"remove them first (`herovm down {' '.join(using)}`)",
             )
+        remote = {h: c.facts for h, c in t.copies.items() if h != LOCAL}
+        for host, facts in remote.items():  # first: a host that does not answer keeps the template whole
+            require(m.backend, HostTemplates).remove_template(host, facts["tag"])
         shutil.rmtree(t.path)
 
 
@@ -326,13 +447,26 @@ def up(
     publish: tuple = (),
     ttl: float | None = None,
     marks: dict | None = None,
+    host: str | None = None,
 ) -> VM:
-    """VM `name`, restored from `template` (herovm.clones.make), publishing the template's guest ports and
-    `publish` (herovm.ports.for_clone)."""
+    """VM `name`, restored from `template` (herovm.clones.make) on `host`, or on the host with the most room
+    among those holding a copy of it, publishing the template's guest ports and `publish`
+    (herovm.ports.for_clone)."""
     t = load(template)
-    t.check_files()
+    among = [h for h in t.hosts if m.allowed_hosts is None or h in m.allowed_hosts]
+    if host is not None:
+        copy = t.copy(host)
+    elif len(among) == 1:
+        copy = t.copy(among[0])
+    elif not among:
+        raise HeroVMError(f"template {template} has no copy on the hosts in use ({', '.join(t.hosts)})")
+    else:  # the placement rule among the hosts with a copy (herovm.hosts.place)
+        s = t.record.settings
+        memory = s.memory if s is not None else 1 << 30
+        copy = t.copy(m.backend.place(None, memory, None, m.progress, among=among))  # type: ignore[attr-defined]
+    copy.check_files()
     return clones.make(
-        m, name, t.origin(), t.image(), keep_failed=keep_failed, publish=publish, ttl=ttl, marks=marks
+        m, name, copy.origin(), copy.image(), keep_failed=keep_failed, publish=publish, ttl=ttl, marks=marks
     )
 
 
@@ -350,6 +484,10 @@ def leftovers(m: Manager) -> list[str]:
         try:
             with state.named_lock(f"template-{name}", wait=0):
                 if name in partials:
+                    for copy in partials[name].glob("copy.*.json"):
+                        with contextlib.suppress(OSError, ValueError, HeroVMError):
+                            host = copy.name.removeprefix("copy.").removesuffix(".json")
+                            _remove_copies(m, name, {host: json.loads(copy.read_text())})
                     shutil.rmtree(partials[name], ignore_errors=True)
                     removed.append(f"partial template {name}")
                 for vm in builders.get(name, []):

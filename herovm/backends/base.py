@@ -186,6 +186,20 @@ class SharedMemory(Protocol):
 
 
 @runtime_checkable
+class HostTemplates(Protocol):
+    """A backend that keeps templates on the hosts it reaches (herovm.backends.fleet): a template made on
+    another host stays there as volumes of its own (its saved memory and its disk), and `Clones.clone` is
+    given the path there of its memory. The local host's templates are files in HEROVM_HOME."""
+
+    def freeze_template(self, name: str, tag: str) -> dict:
+        """Keep the running machine `name`, on another host, as template `tag` there; the machine stops.
+        Returns {"tag", "memory": its path there (for clone), "disk", "memory_bytes", "disk_bytes"}."""
+
+    def remove_template(self, host: str, tag: str) -> list[str]:
+        """Remove template `tag`'s volumes from `host`; what was removed."""
+
+
+@runtime_checkable
 class RemoteConsole(Protocol):
     """A backend whose machines may write their console on another host: `copy_console` brings a copy to
     the path the VM's directory names, where boot, status and logs read it (herovm.backends.fleet)."""
@@ -213,4 +227,5 @@ CAPABILITIES: dict[type, str] = {
     Snapshots: "take or restore snapshots",
     Clones: "start clones of a snapshot (templates, fork)",
     SharedMemory: "run machines on shared memory files",
+    HostTemplates: "keep templates on other hosts",
 }

@@ -23,7 +23,7 @@ from .remote import RemoteLibvirtBackend
 LOCAL_ONLY = {  # what keeps a VM on the local host
     "net": "the default network mode (passt) runs on the local host only: use --net restricted or nat",
     "publish": "published ports are forwarded on the local host only",
-    "template": "templates are made on the local host only",
+    "template": "a template is made on the local host unless --host names another",
 }
 
 
@@ -131,6 +131,18 @@ class Fleet:
     def save_device_state(self, name: str, path: Path) -> None:
         self._for(name).save_device_state(name, path)
 
+    def freeze_template(self, name: str, tag: str) -> dict:
+        backend = self._for(name)
+        if not isinstance(backend, RemoteLibvirtBackend):
+            raise InvalidInput(f"{name} is on the local host: its template is kept in HEROVM_HOME")
+        return backend.freeze_template(name, tag)
+
+    def remove_template(self, host: str, tag: str) -> list[str]:
+        backend = self.on(host)
+        if not isinstance(backend, RemoteLibvirtBackend):
+            raise InvalidInput("the local host's templates are files in HEROVM_HOME")
+        return backend.remove_template(tag)
+
     def copy_console(self, name: str, dest: Path) -> None:
         """A VM on another host: its console log copied here (`dest`), for status, logs and boot."""
         backend = self._for(name)
@@ -153,17 +165,34 @@ class Fleet:
         return hosts.facts_of(backends, self.timeout)
 
     def place(
-        self, host: str | None, memory: int, local_only: str | None = None, progress: Reporter = silent
+        self,
+        host: str | None,
+        memory: int,
+        local_only: str | None = None,
+        progress: Reporter = silent,
+        among: list[str] | None = None,
     ) -> str:
         """Where a new VM goes: `host` if given (NotFound if unknown), else the placement rule
-        (herovm.hosts.place) among the hosts that can take it: the local one alone when `local_only` says
-        why (the default network mode, published ports)."""
+        (herovm.hosts.place) among the hosts that can take it (`among`, if given: the hosts holding its
+        template, or a server's): the local one alone when `local_only` says why (the default network
+        mode, published ports)."""
         if host is not None:
             self.on(host)
             if host != hosts.LOCAL and local_only:
                 raise InvalidInput(f"host {host}: {local_only}")
+            if among is not None and host not in among:
+                raise InvalidInput(f"host {host} is not one of {', '.join(among) or 'no host'}")
             return host
         allowed = [hosts.LOCAL] + ([] if local_only else sorted(self.hosts))
+        if among is not None:
+            allowed = [h for h in allowed if h in among]
+            if not allowed:
+                raise InvalidInput(
+                    f"no host can take it: {local_only or 'none of ' + ', '.join(among) + ' is usable'}"
+                )
+            if len(allowed) == 1:
+                self.on(allowed[0])
+                return allowed[0]
         if allowed == [hosts.LOCAL] and hosts.local_host().max_memory is None:
             return hosts.LOCAL  # nothing to weigh: no call to any host
         t0 = time.monotonic()

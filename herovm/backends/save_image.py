@@ -18,7 +18,7 @@ import contextlib
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,22 +46,28 @@ class SaveImage:
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                head = f.read(HEADER.size)
-                if len(head) < HEADER.size:
-                    raise HeroVMError(f"{path} is not a memory snapshot: it is {size} bytes long")
-                magic, version, data_len, was_running, compressed, cookie_at = HEADER.unpack(head)
-                if magic != MAGIC or version != 2:
-                    raise HeroVMError(f"{path} is not a memory snapshot libvirt wrote (or not a whole one)")
-                if compressed or not 0 < data_len <= MAX_DATA or cookie_at > data_len:
-                    raise HeroVMError(f"{path}: a memory snapshot herovm cannot read (compressed or damaged)")
-                data = f.read(data_len)
+                return cls.parse(path, size, f.read)
         except OSError as e:
             raise HeroVMError(f"cannot read the memory snapshot {path}: {e.strerror}") from e
+
+    @classmethod
+    def parse(cls, path: Path, size: int, read: Callable[[int], bytes]) -> SaveImage:
+        """The header and XML of the image at `path` (`size` bytes), read from its start by `read(n)` (a
+        file's, or a download's from another host)."""
+        head = read(HEADER.size)
+        if len(head) < HEADER.size:
+            raise HeroVMError(f"{path} is not a memory snapshot: it is {size} bytes long")
+        magic, version, data_len, was_running, compressed, cookie_at = HEADER.unpack(head)
+        if magic != MAGIC or version != 2:
+            raise HeroVMError(f"{path} is not a memory snapshot libvirt wrote (or not a whole one)")
+        if compressed or not 0 < data_len <= MAX_DATA or cookie_at > data_len:
+            raise HeroVMError(f"{path}: a memory snapshot herovm cannot read (compressed or damaged)")
+        data = read(data_len)
         if len(data) < data_len or HEADER.size + data_len >= size:
             raise HeroVMError(f"the memory snapshot {path} is truncated ({size} bytes)")
         xml_end = data.find(b"\0")
         cookie = data[cookie_at : data.find(b"\0", cookie_at)] if cookie_at else b""
-        xml = data[:xml_end].decode()
+        xml = data[:xml_end].decode(errors="replace")
         return cls(path, version, was_running, compressed, xml, cookie, HEADER.size + data_len, size)
 
     def header_for(self, xml: str) -> bytes:

@@ -20,7 +20,7 @@ from .api import Api, error
 from .auth import matches
 from .envd import Envd
 from .metrics import Metrics
-from .pool import Pool
+from .pool import Pool, per_host
 from .sandboxes import Sandboxes
 
 ENVD_PORT = 49983
@@ -159,11 +159,13 @@ def run(
     max_sandboxes: int | None = None,
     pools: dict[str, int] | None = None,
     create_wait_s: float = 0.0,
+    hosts: list[str] | None = None,
     log: Callable[[str], None] | None = None,
     on_ready: Callable[[list[str]], None] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM (blocking), with warm pools (`pools`: template -> N; each template must
-    exist) and creates that wait `create_wait_s` for a slot. `on_ready` gets the sandboxes kept."""
+    """Serve until SIGINT or SIGTERM (blocking), with warm pools (`pools`: TEMPLATE[@HOST] -> N, per host:
+    herovm.serve.pool.per_host; each template must exist) and creates that wait `create_wait_s` for a slot,
+    placing sandboxes on `hosts` (None: every host; herovm.hosts). `on_ready` gets the sandboxes kept."""
     import signal
 
     from hypercorn.asyncio import serve
@@ -177,14 +179,18 @@ def run(
     try:
         metrics = Metrics()
         pool = None
+        if hosts is not None:
+            from .. import hosts as hosts_mod
+
+            for name in hosts:
+                hosts_mod.get(name)  # NotFound, with its hint
+            manager.allowed_hosts = list(hosts)
         if pools:
-            have = {t["name"] for t in manager.templates()}
-            for template in pools:
-                if template not in have:
-                    raise NotFound(
-                        f"--pool {template}: no herovm template of that name",
-                        hint=f"make it with `herovm template create {template} ...`",
-                    )
+            copies = {t["name"]: t["hosts"] for t in manager.templates()}
+            try:
+                pools = per_host(pools, copies, manager.allowed_hosts)
+            except ValueError as e:
+                raise NotFound(str(e), hint="see `herovm template ls` and `herovm host ls`") from None
         sandboxes = Sandboxes(manager, max_sandboxes, metrics=metrics, create_wait_s=create_wait_s)
         kept = sandboxes.rebuild()
         if pools:

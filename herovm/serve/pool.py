@@ -1,5 +1,7 @@
 """Warm pools (`herovm serve --pool TEMPLATE=N`): N VMs of a herovm template, restored, readied and paused,
-so a create of that template is a resume (~0.1 s) instead of a restore (~1 s) or a boot (~4 s).
+so a create of that template is a resume (~0.1 s) instead of a restore (~1 s) or a boot (~4 s). Pools are
+per host (herovm.hosts): N on each host holding a copy of the template, or `TEMPLATE@HOST=N` on one; a
+create claims from the host whose pool of its template holds the most.
 
 A pool VM is an ordinary herovm VM named `e2b-pool-<id>` (`herovm ls` shows it; the name marks it as a pool
 member). A create of the template claims one: resumes it (its clock set) and makes it the sandbox `<id>`.
@@ -41,6 +43,7 @@ class Member:
     template: str
     cpus: int
     memory_mb: int
+    host: str = "local"
 
     @property
     def vm(self) -> str:
@@ -48,19 +51,50 @@ class Member:
 
 
 def parse_pools(specs: list[str]) -> dict[str, int]:
-    """`TEMPLATE=N` options -> {template: N}; ValueError naming the bad one."""
+    """`TEMPLATE=N` (N on each host with a copy of the template) and `TEMPLATE@HOST=N` options ->
+    {"TEMPLATE" or "TEMPLATE@HOST": N}; ValueError naming the bad one."""
+    from ..state import validate_name
     from ..templates import validate_template_name
 
     pools: dict[str, int] = {}
     for spec in specs:
         name, sep, count = spec.partition("=")
         if not sep or not count.strip().isdigit() or not 0 < int(count) <= MAX_POOL:
-            raise ValueError(f"--pool {spec!r} is not TEMPLATE=N with N from 1 to {MAX_POOL}")
-        validate_template_name(name.strip())
+            raise ValueError(f"--pool {spec!r} is not TEMPLATE[@HOST]=N with N from 1 to {MAX_POOL}")
+        template, at, host = name.strip().partition("@")
+        validate_template_name(template)
+        if at:
+            validate_name(host, "host", "node2")
         if name.strip() in pools:
-            raise ValueError(f"--pool names template {name.strip()!r} twice")
+            raise ValueError(f"--pool names {name.strip()!r} twice")
         pools[name.strip()] = int(count)
     return pools
+
+
+def per_host(
+    pools: dict[str, int], copies: dict[str, list[str]], allowed: list[str] | None
+) -> dict[str, int]:
+    """The pools per host: `TEMPLATE=N` is N on each host holding a copy of the template (`copies`:
+    template -> its hosts) that the server may use (`allowed`; None: all), `TEMPLATE@HOST=N` N on that
+    host alone; {"TEMPLATE@HOST": N}. ValueError for a template or copy that is not there."""
+    found: dict[str, int] = {}
+    for name, n in pools.items():
+        template, _, host = name.partition("@")
+        if template not in copies:
+            raise ValueError(f"--pool {name}: no herovm template {template}")
+        hosts = [host] if host else [h for h in copies[template] if allowed is None or h in allowed]
+        for h in hosts:
+            if h not in copies[template]:
+                raise ValueError(f"--pool {name}: template {template} has no copy on host {h}")
+            found[f"{template}@{h}"] = n
+    if not found and pools:
+        raise ValueError("--pool: none of its templates has a copy on the hosts this server uses")
+    return found
+
+
+def _split(key: str) -> tuple[str, str]:
+    template, _, host = key.partition("@")
+    return template, host
 
 
 class Pool:
@@ -69,7 +103,7 @@ class Pool:
     def __init__(
         self,
         manager: Manager,
-        targets: dict[str, int],
+        targets: dict[str, int],  # "TEMPLATE@HOST" -> N (per_host)
         metrics: Metrics,
         log: Callable[[str], None],
         ready_vm: Callable[[str], None] | None = None,
@@ -91,25 +125,29 @@ class Pool:
     # ------------------------------------------------------------------------------------ queries
 
     def serves(self, template: str) -> bool:
-        return template in self.targets
+        return any(_split(key)[0] == template for key in self.targets)
 
     def ready(self, template: str) -> int:
         with self._cond:
-            return len(self._ready.get(template, ()))
+            return sum(len(ms) for key, ms in self._ready.items() if _split(key)[0] == template)
 
     def members(self) -> list[Member]:
         with self._cond:
             return [m for ms in self._ready.values() for m in ms]
 
     def gauges(self) -> list[tuple[str, str, list[tuple[tuple[tuple[str, str], ...], float]]]]:
+        def labels(key: str) -> tuple[tuple[str, str], ...]:
+            template, host = _split(key)
+            return (("template", template), ("host", host))
+
         with self._cond:
-            ready = [((("template", t),), float(len(ms))) for t, ms in sorted(self._ready.items())]
-            filling = [((("template", t),), float(self._filling == t)) for t in sorted(self.targets)]
-        target = [((("template", t),), float(n)) for t, n in sorted(self.targets.items())]
+            ready = [(labels(k), float(len(ms))) for k, ms in sorted(self._ready.items())]
+            filling = [(labels(k), float(self._filling == k)) for k in sorted(self.targets)]
+        target = [(labels(k), float(n)) for k, n in sorted(self.targets.items())]
         return [
-            ("herovm_serve_pool_ready", "pool VMs waiting to be claimed, by template", ready),
-            ("herovm_serve_pool_target", "pool size asked for (--pool), by template", target),
-            ("herovm_serve_pool_filling", "1 while a pool VM of the template is being made", filling),
+            ("herovm_serve_pool_ready", "pool VMs waiting to be claimed, by template and host", ready),
+            ("herovm_serve_pool_target", "pool size asked for (--pool), by template and host", target),
+            ("herovm_serve_pool_filling", "1 while a pool VM of the template is being made there", filling),
         ]
 
     # ---------------------------------------------------------------------------- start and stop
@@ -124,14 +162,16 @@ class Pool:
         for name, machine in sorted(self.manager.own_machines().items()):
             if not name.startswith(POOL_PREFIX) or name in claimed:
                 continue
-            template = None
+            template, host = None, "local"
             with contextlib.suppress(HeroVMError, KeyError, TypeError):
-                template = (self.manager.record(name).origin or {}).get("template")
+                record = self.manager.record(name)
+                template, host = (record.origin or {}).get("template"), record.host or "local"
+            key = f"{template}@{host}"
             keep = (
                 machine.state == "paused"
-                and template in self.targets
+                and key in self.targets
                 and template in templates
-                and len(self._ready[template]) < self.targets[template]
+                and len(self._ready[key]) < self.targets[key]
             )
             if keep:
                 assert template is not None
@@ -141,9 +181,10 @@ class Pool:
                     template,
                     int(row.get("cpus") or 1),
                     int(row.get("memory") or 1 << 30) >> 20,
+                    host,
                 )
                 with self._cond:
-                    self._ready[template].append(member)
+                    self._ready[key].append(member)
                 adopted.append(name)
                 continue
             with contextlib.suppress(HeroVMError):
@@ -183,10 +224,12 @@ class Pool:
         """A pool member of `template`, resumed and running, now the caller's; None if the pool is empty
         (a miss, counted) or its member would not resume (removed, counted as a miss)."""
         while True:
-            with self._cond:
-                members = self._ready.get(template)
+            with self._cond:  # from the host whose pool of it holds the most (spreads the claims)
+                keys = [k for k in sorted(self.targets) if _split(k)[0] == template]
+                key = max(keys, key=lambda k: len(self._ready[k]), default=None)
+                members = self._ready.get(key) if key is not None else None
                 member = members.pop(0) if members else None
-                left = len(members or ())
+                left = sum(len(self._ready[k]) for k in keys)
                 self._cond.notify_all()  # the refill thread: one to make
             if member is None:
                 self.metrics.inc("herovm_serve_pool_misses_total", template=template)
@@ -202,21 +245,22 @@ class Pool:
                 continue
             self.metrics.inc("herovm_serve_pool_claims_total", template=template)
             took = time.monotonic() - started
-            self.log(f"pool {template}: claimed {member.vm} in {took:.2f}s ({left} left)")
+            self.log(f"pool {template}: claimed {member.vm} on {member.host} in {took:.2f}s ({left} left)")
             return member
 
     # ------------------------------------------------------------------------------------ refill
 
     def _wanted(self) -> tuple[str | None, float]:
-        """(a template to refill now, or None; seconds until one may be due). Caller holds the lock."""
+        """(a pool (TEMPLATE@HOST) to refill now, or None; seconds until one may be due). Caller holds the
+        lock."""
         now = time.monotonic()
         wait = 3600.0
-        for template, n in sorted(self.targets.items(), key=lambda kv: len(self._ready[kv[0]]) - kv[1]):
-            if len(self._ready[template]) >= n:
+        for key, n in sorted(self.targets.items(), key=lambda kv: len(self._ready[kv[0]]) - kv[1]):
+            if len(self._ready[key]) >= n:
                 continue
-            if self._retry_at[template] <= now:
-                return template, 0.0
-            wait = min(wait, self._retry_at[template] - now)
+            if self._retry_at[key] <= now:
+                return key, 0.0
+            wait = min(wait, self._retry_at[key] - now)
         return None, wait
 
     def _refill_loop(self) -> None:
@@ -225,25 +269,26 @@ class Pool:
                 while True:
                     if self._stopping:
                         return
-                    template, wait = self._wanted()
-                    if template is not None:
+                    key, wait = self._wanted()
+                    if key is not None:
                         break
                     self._cond.wait(wait)
-                self._filling = template
+                self._filling = key
             try:
-                self._fill(template)
+                self._fill(key)
             finally:
                 with self._cond:
                     self._filling = None
 
-    def _fill(self, template: str) -> None:
+    def _fill(self, key: str) -> None:
         from .sandboxes import new_id
 
+        template, host = _split(key)
         sb_id = new_id()
-        member = Member(sb_id, template, 1, 1024)
+        member = Member(sb_id, template, 1, 1024, host)
         started = time.monotonic()
         try:
-            vm = self.manager.up(member.vm, template=template)
+            vm = self.manager.up(member.vm, template=template, host=host)
             try:
                 s = vm.record.settings
                 if s is not None:
@@ -258,16 +303,16 @@ class Pool:
                 self.manager.down(member.vm)
             self.metrics.inc("herovm_serve_pool_refill_failures_total", template=template)
             with self._cond:
-                self._failures[template] += 1
-                pause = RETRY_S[min(self._failures[template], len(RETRY_S)) - 1]
-                self._retry_at[template] = time.monotonic() + pause
-            self.log(f"pool {template}: could not make a VM ({e}); trying again in {pause:.0f}s")
+                self._failures[key] += 1
+                pause = RETRY_S[min(self._failures[key], len(RETRY_S)) - 1]
+                self._retry_at[key] = time.monotonic() + pause
+            self.log(f"pool {key}: could not make a VM ({e}); trying again in {pause:.0f}s")
             return
         took = time.monotonic() - started
         self.metrics.inc("herovm_serve_pool_refills_total", template=template)
         self.metrics.observe("herovm_serve_pool_refill_seconds", took, template=template)
         with self._cond:
-            self._failures[template] = 0
-            self._ready[template].append(member)
-            n = len(self._ready[template])
-        self.log(f"pool {template}: refilled {member.vm} in {took:.2f}s ({n}/{self.targets[template]} ready)")
+            self._failures[key] = 0
+            self._ready[key].append(member)
+            n = len(self._ready[key])
+        self.log(f"pool {key}: refilled {member.vm} in {took:.2f}s ({n}/{self.targets[key]} ready)")

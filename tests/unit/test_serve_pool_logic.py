@@ -21,7 +21,7 @@ from herovm.guest.execution import ExecResult  # noqa: E402
 from herovm.serve import pool as pool_mod  # noqa: E402
 from herovm.serve.app import ServeApp  # noqa: E402
 from herovm.serve.metrics import Metrics  # noqa: E402
-from herovm.serve.pool import POOL_PREFIX, Pool, parse_pools  # noqa: E402
+from herovm.serve.pool import POOL_PREFIX, Pool, parse_pools, per_host  # noqa: E402
 from herovm.serve.sandboxes import ApiError, Sandbox, Sandboxes  # noqa: E402
 
 KEY = "e2b_" + "p" * 40
@@ -38,6 +38,7 @@ class FakeMachine:
 class FakeRecord:
     origin: dict | None
     settings: Any = None
+    host: str | None = None
 
 
 class FakeVM:
@@ -65,12 +66,14 @@ class FakeManager:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def templates(self) -> list[dict]:
-        return [{"name": t, "cpus": 2, "memory": 512 << 20} for t in self.templates_]
+        return [{"name": t, "cpus": 2, "memory": 512 << 20, "hosts": ["local"]} for t in self.templates_]
 
     def set_ttl(self, name: str, ttl: float | None) -> None:
         self.calls.append(("ttl", name))
 
-    def up(self, name: str, settings: Any = None, template: str | None = None) -> FakeVM:
+    def up(
+        self, name: str, settings: Any = None, template: str | None = None, host: str | None = None
+    ) -> FakeVM:
         time.sleep(self.up_s)
         with self.lock:
             self.calls.append(("up", name))
@@ -122,7 +125,8 @@ def wait_for(cond: Any, limit: float = 5.0) -> None:
 
 def make_pool(m: FakeManager, targets: dict[str, int], lines: list[str] | None = None) -> Pool:
     readied: list[str] = []
-    p = Pool(m, targets, Metrics(), (lines if lines is not None else []).append, ready_vm=readied.append)  # type: ignore[arg-type]
+    per = per_host(targets, {t: ["local"] for t in m.templates_}, None)
+    p = Pool(m, per, Metrics(), (lines if lines is not None else []).append, ready_vm=readied.append)  # type: ignore[arg-type]
     p.readied = readied  # type: ignore[attr-defined]
     return p
 
@@ -171,7 +175,7 @@ def test_an_empty_pool_is_a_miss_and_a_member_that_will_not_resume_is_removed(ho
     assert p.claim("py") is None
     assert p.metrics.value("herovm_serve_pool_misses_total", template="py") == 1
     # a member whose VM was resumed behind the server's back: removed, and the next one (none) is a miss
-    p._ready["py"].append(pool_mod.Member("abc", "py", 1, 1024))
+    p._ready["py@local"].append(pool_mod.Member("abc", "py", 1, 1024))
     m.machines[POOL_PREFIX + "abc"] = FakeMachine(POOL_PREFIX + "abc", "running", "py")
     assert p.claim("py") is None
     assert POOL_PREFIX + "abc" not in m.machines
@@ -220,7 +224,7 @@ def test_a_restarted_server_adopts_or_removes_pool_vms(home: Path) -> None:
 def test_a_create_of_a_pooled_template_claims_and_keeps_the_vms_name(home: Path) -> None:
     m = FakeManager()
     metrics = Metrics()
-    p = Pool(m, {"py": 1}, metrics, lambda _l: None)  # type: ignore[arg-type]
+    p = Pool(m, {"py@local": 1}, metrics, lambda _l: None)  # type: ignore[arg-type]
     sbs = Sandboxes(m, 2, pool=p, metrics=metrics)  # type: ignore[arg-type]
     p.start()
     try:
@@ -242,9 +246,9 @@ def test_a_create_of_a_pooled_template_claims_and_keeps_the_vms_name(home: Path)
 def test_the_limit_counts_sandboxes_and_a_create_may_wait_for_a_slot(home: Path) -> None:
     m = FakeManager()
     metrics = Metrics()
-    p = Pool(m, {"py": 1}, metrics, lambda _l: None)  # type: ignore[arg-type]
+    p = Pool(m, {"py@local": 1}, metrics, lambda _l: None)  # type: ignore[arg-type]
     sbs = Sandboxes(m, 1, pool=p, metrics=metrics, create_wait_s=0.0)  # type: ignore[arg-type]
-    p._ready["py"] += [pool_mod.Member(f"m{i}", "py", 1, 1024) for i in range(2)]
+    p._ready["py@local"] += [pool_mod.Member(f"m{i}", "py", 1, 1024) for i in range(2)]
     for i in range(2):
         m.machines[f"{POOL_PREFIX}m{i}"] = FakeMachine(f"{POOL_PREFIX}m{i}", "paused", "py")
     first = sbs.create("py", 60, {}, {})
@@ -262,7 +266,7 @@ def test_the_limit_counts_sandboxes_and_a_create_may_wait_for_a_slot(home: Path)
 def test_a_miss_restores_from_the_template(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     m = FakeManager()
     metrics = Metrics()
-    p = Pool(m, {"py": 1}, metrics, lambda _l: None)  # type: ignore[arg-type]
+    p = Pool(m, {"py@local": 1}, metrics, lambda _l: None)  # type: ignore[arg-type]
     sbs = Sandboxes(m, None, pool=p, metrics=metrics)  # type: ignore[arg-type]
     made: list[str] = []
 
@@ -283,7 +287,7 @@ def test_a_miss_restores_from_the_template(home: Path, monkeypatch: pytest.Monke
 def test_metrics_text_and_who_may_read_it(home: Path) -> None:
     m = FakeManager()
     metrics = Metrics()
-    p = Pool(m, {"py": 2}, metrics, lambda _l: None)  # type: ignore[arg-type]
+    p = Pool(m, {"py@local": 2}, metrics, lambda _l: None)  # type: ignore[arg-type]
     sbs = Sandboxes(m, 3, pool=p, metrics=metrics)  # type: ignore[arg-type]
     metrics.observe("herovm_serve_create_seconds", 0.07, template="py", source="pool")
     metrics.observe("herovm_serve_create_seconds", 3.0, template="py", source="pool")
@@ -300,7 +304,7 @@ def test_metrics_text_and_who_may_read_it(home: Path) -> None:
     lines = text.splitlines()
     assert 'herovm_serve_sandboxes{state="running"} 0' in lines
     assert "herovm_serve_max_sandboxes 3" in lines
-    assert 'herovm_serve_pool_target{template="py"} 2' in lines
+    assert 'herovm_serve_pool_target{template="py",host="local"} 2' in lines
     assert 'herovm_serve_create_seconds_bucket{source="pool",template="py",le="0.1"} 1' in lines
     assert 'herovm_serve_create_seconds_bucket{source="pool",template="py",le="4"} 2' in lines
     assert 'herovm_serve_create_seconds_bucket{source="pool",template="py",le="+Inf"} 2' in lines
