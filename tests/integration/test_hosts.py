@@ -10,10 +10,14 @@ seen again once it answers; nothing is left on either host afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -221,3 +225,97 @@ def test_an_unreachable_host_fails_clearly_and_comes_back(fleet: Fleet, two_vms:
     r = fleet.herovm("down", remote)
     assert r.returncode == 0, r.stderr
     assert f"herovm-{remote}" not in fleet.second_domains()
+
+
+def _metric(url: str, key: str, series: str) -> float:
+    import httpx
+
+    r = httpx.get(f"{url}/metrics", headers={"X-API-KEY": key}, timeout=30)
+    assert r.status_code == 200, r.text
+    for line in r.text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rpartition(" ")[2])
+    return 0.0
+
+
+def test_a_template_on_both_hosts_and_serve_hands_out_sandboxes_on_each(
+    fleet: Fleet, run_id: str, tmp_path: Path
+):
+    """`template create --host local,h2` makes a copy on each host (the second's kept there through libvirt's
+    save and storage API); its clones restore on either; `herovm serve` with pools per host hands the E2B
+    SDK's sandboxes out on both hosts; `template rm` takes the second host's volumes with it."""
+    e2b = pytest.importorskip("e2b", reason="the e2b SDK (dev extra) is not installed")
+    from guests import e2b_sdk_at
+
+    name, clone = f"it-{run_id}-tpl", f"it-{run_id}-tc2"
+    boot = tmp_path / "t.hero"
+    boot.write_text("!!file.write path:/srv/made content:'by the template'\n")
+    made = fleet.herovm(
+        "template", "create", name, "--host", "local,h2", "--net", "restricted", "--bootstrap", str(boot)
+    )
+    assert made.returncode == 0, made.stderr
+    assert "saving" in made.stderr and "on h2" in made.stderr, made.stderr
+    server: subprocess.Popen | None = None
+    try:
+        rows = {t["name"]: t for t in fleet.json("template", "ls")}
+        assert rows[name]["hosts"] == ["local", "h2"]
+        assert len([v for v in fleet.second_volumes() if v.startswith("tpl.")]) == 2  # memory and disk
+        refused = fleet.herovm("host", "rm", "h2")
+        assert refused.returncode != 0 and f"templates of this home: {name}" in refused.stderr
+
+        up = fleet.herovm("up", clone, "--template", name, "--host", "h2")
+        assert up.returncode == 0, up.stderr
+        assert f"herovm-{clone}" in fleet.second_domains()
+        r = fleet.herovm("exec", clone, "--", "sh", "-c", "uname -n; cat /srv/made")
+        assert r.returncode == 0 and r.stdout.split("\n")[:2] == [clone, "by the template"], r.stderr
+        assert [v for v in fleet.second_volumes() if v.endswith(".restore.save")] == []  # the copy is gone
+        busy = fleet.herovm("template", "rm", name)
+        assert busy.returncode != 0 and "in use" in busy.stderr and clone in busy.stderr
+        assert fleet.herovm("down", clone).returncode == 0
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url, key = f"http://127.0.0.1:{port}", "e2b_" + secrets.token_hex(16)
+        log = tmp_path / "serve.log"
+        with log.open("ab") as out:
+            server = subprocess.Popen(
+                [*HEROVM, "serve", "--listen", f"127.0.0.1:{port}", "--pool", f"{name}=1"]
+                + ["--host", "local", "--host", "h2"],
+                env={**fleet.env, "HEROVM_API_KEY": key},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 180
+        ready = [f'herovm_serve_pool_ready{{template="{name}",host="{h}"}}' for h in ("local", "h2")]
+        while True:  # one waiting VM per host: the pools are per host
+            assert server.poll() is None, log.read_text()[-2000:]
+            with contextlib.suppress(httpx_errors()):
+                if all(_metric(url, key, series) == 1 for series in ready):
+                    break
+            assert time.monotonic() < deadline, f"the pools did not fill: {log.read_text()[-2000:]}"
+            time.sleep(0.5)
+        with e2b_sdk_at(url, key):
+            sandboxes = [e2b.Sandbox.create(template=name) for _ in range(2)]
+            vms = {r["name"]: r for r in fleet.json("ls")}
+            on = {vms[f"e2b-pool-{sb.sandbox_id}"]["host"] for sb in sandboxes}
+            assert on == {"local", "h2"}, "the two creates were not served by both hosts' pools"
+            for sb in sandboxes:
+                assert sb.commands.run("cat /srv/made").stdout == "by the template"
+                sb.kill()
+    finally:
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(180)
+        for vm in fleet.json("ls"):
+            if vm["name"].startswith("e2b-") or vm["name"] == clone:
+                fleet.herovm("down", vm["name"])
+        removed = fleet.herovm("template", "rm", name)
+        assert removed.returncode == 0, removed.stderr
+    assert [v for v in fleet.second_volumes() if v.startswith("tpl.")] == []
+
+
+def httpx_errors() -> tuple[type[BaseException], ...]:
+    import httpx
+
+    return (httpx.HTTPError, OSError)

@@ -100,7 +100,7 @@ class PoolServer:
 
     def wait_ready(self, limit: float = 120) -> None:
         deadline = time.monotonic() + limit
-        while self.metric('herovm_serve_pool_ready{template="T"}') < 1:
+        while self.metric('herovm_serve_pool_ready{template="T",host="local"}') < 1:
             assert time.monotonic() < deadline, f"the pool did not fill: {self.log.read_text()[-2000:]}"
             time.sleep(0.2)
 
