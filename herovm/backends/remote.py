@@ -9,6 +9,8 @@ directory pool, `herovm`), put there through libvirt's storage API (never scp):
   a `.sha256` volume records it, so an upload cut short is never taken for a whole one;
 - the VM's overlay (`vm.<name>.disk.qcow2`, made there by libvirt on the base), its config drive (uploaded
   at each start), its console log and its agent socket (`vm.<name>.*`).
+- a template's copy: its saved memory and its disk (`tpl.<name>-<hex>.memory.save`, `.disk.qcow2`), and
+  while a clone of it is restored, the copy of the save image it restores from (`vm.<name>.restore.save`).
 
 The VM's keys, token and record stay in its local directory. The guest is reached as a local one is, but
 through the host: the agent's channel through libvirt's own stream to it (virDomainOpenChannel), port 22
@@ -174,8 +176,9 @@ def bridge(
 
 
 class RemoteLibvirtBackend(LibvirtBackend):
-    """The libvirt backend on another host (see the module's docstring). Snapshots, templates, fork and
-    published ports stay on the local host: each raises Unsupported here."""
+    """The libvirt backend on another host (see the module's docstring). Templates are kept there as
+    volumes (freeze_template, clone); snapshots, fork and published ports stay on the local host: each
+    raises Unsupported here."""
 
     def __init__(self, host: Host, timeout: float | None = None) -> None:
         super().__init__(host.libvirt_uri())

@@ -628,3 +628,119 @@ def test_a_remote_vms_ssh_port_is_free_on_its_host_too(backend: LibvirtBackend) 
     assert forwards == ()
     assert ports.allocate(backend, "restricted", ())[0]  # the local backend is asked nothing of the kind
     assert not isinstance(backend, ports.RemotePorts)
+
+
+# ------------------------------------------------------------- templates across hosts, serve's pools
+
+
+def test_place_among_some_hosts(fleet: Fleet) -> None:
+    stub = fleet._remote["node2"]
+    assert fleet.place(None, GiB, None, among=["node2"]) == "node2"  # one candidate: nothing asked
+    assert stub.calls == []
+    assert fleet.place(None, GiB, None, among=["local", "node2"]) == "node2"  # the most room
+    with pytest.raises(InvalidInput, match="host local is not one of node2"):
+        fleet.place("local", GiB, None, among=["node2"])
+    with pytest.raises(InvalidInput, match="no host can take it: the default network mode"):
+        fleet.place(None, GiB, LOCAL_ONLY["net"], among=["node2"])
+
+
+def test_a_template_builder_goes_where_host_says(fleet: Fleet) -> None:
+    from herovm.templates import BUILDER_MARK
+
+    m = Manager(fleet)
+    marks = {BUILDER_MARK: "t"}
+    assert m._place("b", VMSettings(net="restricted", memory="1GB"), marks).name == "local"
+    assert m._place("b", VMSettings(host="node2", net="restricted"), marks).name == "node2"
+    m.allowed_hosts = ["node2"]  # herovm serve --host node2
+    assert m._place("x", VMSettings(net="restricted", memory="1GB")).name == "node2"
+
+
+def _template(home: Path, name: str, facts: dict) -> None:
+    d = state.ensure_dir(home / "templates" / name, 0o711)
+    (d / "template.json").write_text(json.dumps(facts))
+
+
+def _copy(host: str) -> dict:
+    base = {"record": {"name": "b", "image": "default"}, "memory_bytes": 10, "disk_bytes": 20}
+    if host == "local":
+        return {**base, "memory": "memory.save"}
+    return {**base, "tag": "t-1", "memory": "/p/tpl.t-1.memory.save", "disk": "/p/tpl.t-1.disk.qcow2"}
+
+
+def test_template_copies_old_and_new(isolated_home: Path) -> None:
+    from herovm import templates
+
+    _template(isolated_home, "old", _copy("local"))  # written before copies: one local copy
+    _template(
+        isolated_home, "two", {"name": "two", "copies": {"node2": _copy("node2"), "local": _copy("local")}}
+    )
+    _template(isolated_home, "away", {"name": "away", "copies": {"node2": _copy("node2")}})
+    old, two, away = templates.load("old"), templates.load("two"), templates.load("away")
+    assert old.hosts == ["local"] and old.disk == old.path / "disk.qcow2"
+    assert two.hosts == ["local", "node2"]  # local first, as host ls
+    remote = two.copy("node2")
+    assert remote.memory == Path("/p/tpl.t-1.memory.save") and remote.disk == Path("/p/tpl.t-1.disk.qcow2")
+    remote.check_files()  # another host's volumes are checked by the clone that uses them
+    assert away.disk is None and away.first.host == "node2"
+    with pytest.raises(NotFound, match="template away has no copy on host local"):
+        away.copy("local")
+    for bad in (
+        {"copies": {}},
+        {"copies": {"node2": {**_copy("node2"), "tag": None}}},
+        {"copies": {"local": {**_copy("local"), "memory": "../x"}}},
+        {"copies": {"node2": {**_copy("node2"), "memory_bytes": "10"}}},
+    ):
+        _template(isolated_home, "bad", bad)
+        with pytest.raises(HeroVMError, match="is damaged"):
+            templates.load("bad")
+
+
+def test_host_rm_is_refused_while_a_template_is_there(isolated_home: Path) -> None:
+    register(node())
+    _template(isolated_home, "away", {"name": "away", "copies": {"node2": _copy("node2")}})
+    with pytest.raises(Busy, match="host node2 holds templates of this home: away"):
+        hosts.remove("node2")
+
+
+def test_template_tags_and_save_image_heads() -> None:
+    from herovm.backends.remote import _template_tag
+    from herovm.backends.save_image import HEADER, MAGIC, SaveImage
+
+    assert _template_tag(Path("/pool/tpl.py-1a2b3c4d.memory.save")) == "py-1a2b3c4d"
+    for bad in ("vm.x.memory.save", "tpl.a.b.memory.save", "tpl.x.disk.qcow2"):
+        with pytest.raises(HeroVMError):
+            _template_tag(Path(bad))
+    xml = b"<domain/>"
+    data = xml + b"\0" + b"\0" * 100
+    head = HEADER.pack(MAGIC, 2, len(data), 1, 0, 0) + data
+    image = SaveImage.parse(Path("x"), len(head) + 50, _reader_of(head))
+    assert image.xml == "<domain/>" and image.stream_offset == len(head)
+    assert len(image.header_for("<domain><name>a-longer-one</name></domain>")) == len(head)  # fits in place
+    with pytest.raises(HeroVMError, match="truncated"):
+        SaveImage.parse(Path("x"), len(head) - 1, _reader_of(head))
+    with pytest.raises(HeroVMError, match="not a memory snapshot libvirt wrote"):
+        SaveImage.parse(Path("x"), 999, _reader_of(b"X" * len(head)))
+
+
+def _reader_of(data: bytes):
+    from herovm.backends.remote import _reader
+
+    return _reader(data)
+
+
+def test_pools_per_host() -> None:
+    from herovm.serve.pool import parse_pools, per_host
+
+    assert parse_pools(["py=2", "py@node2=4"]) == {"py": 2, "py@node2": 4}
+    with pytest.raises(InvalidInput, match="invalid host name"):
+        parse_pools(["py@no thing=1"])
+    copies = {"py": ["local", "node2"], "go": ["node2"]}
+    assert per_host({"py": 2}, copies, None) == {"py@local": 2, "py@node2": 2}
+    assert per_host({"py": 2}, copies, ["node2"]) == {"py@node2": 2}  # serve --host node2
+    assert per_host({"py@local": 1, "go": 3}, copies, None) == {"py@local": 1, "go@node2": 3}
+    with pytest.raises(ValueError, match="no copy on host local"):
+        per_host({"go@local": 1}, copies, None)
+    with pytest.raises(ValueError, match="no herovm template nope"):
+        per_host({"nope": 1}, copies, None)
+    with pytest.raises(ValueError, match="none of its templates"):
+        per_host({"go": 1}, copies, ["local"])
