@@ -12,10 +12,11 @@ hard-linked into it), so the host added is seen by nothing else.
 
 1. `host add` (the pool made there, the key pinned);
 2. the first `up --host h2` (with the image's upload, read back and checked);
-3. --rounds rounds, alternating: `up` on local, `up --host h2`, each `--net restricted` (the only network
-   modes other hosts have; the same on both sides), then --execs `exec -- true` on each, alternating, then
-   `down` of each;
-4. `ls` and `host ls` with both hosts answering.
+3. `template create --host local,h2` (a copy on each host: two builder VMs, one after the other);
+4. --rounds rounds, alternating: `up` on local, `up --host h2`, each `--net restricted` (the only network
+   modes other hosts have; the same on both sides), then `up --template` on each (a restore), then --execs
+   `exec -- true` on each, alternating, then `down` of each;
+5. `ls` and `host ls` with both hosts answering.
 
 Writes benchmarks/HOSTS.md and .bench/hosts-last.json. Needs root (users, sshd, qemu:///system).
 """
@@ -95,6 +96,12 @@ def run(args: argparse.Namespace) -> dict:
             results["first_remote_up"] = timed(env, "up", first, "--host", "h2", "--net", "restricted")
             results["first_remote_down"] = timed(env, "down", first)
             made.remove(first)
+            log("template create on local and h2")
+            template = f"bench-{run_id}-t"
+            results["template_create"] = timed(
+                env, "template", "create", template, "--host", "local,h2", "--net", "restricted"
+            )
+            clones: dict[str, list[float]] = {"local": [], "h2": []}
             ups: dict[str, list[float]] = {"local": [], "h2": []}
             execs: dict[str, list[float]] = {"local": [], "h2": []}
             downs: dict[str, list[float]] = {"local": [], "h2": []}
@@ -105,6 +112,13 @@ def run(args: argparse.Namespace) -> dict:
                     log(f"round {i + 1}: up on {host}")
                     made.append(names[host])
                     ups[host].append(timed(env, "up", names[host], "--host", host, "--net", "restricted"))
+                for host in order:
+                    log(f"round {i + 1}: up --template on {host}")
+                    clone = f"bench-{run_id}-{host}-c{i}"
+                    made.append(clone)
+                    clones[host].append(timed(env, "up", clone, "--template", template, "--host", host))
+                    subprocess.run([*HEROVM, "down", clone], env=env, capture_output=True, timeout=300)
+                    made.remove(clone)
                 for _ in range(args.execs):
                     for host in order:
                         execs[host].append(timed(env, "exec", names[host], "--", "true"))
@@ -115,12 +129,16 @@ def run(args: argparse.Namespace) -> dict:
                     downs[host].append(timed(env, "down", names[host]))
                     made.remove(names[host])
             results["up"] = {h: stats(v) for h, v in ups.items()}
+            results["up_template"] = {h: stats(v) for h, v in clones.items()}
             results["exec"] = {h: stats(v) for h, v in execs.items()}
             results["down"] = {h: stats(v) for h, v in downs.items()}
             results["load_end"] = domains.machine_load(run_id)
     finally:
         for name in made:
             subprocess.run([*HEROVM, "down", name], env=env, capture_output=True, timeout=300)
+        subprocess.run(
+            [*HEROVM, "template", "rm", f"bench-{run_id}-t"], env=env, capture_output=True, timeout=120
+        )
         subprocess.run([*HEROVM, "host", "rm", "h2"], env=env, capture_output=True, timeout=60)
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(keys, ignore_errors=True)
@@ -159,10 +177,13 @@ def write_markdown(path: Path, r: dict) -> None:
         "| | local | h2 (over SSH) | difference |",
         "| --- | --- | --- | --- |",
         row("`up`", "up"),
+        row("`up --template`", "up_template"),
         row("`exec -- true`", "exec"),
         row("`down`", "down"),
         "",
         f"- `host add h2` (key pinned, pool made there): {r['host_add']:.2f} s",
+        f"- `template create --host local,h2` (a builder VM on each host, one after the other; on h2 the "
+        f"memory saved by libvirt and the disk copied there): {r['template_create']:.2f} s",
         f"- the first `up --host h2`, with the default image uploaded and read back: "
         f"{r['first_remote_up']:.2f} s (against {up_h2:.2f} s once it is there)",
         f"- `ls` with both hosts: {r['ls']['median']:.2f} s; `host ls`: {r['host_ls']['median']:.2f} s "

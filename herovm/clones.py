@@ -263,7 +263,7 @@ def layers_in_use(m: Manager) -> set[Path]:
 
     used: set[Path] = set()
     tops = [p for name in state.list_vm_dirs() for p in state.VMDir(name).path.glob("disk*.qcow2")]
-    tops += [t.disk for t in templates.all_templates()]
+    tops += [t.disk for t in templates.all_templates() if t.disk is not None]  # a local copy's
     for top in tops:
         try:
             used.update(p.resolve() for p in disks.chain(top))

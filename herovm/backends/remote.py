@@ -665,7 +665,8 @@ class RemoteLibvirtBackend(LibvirtBackend):
                 "disk_bytes": copy.info()[2],
             }
         except BaseException as e:
-            self.remove_template(tag)
+            with contextlib.suppress(HeroVMError, libvirt.libvirtError):  # a host gone: `gc` names them
+                self.remove_template(tag)
             if isinstance(e, libvirt.libvirtError):
                 raise _wrap(e, f"keeping {name} as a template on {self.host.name}") from e
             raise

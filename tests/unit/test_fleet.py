@@ -744,3 +744,17 @@ def test_pools_per_host() -> None:
         per_host({"nope": 1}, copies, None)
     with pytest.raises(ValueError, match="none of its templates"):
         per_host({"go": 1}, copies, ["local"])
+
+
+def test_image_rm_is_refused_while_a_template_elsewhere_boots_it(isolated_home: Path) -> None:
+    from herovm import images
+
+    image_id = "0123456789ab"
+    cached = isolated_home / "images" / "default" / image_id
+    cached.mkdir(parents=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(cached / "base.qcow2"), "1M"], check=True)
+    copy = {**_copy("node2"), "record": {"name": "b", "image": "default", "image_id": image_id}}
+    _template(isolated_home, "away", {"name": "away", "copies": {"node2": copy}})
+    with pytest.raises(Busy, match="template away"):
+        images.remove("default")
+    assert (cached / "base.qcow2").exists()
