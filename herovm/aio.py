@@ -232,10 +232,11 @@ class AsyncManager:
         await self.run(self.manager.remove_snapshot, name, snap)
 
     async def create_template(
-        self, name: str, settings: VMSettings | None = None, **options: Any
+        self, name: str, settings: VMSettings | None = None, *, hosts: list[str] | None = None, **options: Any
     ) -> TemplateInfo:
-        """Make template `name` (Manager.make_template); `up(NAME, template=name)` restores VMs from it."""
-        return await self.run(self.manager.make_template, name, settings, **options)
+        """Make template `name` (Manager.make_template; a copy on each of `hosts`); `up(NAME,
+        template=name)` restores VMs from it."""
+        return await self.run(self.manager.make_template, name, settings, hosts=hosts, **options)
 
     async def templates(self) -> list[TemplateInfo]:
         """Every template (Manager.template_infos)."""

@@ -324,6 +324,7 @@ class TemplateInfo:
     disk_bytes: int | None = None
     seconds: float | None = None
     used_by: tuple[str, ...] | None = None
+    hosts: tuple[str, ...] = ("local",)  # the hosts with a copy of it (docs/hosts.md)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -344,6 +345,7 @@ class TemplateInfo:
             disk_bytes=d.get("disk_bytes"),
             seconds=d.get("seconds"),
             used_by=tuple(used_by) if isinstance(used_by, list) else None,
+            hosts=tuple(d["hosts"]) if isinstance(d.get("hosts"), list) else ("local",),
             extra=_extra(cls, d),
         )
 
@@ -363,6 +365,7 @@ class TemplateInfo:
             "disk_bytes": self.disk_bytes,
             "seconds": self.seconds,
             "used_by": list(self.used_by) if self.used_by is not None else None,
+            "hosts": list(self.hosts),
         }
 
 

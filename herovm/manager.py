@@ -597,8 +597,9 @@ class Manager:
         return templates.create(self, name, VMSettings.of(options, base=settings), hosts)
 
     def templates(self) -> list[dict]:
-        """Every template: name, created, image, cpus, memory, net, bootstrap, memory_bytes, disk_bytes,
-        seconds (how long making it took), used_by (the VMs whose disks lie on it)."""
+        """Every template: name, created, hosts (those with a copy of it, `local` first), image, cpus, memory,
+        net, bootstrap, memory_bytes, disk_bytes, seconds (how long making it took), used_by (the VMs whose
+        disks lie on it)."""
         from . import templates
 
         return templates.listing(self)
@@ -799,12 +800,20 @@ class Manager:
 
         return [TemplateInfo.from_json(row) for row in self.templates()]
 
-    def make_template(self, name: str, settings: VMSettings | None = None, **options: Any) -> TemplateInfo:
+    def make_template(
+        self,
+        name: str,
+        settings: VMSettings | None = None,
+        *,
+        hosts: list[str] | None = None,
+        **options: Any,
+    ) -> TemplateInfo:
         """`create_template`, returning a TemplateInfo: boot a VM, run its bootstrap, keep its memory and
-        disk as template `name`, remove the VM; `up(..., template=name)` then restores VMs from it."""
+        disk as template `name` (on each of `hosts`), remove the VM; `up(..., template=name)` then restores
+        VMs from it."""
         from .api_types import TemplateInfo
 
-        return TemplateInfo.from_json(self.create_template(name, settings, **options))
+        return TemplateInfo.from_json(self.create_template(name, settings, hosts=hosts, **options))
 
     def logs(self, name: str, console: bool = False) -> Path | list[dict]:
         """The events of the VM's last boot as the console mirrors them (see `status`), or with `console`

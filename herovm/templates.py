@@ -396,7 +396,7 @@ def row(t: Template, m: Manager | None = None) -> dict:
 
 
 def listing(m: Manager) -> list[dict]:
-    """Every template: its row (name, created, image, cpus, memory, net, bootstrap, memory_bytes,
+    """Every template: its row (name, created, hosts, image, cpus, memory, net, bootstrap, memory_bytes,
     disk_bytes, seconds: how long making it took, used_by: the VMs whose disks lie on it)."""
     return [row(t, m) for t in all_templates()]
 

@@ -303,6 +303,19 @@ def test_a_template_on_both_hosts_and_serve_hands_out_sandboxes_on_each(
             for sb in sandboxes:
                 assert sb.commands.run("cat /srv/made").stdout == "by the template"
                 sb.kill()
+
+        # the template's memory deleted behind herovm's back on h2: one line, nothing of the clone left there
+        conn = libvirt.open(fleet.second.libvirt_uri)
+        try:
+            pool = conn.storagePoolLookupByName("herovm")
+            pool.refresh(0)
+            next(v for v in pool.listAllVolumes() if v.name().endswith(".memory.save")).delete(0)
+        finally:
+            conn.close()
+        gone = fleet.herovm("up", clone, "--template", name, "--host", "h2")
+        assert gone.returncode != 0 and "gone from h2" in gone.stderr, gone.stderr
+        assert f"herovm-{clone}" not in fleet.second_domains()
+        assert [v for v in fleet.second_volumes() if v.startswith(f"vm.{clone}.")] == []
     finally:
         if server is not None and server.poll() is None:
             server.send_signal(signal.SIGTERM)

@@ -122,6 +122,7 @@ TEMPLATE = {
     "disk_bytes": 2000,
     "seconds": 6.5,
     "used_by": ["a", "b"],
+    "hosts": ["local", "h2"],
 }
 FORK = {"source": "box", "source_pause_seconds": 0.25, "clones": [{"name": "c1", "seconds": 1.1}]}
 
