@@ -306,7 +306,7 @@ class Pool:
                 self._failures[key] += 1
                 pause = RETRY_S[min(self._failures[key], len(RETRY_S)) - 1]
                 self._retry_at[key] = time.monotonic() + pause
-            self.log(f"pool {key}: could not make a VM ({e}); trying again in {pause:.0f}s")
+            self.log(f"pool {template} on {host}: could not make a VM ({e}); trying again in {pause:.0f}s")
             return
         took = time.monotonic() - started
         self.metrics.inc("herovm_serve_pool_refills_total", template=template)
@@ -315,4 +315,6 @@ class Pool:
             self._failures[key] = 0
             self._ready[key].append(member)
             n = len(self._ready[key])
-        self.log(f"pool {key}: refilled {member.vm} in {took:.2f}s ({n}/{self.targets[key]} ready)")
+        self.log(
+            f"pool {template} on {host}: refilled {member.vm} in {took:.2f}s ({n}/{self.targets[key]} ready)"
+        )

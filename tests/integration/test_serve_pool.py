@@ -177,8 +177,10 @@ def test_a_create_claims_a_pooled_vm_and_the_pool_refills(server: PoolServer) ->
     sb.kill()
     other.kill()
     log = server.log.read_text()
-    assert re.search(rf"pool {t}: claimed {pooled} in [0-9.]+s", log)
-    assert f"pool {t}: miss" in log and re.search(rf"pool {t}: refilled e2b-pool-\w+ in [0-9.]+s", log)
+    assert re.search(rf"pool {t}: claimed {pooled} on local in [0-9.]+s", log)
+    assert f"pool {t}: miss" in log and re.search(
+        rf"pool {t} on local: refilled e2b-pool-\w+ in [0-9.]+s", log
+    )
 
     # /metrics is behind the API key
     assert httpx.get(f"{server.url}/metrics", timeout=30).status_code == 401
