@@ -757,17 +757,27 @@ def template_ls(json_out: JsonOpt = False) -> None:
 
 
 @template_app.command("rm")
-def template_rm(name: str, json_out: JsonOpt = False) -> None:
-    """Remove template NAME (refused while a VM's disk lies on it)."""
+def template_rm(
+    name: str,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="forget its copy on a host that does not answer (gone for good); it stays there"
+        ),
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove template NAME, on every host with a copy (refused while a VM's disk lies on it)."""
     try:
         with _manager(json_out) as m:
-            m.remove_template(name)
+            forgotten = m.remove_template(name, force=force)
     except HeroVMError as e:
         _fail(e, json_out)
     if json_out:
-        _print_json({"removed": name})
+        _print_json({"removed": name, "forgotten_on": forgotten})
     else:
-        typer.echo(f"removed template {name}")
+        left = f" (its copy on {', '.join(forgotten)} was forgotten, not removed there)" if forgotten else ""
+        typer.echo(f"removed template {name}{left}")
 
 
 @app.command()

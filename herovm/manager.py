@@ -604,11 +604,13 @@ class Manager:
 
         return templates.listing(self)
 
-    def remove_template(self, name: str) -> None:
-        """Remove template `name`; refused (Busy) while a VM's disk lies on it."""
+    def remove_template(self, name: str, force: bool = False) -> list[str]:
+        """Remove template `name`; refused (Busy) while a VM's disk lies on it. Its copies on other hosts
+        are removed there first; a host that does not answer refuses it (BackendUnavailable), unless `force`
+        (a host gone for good), which forgets that copy here; returns the hosts whose copy was forgotten."""
         from . import templates
 
-        templates.remove(self, name)
+        return templates.remove(self, name, forget_unreachable=force)
 
     def fork(self, source: str, names: list[str]) -> dict:
         """New VMs `names` from the running VM `source`: each holds its memory (processes, files) and disk

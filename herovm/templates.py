@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from . import clones, disks, state
 from .backends import require
 from .backends.base import DEVICE_STATE, RAM_FILE, Clones, HostTemplates, SharedMemory, Snapshots
-from .errors import AlreadyExists, Busy, GuestError, HeroVMError, NotFound
+from .errors import AlreadyExists, BackendUnavailable, Busy, GuestError, HeroVMError, NotFound
 from .hosts import LOCAL
 from .progress import Progress
 from .protocol import Command, Kind
@@ -423,8 +423,11 @@ def users(t: Template) -> list[str]:
     return found
 
 
-def remove(m: Manager, name: str) -> None:
-    """Remove the template; refused (Busy) while a VM's disk lies on it."""
+def remove(m: Manager, name: str, forget_unreachable: bool = False) -> list[str]:
+    """Remove the template; refused (Busy) while a VM's disk lies on it. Its copies on other hosts go
+    first, each struck from template.json once gone: a host that does not answer keeps the template (with
+    what is left of it), unless `forget_unreachable` (`template rm --force`: for a host gone for good),
+    which forgets that copy here and leaves its volumes there. Returns the hosts whose copy was forgotten."""
     with state.named_lock(f"template-{name}", wait=0, what=f"template {name}"):
         t = load(name)
         using = users(t)
@@ -433,10 +436,25 @@ def remove(m: Manager, name: str) -> None:
                 f"template {name} is in use: {', '.join(using)} lie on it (their disks, or a fork's memory)",
                 hint=f"remove them first (`herovm down {' '.join(using)}`)",
             )
-        remote = {h: c.facts for h, c in t.copies.items() if h != LOCAL}
-        for host, facts in remote.items():  # first: a host that does not answer keeps the template whole
-            require(m.backend, HostTemplates).remove_template(host, facts["tag"])
+        copies = {h: c.facts for h, c in t.copies.items()}
+        forgotten = []
+        for host in [h for h in copies if h != LOCAL]:
+            try:
+                require(m.backend, HostTemplates).remove_template(host, copies[host]["tag"])
+            except BackendUnavailable as e:
+                if not forget_unreachable:
+                    e.hint = f"retry once it answers; a host gone for good: `template rm {name} --force`"
+                    raise
+                forgotten.append(host)
+                m.progress(
+                    Progress("template", f"forgetting {name}'s copy on {host}: its volumes stay there")
+                )
+            del copies[host]
+            if copies:
+                facts = {**t.facts, "copies": copies} if "copies" in t.facts else t.facts
+                state.write_private(t.path / "template.json", json.dumps(facts, indent=2, sort_keys=True))
         shutil.rmtree(t.path)
+        return forgotten
 
 
 def up(

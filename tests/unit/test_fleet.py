@@ -758,3 +758,34 @@ def test_image_rm_is_refused_while_a_template_elsewhere_boots_it(isolated_home: 
     with pytest.raises(Busy, match="template away"):
         images.remove("default")
     assert (cached / "base.qcow2").exists()
+
+
+def test_template_rm_of_a_copy_on_a_host_that_does_not_answer(fleet: Fleet, isolated_home: Path) -> None:
+    from herovm import templates
+
+    class Gone(StubRemote):
+        def remove_template(self, tag: str) -> list[str]:
+            raise self._unreachable("no answer in 0.5s")
+
+    class Here(StubRemote):
+        removed: list[str] = []
+
+        def remove_template(self, tag: str) -> list[str]:
+            self.removed.append(tag)
+            return [f"tpl.{tag}.memory.save"]
+
+    register(node(), node("node3"))
+    fleet.hosts["node3"] = node("node3")
+    fleet._remote["node2"] = Gone(fleet.hosts["node2"])
+    fleet._remote["node3"] = here = Here(fleet.hosts["node3"])
+    copies = {"node2": _copy("node2"), "node3": {**_copy("node3"), "tag": "t-3"}}
+    _template(isolated_home, "away", {"name": "away", "copies": copies})
+    m = Manager(fleet)
+    with pytest.raises(BackendUnavailable, match="node2") as e:
+        m.remove_template("away")
+    assert "template rm away --force" in (e.value.hint or "")
+    assert templates.load("away").hosts == ["node2", "node3"]  # node2 comes first: nothing was removed
+    assert m.remove_template("away", force=True) == ["node2"]
+    assert here.removed == ["t-3"]
+    with pytest.raises(NotFound):
+        templates.load("away")
