@@ -13,7 +13,6 @@ holds the template's lock (a killed one). docs/templates.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -25,7 +24,15 @@ from typing import TYPE_CHECKING
 
 from . import clones, disks, state
 from .backends import require
-from .backends.base import DEVICE_STATE, RAM_FILE, Clones, HostTemplates, SharedMemory, Snapshots
+from .backends.base import (
+    DEVICE_STATE,
+    RAM_FILE,
+    UNREACHABLE,
+    Clones,
+    HostTemplates,
+    SharedMemory,
+    Snapshots,
+)
 from .errors import AlreadyExists, BackendUnavailable, Busy, GuestError, HeroVMError, NotFound
 from .hosts import LOCAL
 from .progress import Progress
@@ -494,6 +501,8 @@ def leftovers(m: Manager) -> list[str]:
     removed = []
     builders: dict[str, list[str]] = {}
     for vm, machine in m.own_machines().items():
+        if machine.state == UNREACHABLE:  # on a host that does not answer: left as it is
+            continue
         mark = VMRecord.from_json(vm, machine.metadata).extra.get(BUILDER_MARK)
         if isinstance(mark, str):
             builders.setdefault(mark, []).append(vm)
@@ -501,11 +510,7 @@ def leftovers(m: Manager) -> list[str]:
     for name in sorted(set(builders) | set(partials)):
         try:
             with state.named_lock(f"template-{name}", wait=0):
-                if name in partials:
-                    for copy in partials[name].glob("copy.*.json"):
-                        with contextlib.suppress(OSError, ValueError, HeroVMError):
-                            host = copy.name.removeprefix("copy.").removesuffix(".json")
-                            _remove_copies(m, name, {host: json.loads(copy.read_text())})
+                if name in partials and _remove_partial_copies(m, partials[name]):
                     shutil.rmtree(partials[name], ignore_errors=True)
                     removed.append(f"partial template {name}")
                 for vm in builders.get(name, []):
@@ -516,3 +521,18 @@ def leftovers(m: Manager) -> list[str]:
         except Busy:
             continue
     return removed
+
+
+def _remove_partial_copies(m: Manager, partial: Path) -> bool:
+    """Remove the volumes a killed create made on other hosts (named by its `copy.HOST.json`); False while
+    a host does not answer: the partial template is kept, so a later `gc` tries again."""
+    whole = True
+    for mark in partial.glob("copy.*.json"):
+        host = mark.name.removeprefix("copy.").removesuffix(".json")
+        try:
+            tag = json.loads(mark.read_text())["tag"]
+            require(m.backend, HostTemplates).remove_template(host, tag)
+            mark.unlink()
+        except (OSError, ValueError, KeyError, TypeError, HeroVMError):
+            whole = False
+    return whole

@@ -789,3 +789,28 @@ def test_template_rm_of_a_copy_on_a_host_that_does_not_answer(fleet: Fleet, isol
     assert here.removed == ["t-3"]
     with pytest.raises(NotFound):
         templates.load("away")
+
+
+def test_gc_removes_what_a_killed_template_create_made_elsewhere(fleet: Fleet, isolated_home: Path) -> None:
+    from herovm import templates
+
+    removed: list[str] = []
+
+    class Gone(StubRemote):
+        def remove_template(self, tag: str) -> list[str]:
+            raise self._unreachable("no answer in 0.5s")
+
+    class Here(StubRemote):
+        def remove_template(self, tag: str) -> list[str]:
+            removed.append(tag)
+            return []
+
+    partial = state.ensure_dir(isolated_home / "templates" / ".t.partial", 0o700)
+    state.write_private(partial / "copy.node2.json", json.dumps({"tag": "t-1"}))
+    m = Manager(fleet)
+    fleet._remote["node2"] = Gone(fleet.hosts["node2"])
+    assert templates.leftovers(m) == []  # the host does not answer: kept, for a later gc
+    assert (partial / "copy.node2.json").exists()
+    fleet._remote["node2"] = Here(fleet.hosts["node2"])
+    assert templates.leftovers(m) == ["partial template t"]
+    assert removed == ["t-1"] and not partial.exists()
