@@ -9,6 +9,10 @@ write and start in tenths of a second, sharing its pages; elsewhere, the backend
 each clone loads whole. It is built as `.NAME.partial` by a VM recorded as the template's builder and
 gets its name only when whole: `gc` removes a partial template and its builder VM once no `template create`
 holds the template's lock (a killed one). docs/templates.md.
+
+A template may have copies on other hosts (herovm.hosts; `template create --host local,h2`), each made by a
+builder VM of its own there: such a copy is volumes on that host (base.HostTemplates) that template.json
+names, and `up --template` places a clone among the hosts with a copy. docs/hosts.md.
 """
 
 from __future__ import annotations
@@ -255,7 +259,7 @@ def create(m: Manager, name: str, settings: VMSettings, hosts: list[str] | None 
         copies: dict[str, dict] = {}
         try:
             for host in where:
-                copies[host] = _make_copy(m, name, replace(settings, host=host), partial, copies)
+                copies[host] = _make_copy(m, name, replace(settings, host=host), partial)
             for mark in partial.glob("copy.*.json"):  # the template now names its copies itself
                 mark.unlink()
             facts = {"name": name, "created": now(), "copies": copies}
@@ -263,16 +267,18 @@ def create(m: Manager, name: str, settings: VMSettings, hosts: list[str] | None 
             os.chmod(partial, 0o711)  # QEMU reads the disk, as the image's user
             os.rename(partial, final)
         except BaseException:
-            _remove_copies(m, name, copies)
-            shutil.rmtree(partial, ignore_errors=True)
+            # what it made on other hosts (each named by a copy.HOST.json in the partial template); a host
+            # that does not answer keeps the partial template, so that `gc` removes them later
+            if _remove_partial_copies(m, partial):
+                shutil.rmtree(partial, ignore_errors=True)
             raise
     return row(load(name), m)
 
 
-def _make_copy(m: Manager, name: str, settings: VMSettings, partial: Path, made: dict[str, dict]) -> dict:
+def _make_copy(m: Manager, name: str, settings: VMSettings, partial: Path) -> dict:
     """The template's copy on `settings.host`: booted, bootstrapped and sealed by a builder VM there, its
     memory and disk kept (in `partial`, or on that host as volumes: HostTemplates); returns its facts. What
-    it left on another host before failing is named in `made` (under the host's name), to be removed."""
+    it makes on another host is named in `partial`/copy.HOST.json first (`_remove_partial_copies`)."""
     host = settings.host or LOCAL
     builder = f"tmpl-{secrets.token_hex(4)}"
     started = time.monotonic()
@@ -289,9 +295,8 @@ def _make_copy(m: Manager, name: str, settings: VMSettings, partial: Path, made:
         if host != LOCAL:
             m.progress(Progress("template", f"saving {builder}'s memory and disk on {host}"))
             tag = f"{name}-{secrets.token_hex(4)}"
-            made[host] = {"tag": tag}  # so that a failure below removes what was made there
-            # and a killed create's: `gc` removes the volumes a partial template names (leftovers)
-            state.write_private(partial / f"copy.{host}.json", json.dumps(made[host]))
+            # named before it is made: a failure, or `gc` after a killed create, removes it (leftovers)
+            state.write_private(partial / f"copy.{host}.json", json.dumps({"tag": tag}))
             remote = require(m.backend, HostTemplates).freeze_template(builder, tag)
             memory_bytes, disk_bytes, ram_bytes = remote["memory_bytes"], remote["disk_bytes"], None
             memory_name = remote["memory"]
@@ -333,20 +338,6 @@ def _make_copy(m: Manager, name: str, settings: VMSettings, partial: Path, made:
         }
     finally:
         _remove_builder(m, builder)
-
-
-def _remove_copies(m: Manager, name: str, copies: dict[str, dict]) -> list[str]:
-    """Remove the volumes of the template's copies on other hosts (a host that does not answer keeps
-    them: `herovm host prune` names them later). Returns what was removed."""
-    removed = []
-    for host, facts in copies.items():
-        if host == LOCAL or not isinstance(facts.get("tag"), str):
-            continue
-        try:
-            removed += require(m.backend, HostTemplates).remove_template(host, facts["tag"])
-        except HeroVMError as e:
-            m.progress(Progress("template", f"warning: template {name}'s copy on {host} is left: {e}"))
-    return removed
 
 
 def _seal(m: Manager, record: VMRecord) -> None:
