@@ -303,6 +303,9 @@ def test_a_template_on_both_hosts_and_serve_hands_out_sandboxes_on_each(
             for sb in sandboxes:
                 assert sb.commands.run("cat /srv/made").stdout == "by the template"
                 sb.kill()
+        server.send_signal(signal.SIGTERM)  # it removes its waiting pool VMs on both hosts
+        assert server.wait(180) == 0, log.read_text()[-2000:]
+        assert [n for n in fleet.second_domains() if "e2b-" in n] == []
 
         # the template's memory deleted behind herovm's back on h2: one line, nothing of the clone left there
         conn = libvirt.open(fleet.second.libvirt_uri)
@@ -316,6 +319,12 @@ def test_a_template_on_both_hosts_and_serve_hands_out_sandboxes_on_each(
         assert gone.returncode != 0 and "gone from h2" in gone.stderr, gone.stderr
         assert f"herovm-{clone}" not in fleet.second_domains()
         assert [v for v in fleet.second_volumes() if v.startswith(f"vm.{clone}.")] == []
+        with fleet.second.unreachable():  # rm with h2 silent: refused within the timeout, nothing removed
+            t0 = time.monotonic()
+            silent = fleet.herovm("template", "rm", name, timeout=120)
+            assert time.monotonic() - t0 < 30
+            assert silent.returncode == 5 and "h2" in silent.stderr and "--force" in silent.stderr
+        assert fleet.json("template", "ls")[0]["hosts"] == ["local", "h2"]
     finally:
         if server is not None and server.poll() is None:
             server.send_signal(signal.SIGTERM)
