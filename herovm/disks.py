@@ -8,6 +8,7 @@ any more."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -91,6 +92,26 @@ def users_of(target: Path, home: Path) -> list[str]:
                 lies = True
             if lies and label(top) not in found:
                 found.append(label(top))
+    if target.name == "base.qcow2":  # an image: a template kept on other hosts alone boots its kernel there
+        elsewhere = [f"template {t}" for t in _templates_elsewhere_on(target.parent.name, home)]
+        found += [label for label in elsewhere if label not in found]
+    return found
+
+
+def _templates_elsewhere_on(image_id: str, home: Path) -> list[str]:
+    """The templates with no copy here (no disk.qcow2) whose copies on other hosts were made from image
+    `image_id` (herovm.templates); one whose template.json cannot be read counts."""
+    found = []
+    for facts in sorted((home / "templates").glob("*/template.json")):
+        if (facts.parent / "disk.qcow2").exists():
+            continue
+        try:
+            copies = json.loads(facts.read_text()).get("copies") or {}
+            made_from = {(c.get("record") or {}).get("image_id") for c in copies.values()}
+        except (OSError, ValueError, AttributeError):
+            made_from = {image_id}
+        if image_id in made_from:
+            found.append(facts.parent.name)
     return found
 
 

@@ -182,17 +182,10 @@ def remove(recipe_name: str, image_id_: str | None = None) -> list[Path]:
             hint="see `herovm image ls`",
         )
     from . import disks
-    from .templates import all_templates
 
     for t in targets:
         for base in sorted(t.rglob("base.qcow2")):
             users = disks.users_of(base, state.home())
-            # a template kept on other hosts alone has no disk here, but its clones boot this image's kernel
-            users += [
-                f"template {tpl.name}"
-                for tpl in all_templates()
-                if tpl.disk is None and tpl.record.image_id == base.parent.name
-            ]
             if users:
                 raise Busy(
                     f"image {recipe_name}/{base.parent.name} is in use: {', '.join(users)} lie on it",
