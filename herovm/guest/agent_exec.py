@@ -343,6 +343,14 @@ class AgentExec:
 
     def _verify(self, nonce: str, kind: bytes, payload: bytes) -> str:
         """The challenge in the agent's CHALLENGE frame, once its proof shows it holds the token."""
+        if kind == Frame.ERROR:  # the agent's own refusal says why: shown (hostile text, one short line)
+            from ..protocol_host import printable
+
+            try:
+                why = json.loads(payload).get("error")
+            except (ValueError, AttributeError):
+                why = None
+            raise _NotTheAgent(f"it answered with an error, not a challenge: {printable(why, True)[:200]}")
         if kind != Frame.CHALLENGE:
             raise _NotTheAgent(f"it answered with a {kind!r} frame, not a challenge")
         try:

@@ -580,3 +580,16 @@ def test_an_impostor_on_the_port_learns_nothing_and_exec_fails_with_one_line(pla
     assert set(json.loads(hello[len(protocol.EXEC_MAGIC) + HEADER.size :])) == {"nonce"}
     for secret in (b"s3cret", b"/secret", b"API_KEY", b"argv"):
         assert secret not in hello
+
+
+def test_an_error_before_the_challenge_is_shown_as_one_safe_line() -> None:
+    """What the agent says when it refuses a connection before its challenge (under load, the only clue
+    left): shown, with the guest's control characters escaped and no newline, cut short."""
+    impostor = Impostor(lambda h: jframe(b"E", {"error": "busy\x1b[2J\nnext line " + "x" * 100}))
+    box = client(impostor.port, on_unreachable=lambda: None)
+    with box, pytest.raises(GuestError) as caught:
+        box.exec(["true"])
+    impostor.thread.join(10)
+    message = caught.value.message
+    assert "it answered with an error, not a challenge: busy\\x1b[2J\\nnext line x" in message
+    assert "\n" not in message and "\x1b" not in message and len(message) < 400
