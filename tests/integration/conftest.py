@@ -136,3 +136,14 @@ def http_server(tmp_path: Path) -> Iterator:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HEROVM_TEST", "1")
+
+
+@pytest.fixture(scope="module")
+def serve_alone() -> Iterator[None]:
+    """Every `herovm serve` of the HEROVM_HOME reads the sandboxes its servers recorded there (a restarted
+    server rebuilds its view), so two serve test files at once saw, listed and killed each other's
+    sandboxes: each serve test file asks for this (`pytest.mark.usefixtures`), and they take turns."""
+    from guests import alone
+
+    with alone("serve"):
+        yield

@@ -27,12 +27,13 @@ httpx = pytest.importorskip("httpx")
 from e2b import Sandbox  # noqa: E402
 from e2b.envd.process import process_pb  # noqa: E402
 from e2b.sandbox.sandbox_api import SandboxQuery  # noqa: E402
-from guests import alone, e2b_sdk_at  # noqa: E402
+from guests import e2b_sdk_at  # noqa: E402
 from protobuf import Oneof  # noqa: E402
 
 from herovm.serve.app import ServeApp  # noqa: E402
 
 HEROVM = str(Path(sys.executable).with_name("herovm"))
+pytestmark = pytest.mark.usefixtures("serve_alone")  # conftest: the serve test files take turns
 
 
 def _free_port() -> int:
@@ -75,15 +76,6 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _serve_alone() -> Iterator[None]:
-    """Every `herovm serve` of the HEROVM_HOME reads the sandboxes its servers recorded there (a restarted
-    server rebuilds its view), so two serve test files at once saw, listed and killed each other's
-    sandboxes: they take turns."""
-    with alone("serve"):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from guests import alone
 
 E2B_JS = "2.51.0"  # npm e2b, pinned (needs node >= 20.18.1)
 HEROVM = str(Path(sys.executable).with_name("herovm"))
+pytestmark = pytest.mark.usefixtures("serve_alone")  # conftest: the serve test files take turns
 
 SCRIPT = r"""
 import { Sandbox, CommandExitError } from 'e2b'
@@ -64,15 +64,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _serve_alone() -> Iterator[None]:
-    """Every `herovm serve` of the HEROVM_HOME reads the sandboxes its servers recorded there (a restarted
-    server rebuilds its view), so two serve test files at once saw, listed and killed each other's
-    sandboxes: they take turns."""
-    with alone("serve"):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,10 @@ import pytest
 e2b = pytest.importorskip("e2b", reason="the e2b SDK (dev extra) is not installed")
 httpx = pytest.importorskip("httpx")
 from e2b import Sandbox  # noqa: E402
-from guests import alone, e2b_sdk_at  # noqa: E402
+from guests import e2b_sdk_at  # noqa: E402
 
 HEROVM = str(Path(sys.executable).with_name("herovm"))
+pytestmark = pytest.mark.usefixtures("serve_alone")  # conftest: the serve test files take turns
 BOOTSTRAP = "!!file.write path:/srv/pooled content:'from the template'\n"
 
 
@@ -35,15 +36,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _serve_alone() -> Iterator[None]:
-    """Every `herovm serve` of the HEROVM_HOME reads the sandboxes its servers recorded there (a restarted
-    server rebuilds its view), so two serve test files at once saw, listed and killed each other's
-    sandboxes: they take turns."""
-    with alone("serve"):
-        yield
 
 
 def herovm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
