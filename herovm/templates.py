@@ -116,12 +116,13 @@ class Copy:
             f"make the template again: `herovm template rm {self.name}`, then `template create`",
         )
 
-    def origin(self) -> clones.Origin:
+    def origin(self, image: Image) -> clones.Origin:
+        """What clones of this copy are made from; `image`: its image (`image()`)."""
         return clones.Origin(
             memory=self.memory,
             # another host's clone lies on the template's disk there (the backend's clone makes it); here
             # its directory's overlay lies on the image, which is what tells the host which image it boots
-            disk=self.disk if self.local else self.image().disk,
+            disk=self.disk if self.local else image.disk,
             record=self.record,
             local=self.facts.get("local") or {},
             secrets=_read_secrets(self.path / "secrets.json"),
@@ -137,7 +138,7 @@ class Template:
 
     @property
     def copies(self) -> dict[str, Copy]:
-        found = self.facts["copies"] if isinstance(self.facts.get("copies"), dict) else {LOCAL: self.facts}
+        found = _copy_facts(self.facts)
         ordered = sorted(found.items(), key=lambda kv: (kv[0] != LOCAL, kv[0]))  # `local` first, as host ls
         return {host: Copy(self.name, host, self.path, facts) for host, facts in ordered}
 
@@ -180,10 +181,15 @@ def load(name: str) -> Template:
         raise NotFound(f"no template {name}", hint="see `herovm template ls`") from None
     except (OSError, ValueError) as e:
         raise HeroVMError(f"template {name} cannot be read: {e}") from e
-    copies = facts.get("copies", {LOCAL: facts}) if isinstance(facts, dict) else None
+    copies = _copy_facts(facts) if isinstance(facts, dict) else None
     if not isinstance(copies, dict) or not copies or not all(_whole(h, c) for h, c in copies.items()):
         raise HeroVMError(f"template {name} is damaged ({path / 'template.json'})")
     return Template(name, path, facts)
+
+
+def _copy_facts(facts: dict) -> object:
+    """template.json's copies by host: its `copies`, or an older one's own facts as the local copy."""
+    return facts.get("copies", {LOCAL: facts})
 
 
 def _whole(host: str, facts: object) -> bool:
@@ -481,8 +487,9 @@ def up(
         memory = s.memory if s is not None else 1 << 30
         copy = t.copy(m.backend.place(None, memory, None, m.progress, among=among))  # type: ignore[attr-defined]
     copy.check_files()
+    image = copy.image()
     return clones.make(
-        m, name, copy.origin(), copy.image(), keep_failed=keep_failed, publish=publish, ttl=ttl, marks=marks
+        m, name, copy.origin(image), image, keep_failed=keep_failed, publish=publish, ttl=ttl, marks=marks
     )
 
 

@@ -100,6 +100,17 @@ def _vm_prefix(name: str) -> str:
     return f"vm.{name}."  # VM names hold no dot, so no VM's prefix is another's
 
 
+def _volume_xml(name: str, size: int, fmt: str, base: Path | None = None) -> str:
+    """A volume of herovm's pool (0600), in format `fmt`; with `base`, a qcow2 overlay on that path there."""
+    below = (
+        f"<backingStore><path>{escape(str(base))}</path><format type='qcow2'/></backingStore>" if base else ""
+    )
+    return (
+        f"<volume><name>{name}</name><capacity unit='bytes'>{size}</capacity><target>"
+        f"<format type='{fmt}'/><permissions><mode>0600</mode></permissions></target>{below}</volume>"
+    )
+
+
 def _template_prefix(tag: str) -> str:
     return f"tpl.{tag}."
 
@@ -327,14 +338,7 @@ class RemoteLibvirtBackend(LibvirtBackend):
         self, pool: libvirt.virStoragePool, name: str, size: int, base: Path | None = None
     ) -> libvirt.virStorageVol:
         """A new volume (0600): raw, to be uploaded; or with `base`, a qcow2 overlay on that path there."""
-        fmt, below = "raw", ""
-        if base is not None:
-            fmt = "qcow2"
-            below = f"<backingStore><path>{escape(str(base))}</path><format type='qcow2'/></backingStore>"
-        xml = (
-            f"<volume><name>{name}</name><capacity unit='bytes'>{size}</capacity><target>"
-            f"<format type='{fmt}'/><permissions><mode>0600</mode></permissions></target>{below}</volume>"
-        )
+        xml = _volume_xml(name, size, "raw" if base is None else "qcow2", base)
         try:
             return pool.createXML(xml, 0)
         except libvirt.libvirtError as e:
@@ -640,7 +644,6 @@ class RemoteLibvirtBackend(LibvirtBackend):
         volumes' paths and sizes; nothing of them is left if it fails."""
         prefix = _template_prefix(tag)
         dom = self._require(name)
-        pool = self._pool()
         memory, disk = self._pool_path(f"{prefix}memory.save"), f"{prefix}disk.qcow2"
         try:
             dom.save(str(memory))
@@ -648,12 +651,7 @@ class RemoteLibvirtBackend(LibvirtBackend):
             source = self._volume(pool, f"{_vm_prefix(name)}disk.qcow2")
             if source is None:
                 raise HeroVMError(f"the disk of {name} is gone from {self.host.name}")
-            size = source.info()[1]
-            xml = (
-                f"<volume><name>{disk}</name><capacity unit='bytes'>{size}</capacity><target>"
-                "<format type='qcow2'/><permissions><mode>0600</mode></permissions></target></volume>"
-            )
-            copy = pool.createXMLFrom(xml, source, 0)
+            copy = pool.createXMLFrom(_volume_xml(disk, source.info()[1], "qcow2"), source, 0)
             saved = self._volume(pool, memory.name)
             if saved is None:
                 raise HeroVMError(f"libvirt on {self.host.name} wrote no {memory.name}")
@@ -679,10 +677,6 @@ class RemoteLibvirtBackend(LibvirtBackend):
             self._delete(pool, volume)
         return removed
 
-    def template_volumes(self) -> list[str]:
-        """Every template volume on the host (`tpl.*`), of any herovm home."""
-        return sorted(v for v in self._pool(refresh=True).listVolumes() if v.startswith("tpl."))
-
     def clone(self, spec: MachineSpec, memory: Path) -> None:
         """Define `spec` and start it from a template's saved memory on this host (`memory`, the path there
         of `tpl.<tag>.memory.save`), its disk a new overlay on the template's disk. libvirt restores a save
@@ -692,16 +686,16 @@ class RemoteLibvirtBackend(LibvirtBackend):
         local template through a pipe; the copy is removed once the clone runs."""
         if self._lookup(spec.name) is not None:
             raise AlreadyExists(f"VM {spec.name} already exists")
-        tag = _template_tag(memory)
+        prefix = _template_prefix(_template_tag(memory))
         pool = self._pool(refresh=True)
         saved = self._volume(pool, memory.name)
-        if saved is None or self._volume(pool, f"{_template_prefix(tag)}disk.qcow2") is None:
+        if saved is None or self._volume(pool, f"{prefix}disk.qcow2") is None:
             raise HeroVMError(
-                f"the template's memory or disk is gone from {self.host.name} ({_template_prefix(tag)}*)",
+                f"the template's memory or disk is gone from {self.host.name} ({prefix}*)",
                 hint="make the template again (`herovm template rm`, then `template create`)",
             )
         image = self._save_image(saved, memory)
-        remote = self._define(spec, self._pool_path(f"{_template_prefix(tag)}disk.qcow2"))
+        remote = self._define(spec, self._pool_path(f"{prefix}disk.qcow2"))
         restore = f"{_vm_prefix(spec.name)}restore.save"
         try:
             dom = self._require(spec.name)
@@ -711,11 +705,7 @@ class RemoteLibvirtBackend(LibvirtBackend):
             header = image.header_for(live)
             if len(header) > image.stream_offset:
                 raise HeroVMError(f"the XML of {spec.name} does not fit in the template's save image")
-            xml = (
-                f"<volume><name>{restore}</name><capacity unit='bytes'>{image.size}</capacity><target>"
-                "<format type='raw'/><permissions><mode>0600</mode></permissions></target></volume>"
-            )
-            copy = pool.createXMLFrom(xml, saved, 0)
+            copy = pool.createXMLFrom(_volume_xml(restore, image.size, "raw"), saved, 0)
             self._upload(copy, _reader(header), len(header))
             self._upload_drive(spec.name)
             self.conn.restoreFlags(str(self._pool_path(restore)), live, libvirt.VIR_DOMAIN_SAVE_RUNNING)
